@@ -1,0 +1,150 @@
+//! Wiring: build the runtime from a checked config, open the store, serve HTTP, stop cleanly.
+
+use crate::config::diagnostic::Diagnostics;
+use crate::config::Config;
+use crate::connector::{Signs, SourceDef, VerifyKind};
+use crate::inbox::Inbox;
+use crate::store::Store;
+use crate::verify::Verifier;
+use axum::routing::{get, post};
+use axum::Router;
+use indexmap::IndexMap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::{Arc, RwLock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A source ready to take webhooks.
+#[derive(Debug)]
+pub struct SourceRuntime {
+    pub name: String,
+    pub connector: String,
+    pub def: SourceDef,
+    pub verifier: Verifier,
+    pub max_body: usize,
+    /// For URL-signing kinds: the URL the vendor signs.
+    pub signed_url: Option<String>,
+    /// The URL is the source's own `url:` (used as is, query included).
+    pub fixed_url: bool,
+    /// Lower-case names of the headers carrying the signature.
+    pub signature_headers: Vec<String>,
+}
+
+/// Everything built from one config; replaced as a whole on reload.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    pub sources: IndexMap<String, SourceRuntime>,
+}
+
+/// Resolves secrets and builds every verifier; every problem is reported.
+pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let mut sources = IndexMap::new();
+    for src in cfg.sources.values() {
+        let verifier = match crate::verify::build(src, cfg) {
+            Ok(v) => v,
+            Err(d) => {
+                diags.push(d);
+                continue;
+            }
+        };
+        let signs_url =
+            matches!(&src.def.verify, VerifyKind::HmacSha256(h) if h.signs == Signs::UrlAndBody);
+        let (signed_url, fixed_url) = match (&src.spec.url, &cfg.public_url, signs_url) {
+            (_, _, false) => (None, false),
+            (Some(u), _, true) => (Some(u.clone()), true),
+            (None, Some(p), true) => (Some(format!("{p}/hooks/{}", src.name)), false),
+            (None, None, true) => (None, false),
+        };
+        let signature_headers = verifier
+            .signature_headers()
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        sources.insert(
+            src.name.clone(),
+            SourceRuntime {
+                name: src.name.clone(),
+                connector: src.connector.clone(),
+                def: src.def.clone(),
+                verifier,
+                max_body: src.spec.max_body.map(|b| b.0).unwrap_or(cfg.max_body),
+                signed_url,
+                fixed_url,
+                signature_headers,
+            },
+        );
+    }
+    if diags.is_empty() {
+        Ok(Runtime { sources })
+    } else {
+        Err(diags)
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    runtime: Arc<RwLock<Arc<Runtime>>>,
+    pub inbox: Arc<dyn Inbox>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl AppState {
+    pub fn new(runtime: Runtime, inbox: Arc<dyn Inbox>, metrics: Option<PrometheusHandle>) -> Self {
+        AppState {
+            runtime: Arc::new(RwLock::new(Arc::new(runtime))),
+            inbox,
+            metrics,
+        }
+    }
+    /// The current runtime (cheap: one `Arc` clone).
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.read().expect("runtime lock").clone()
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/hooks/{source}", post(crate::ingest::hook))
+        .route("/healthz", get(crate::ops::health::healthz))
+        .route("/readyz", get(crate::ops::health::readyz))
+        .route("/metrics", get(crate::ops::health::metrics))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Installs the Prometheus recorder once per process; later calls reuse it.
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled: stops accepting, finishes
+/// in-flight requests, flushes the store.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let runtime = build_runtime(&cfg).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let store = Store::open(&cfg.data_dir, cfg.durability, cfg.flush_interval)
+        .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", cfg.data_dir.display()))?;
+    let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), sources = cfg.sources.len(), durability = ?cfg.durability, "perkflow is serving");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    store
+        .flush()
+        .map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

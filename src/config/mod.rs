@@ -1,0 +1,568 @@
+//! `perkflow.yaml` + `connectors/` -> a validated [`Config`], in two phases.
+//!
+//! **Parse** reads each file with serde (strict: unknown fields are errors) and **check** runs
+//! pure cross-field checks; both collect every problem as a [`Diagnostic`] with
+//! `file:line:col`. Neither reads a secret or touches the network: secrets are resolved when
+//! the daemon builds its runtime (`crate::app`).
+
+pub mod diagnostic;
+pub mod scalar;
+pub mod secrets;
+pub mod yaml;
+
+use crate::connector::{Registry, Signs, SourceDef, VerifyKind};
+use diagnostic::{did_you_mean, Diagnostic, Diagnostics};
+use indexmap::IndexMap;
+use scalar::{ByteSize, DurationSpec};
+use secrets::Interpolated;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use yaml::{join, Document, Locations};
+
+pub const DEFAULT_FILE: &str = "perkflow.yaml";
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// Top level of `perkflow.yaml`. Sources and sinks are parsed entry by entry afterwards.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopSpec {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    durability: Option<Durability>,
+    flush_interval: Option<DurationSpec>,
+    admin_token: Option<Interpolated>,
+    pipelines: Option<Vec<PathBuf>>,
+    connectors: Option<Vec<PathBuf>>,
+    public_url: Option<String>,
+    max_body: Option<ByteSize>,
+    // Only their shape (a map) is checked here; entries are parsed one by one in `load_text`.
+    #[allow(dead_code)]
+    sources: Option<IndexMap<String, IgnoredAny>>,
+    #[allow(dead_code)]
+    sinks: Option<IndexMap<String, IgnoredAny>>,
+}
+
+/// When a webhook is acknowledged relative to the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Acknowledge only after the write is flushed to disk (group-committed).
+    #[default]
+    Fsync,
+    /// Acknowledge after the in-memory write; flush every `flush_interval`.
+    Batch,
+}
+
+/// One entry of `sources:`. Which fields apply depends on the connector's verify kind;
+/// `check_source` refuses the ones that do not.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub connector: String,
+    pub secret: Option<Interpolated>,
+    pub secrets: Option<Vec<Interpolated>>,
+    pub tolerance: Option<DurationSpec>,
+    pub url: Option<String>,
+    pub max_body: Option<ByteSize>,
+    // PayPal
+    pub webhook_id: Option<Interpolated>,
+    pub verify: Option<PaypalMode>,
+    pub cert_hosts: Option<Vec<String>>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_pins: Option<IndexMap<String, PathBuf>>,
+    pub client_id: Option<Interpolated>,
+    pub client_secret: Option<Interpolated>,
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaypalMode {
+    #[default]
+    Cert,
+    Api,
+}
+
+/// One entry of `sinks:`. Sink parameters are declared by sink connectors.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SinkSpec {
+    pub connector: String,
+    #[serde(flatten)]
+    pub params: IndexMap<String, serde_yaml::Value>,
+}
+
+/// A source that passed every check.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub connector: String,
+    pub def: SourceDef,
+    pub spec: SourceSpec,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The config file, when there is one.
+    pub file: Option<PathBuf>,
+    /// Relative paths in the config resolve against this directory.
+    pub base_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub flush_interval: Duration,
+    pub admin_token: Option<Interpolated>,
+    pub public_url: Option<String>,
+    pub max_body: usize,
+    pub connector_dirs: Vec<PathBuf>,
+    pub pipeline_dirs: Vec<PathBuf>,
+    pub sources: IndexMap<String, Source>,
+    pub connectors: Registry,
+    /// Where each value of the config file is, for problems found when building.
+    pub locations: Locations,
+}
+
+impl Config {
+    /// A diagnostic at `path` in the config file (for problems found after checking).
+    pub fn diag(&self, path: &str, message: impl Into<String>) -> Diagnostic {
+        let file = self
+            .file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_FILE));
+        let (line, col) = self.locations.value(path);
+        Diagnostic::new(&file, line, col, path, message)
+    }
+}
+
+/// Loads and checks the config at `path`, or `./perkflow.yaml` when it exists, or defaults.
+pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
+    let file = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()),
+    };
+    let text = match &file {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| {
+            Diagnostics(vec![Diagnostic::new(
+                f,
+                0,
+                0,
+                "",
+                format!("cannot read config: {e}"),
+            )])
+        })?,
+        None => String::new(),
+    };
+    let shown = file.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_FILE));
+    load_text(&shown, file.is_some(), &text)
+}
+
+/// Parses and checks a config text (`file` names it in diagnostics and anchors relative paths).
+pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let doc = Document::index(file, text).map_err(|d| Diagnostics(vec![d]))?;
+    let top: TopSpec = doc.parse().map_err(|d| Diagnostics(vec![d]))?;
+    let base_dir = match file.parent() {
+        Some(p) if from_file && !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+
+    let listen = match &top.listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        Some(s) => s.parse().unwrap_or_else(|_| {
+            diags.push(doc.at(
+                "listen",
+                format!("`{s}` is not an address like 127.0.0.1:8080"),
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        }),
+    };
+    if let Some(u) = &top.public_url {
+        if let Err(m) = check_url(u) {
+            diags.push(doc.at("public_url", m));
+        }
+    }
+    let connector_dirs: Vec<PathBuf> = match &top.connectors {
+        Some(dirs) => dirs.iter().map(|d| base_dir.join(d)).collect(),
+        None => vec![base_dir.join("connectors")],
+    };
+    let pipeline_dirs: Vec<PathBuf> = match &top.pipelines {
+        Some(dirs) => dirs.iter().map(|d| base_dir.join(d)).collect(),
+        None => vec![base_dir.join("pipelines")],
+    };
+    let connectors = Registry::load(&connector_dirs, &mut diags);
+
+    let mut sources = IndexMap::new();
+    for name in doc.keys_of("sources") {
+        let path = join("sources", &name);
+        if !valid_source_name(&name) {
+            diags.push(doc.at_key(
+                &path,
+                "a source name is its URL path: use letters, digits, `-`, `_` and `.`",
+            ));
+        }
+        match doc.parse_at::<SourceSpec>(&path) {
+            Ok(spec) => {
+                if let Some(src) = check_source(
+                    &doc,
+                    &path,
+                    &name,
+                    spec,
+                    &top,
+                    &connectors,
+                    &base_dir,
+                    &mut diags,
+                ) {
+                    sources.insert(name, src);
+                }
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+    for name in doc.keys_of("sinks") {
+        let path = join("sinks", &name);
+        match doc.parse_at::<SinkSpec>(&path) {
+            Ok(spec) => {
+                let cpath = join(&path, "connector");
+                diags.push(doc.at(
+                    &cpath,
+                    format!(
+                        "unknown sink connector `{}`: this build defines no sink connectors yet",
+                        spec.connector
+                    ),
+                ));
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+
+    if !diags.is_empty() {
+        diags
+            .0
+            .sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+        return Err(diags);
+    }
+    Ok(Config {
+        file: from_file.then(|| file.to_path_buf()),
+        data_dir: top
+            .data_dir
+            .as_ref()
+            .map(|d| base_dir.join(d))
+            .unwrap_or_else(|| base_dir.join("data")),
+        base_dir,
+        listen,
+        durability: top.durability.unwrap_or_default(),
+        flush_interval: top
+            .flush_interval
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_millis(200)),
+        admin_token: top.admin_token,
+        public_url: top.public_url.map(|u| u.trim_end_matches('/').to_string()),
+        max_body: top.max_body.map(|b| b.0).unwrap_or(DEFAULT_MAX_BODY),
+        connector_dirs,
+        pipeline_dirs,
+        sources,
+        connectors,
+        locations: doc.loc,
+    })
+}
+
+fn valid_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn check_url(u: &str) -> Result<(), String> {
+    match reqwest::Url::parse(u) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
+        Ok(_) => Err(format!("`{u}` must be an http(s) URL with a host")),
+        Err(e) => Err(format!("`{u}` is not a URL: {e}")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_source(
+    doc: &Document,
+    path: &str,
+    name: &str,
+    spec: SourceSpec,
+    top: &TopSpec,
+    connectors: &Registry,
+    base_dir: &Path,
+    diags: &mut Diagnostics,
+) -> Option<Source> {
+    let before = diags.len();
+    let cpath = join(path, "connector");
+    let Some(def) = connectors
+        .get(&spec.connector)
+        .and_then(|c| c.source.clone())
+    else {
+        let hint = did_you_mean(&spec.connector, connectors.ids())
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        let known: Vec<&str> = connectors.ids().collect();
+        diags.push(doc.at(
+            &cpath,
+            format!(
+                "unknown connector `{}`{hint}; known: {}",
+                spec.connector,
+                known.join(", ")
+            ),
+        ));
+        return None;
+    };
+    let refuse = |diags: &mut Diagnostics, field: &str, present: bool, why: &str| {
+        if present {
+            diags.push(doc.at_key(&join(path, field), format!("`{field}` {why}")));
+        }
+    };
+    let kind = match &def.verify {
+        VerifyKind::HmacSha256(_) => "hmac_sha256",
+        VerifyKind::StripeV1(_) => "stripe_v1",
+        VerifyKind::Paypal(_) => "paypal",
+    };
+    let not_for = format!(
+        "does not apply to connector `{}` (verify kind `{kind}`)",
+        spec.connector
+    );
+    match &def.verify {
+        VerifyKind::HmacSha256(_) | VerifyKind::StripeV1(_) => {
+            match (&spec.secret, &spec.secrets) {
+                (None, None) => diags.push(doc.at(
+                    path,
+                    "needs `secret:` (or `secrets: [old, new]` while rotating)",
+                )),
+                (Some(_), Some(_)) => diags.push(doc.at_key(
+                    &join(path, "secrets"),
+                    "give either `secret` or `secrets`, not both",
+                )),
+                (None, Some(list)) if list.is_empty() => {
+                    diags.push(doc.at(&join(path, "secrets"), "needs at least one secret"))
+                }
+                _ => {}
+            }
+            let paypal_only = [
+                ("webhook_id", spec.webhook_id.is_some()),
+                ("verify", spec.verify.is_some()),
+                ("cert_hosts", spec.cert_hosts.is_some()),
+                ("ca_file", spec.ca_file.is_some()),
+                ("cert_pins", spec.cert_pins.is_some()),
+                ("client_id", spec.client_id.is_some()),
+                ("client_secret", spec.client_secret.is_some()),
+                ("base_url", spec.base_url.is_some()),
+            ];
+            for (field, present) in paypal_only {
+                refuse(diags, field, present, &not_for);
+            }
+        }
+        VerifyKind::Paypal(_) => {
+            refuse(diags, "secret", spec.secret.is_some(), &not_for);
+            refuse(diags, "secrets", spec.secrets.is_some(), &not_for);
+            if spec.webhook_id.is_none() {
+                diags.push(doc.at(
+                    path,
+                    "needs `webhook_id:` (the id PayPal gave your webhook subscription)",
+                ));
+            }
+            let mode = spec.verify.unwrap_or_default();
+            let cert_only = "applies only to `verify: cert`";
+            let api_only = "applies only to `verify: api`";
+            match mode {
+                PaypalMode::Cert => {
+                    refuse(diags, "client_id", spec.client_id.is_some(), api_only);
+                    refuse(
+                        diags,
+                        "client_secret",
+                        spec.client_secret.is_some(),
+                        api_only,
+                    );
+                    refuse(diags, "base_url", spec.base_url.is_some(), api_only);
+                    if let Some(ca) = &spec.ca_file {
+                        if !base_dir.join(ca).is_file() {
+                            diags.push(doc.at(
+                                &join(path, "ca_file"),
+                                format!("no such file: {}", ca.display()),
+                            ));
+                        }
+                    }
+                    for (url, pem) in spec.cert_pins.iter().flatten() {
+                        let p = join(&join(path, "cert_pins"), url);
+                        if reqwest::Url::parse(url).is_err() {
+                            diags.push(doc.at_key(&p, format!("`{url}` is not a URL")));
+                        }
+                        if !base_dir.join(pem).is_file() {
+                            diags.push(doc.at(&p, format!("no such file: {}", pem.display())));
+                        }
+                    }
+                    if spec.cert_hosts.as_ref().is_some_and(|h| h.is_empty()) {
+                        diags.push(doc.at(
+                            &join(path, "cert_hosts"),
+                            "an empty allowlist refuses every certificate",
+                        ));
+                    }
+                }
+                PaypalMode::Api => {
+                    refuse(diags, "cert_hosts", spec.cert_hosts.is_some(), cert_only);
+                    refuse(diags, "ca_file", spec.ca_file.is_some(), cert_only);
+                    refuse(diags, "cert_pins", spec.cert_pins.is_some(), cert_only);
+                    if spec.client_id.is_none() || spec.client_secret.is_none() {
+                        diags.push(doc.at(path, "`verify: api` needs `client_id:` and `client_secret:` (PayPal REST app credentials)"));
+                    }
+                    if let Some(u) = &spec.base_url {
+                        if let Err(m) = check_url(u) {
+                            diags.push(doc.at(&join(path, "base_url"), m));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if spec.tolerance.is_some() && !matches!(def.verify, VerifyKind::StripeV1(_)) {
+        diags.push(doc.at_key(
+            &join(path, "tolerance"),
+            format!("`tolerance` {not_for}: its signature has no timestamp"),
+        ));
+    }
+    let signs_url =
+        matches!(&def.verify, VerifyKind::HmacSha256(h) if h.signs == Signs::UrlAndBody);
+    match (&spec.url, signs_url) {
+        (Some(_), false) => diags.push(doc.at_key(&join(path, "url"), format!("`url` {not_for}: it does not sign the URL"))),
+        (Some(u), true) => {
+            if let Err(m) = check_url(u) {
+                diags.push(doc.at(&join(path, "url"), m));
+            }
+        }
+        (None, true) if top.public_url.is_none() => diags.push(doc.at(
+            path,
+            format!("connector `{}` signs the notification URL: set `url:` here or `public_url:` at the top", spec.connector),
+        )),
+        _ => {}
+    }
+    (diags.len() == before).then(|| Source {
+        name: name.to_string(),
+        connector: spec.connector.clone(),
+        def,
+        spec,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> String {
+        match load_text(Path::new("perkflow.yaml"), true, text) {
+            Ok(_) => String::new(),
+            Err(d) => d.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_config_uses_defaults() {
+        let c = load_text(Path::new("perkflow.yaml"), false, "").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.durability, Durability::Fsync);
+        assert_eq!(c.max_body, 1 << 20);
+        assert!(c.sources.is_empty());
+    }
+
+    #[test]
+    fn collects_every_problem_across_sources() {
+        let text = "\
+sources:
+  shop:
+    connector: shopfy
+    secret: x
+  stripe:
+    connector: stripe
+    secert: y
+  sq:
+    connector: square
+    secret: z
+  pp:
+    connector: paypal
+    secret: nope
+    webhook_id: WH1
+";
+        let out = errors(text);
+        assert_eq!(
+            out,
+            "perkflow.yaml:3:16: sources.shop.connector: unknown connector `shopfy` (did you mean `shopify`?); known: shopify, woocommerce, stripe, square, paypal, quickbooks\n\
+perkflow.yaml:7:5: sources.stripe: unknown field `secert`, expected one of `connector`, `secret`, `secrets`, `tolerance`, `url`, `max_body`, `webhook_id`, `verify`, `cert_hosts`, `ca_file`, `cert_pins`, `client_id`, `client_secret`, `base_url` (did you mean `secret`?)\n\
+perkflow.yaml:9:5: sources.sq: connector `square` signs the notification URL: set `url:` here or `public_url:` at the top\n\
+perkflow.yaml:13:5: sources.pp.secret: `secret` does not apply to connector `paypal` (verify kind `paypal`)\n"
+        );
+    }
+
+    #[test]
+    fn top_level_unknown_key_has_position_and_suggestion() {
+        let out = errors("listen: 127.0.0.1:9\ndurabilty: fsync\n");
+        assert!(
+            out.starts_with("perkflow.yaml:2:1: unknown field `durabilty`"),
+            "{out}"
+        );
+        assert!(out.contains("(did you mean `durability`?)"), "{out}");
+    }
+
+    #[test]
+    fn bad_scalars_point_at_the_value() {
+        let out =
+            errors("sources:\n  s:\n    connector: stripe\n    secret: a\n    tolerance: soon\n");
+        assert!(
+            out.starts_with(
+                "perkflow.yaml:5:16: sources.s.tolerance: invalid value: string \"soon\""
+            ),
+            "{out}"
+        );
+        let out = errors("listen: nowhere\n");
+        assert_eq!(
+            out,
+            "perkflow.yaml:1:9: listen: `nowhere` is not an address like 127.0.0.1:8080\n"
+        );
+        let out = errors("sources:\n  s:\n    connector: shopify\n    secret: ${BAD-NAME}\n");
+        assert!(
+            out.starts_with(
+                "perkflow.yaml:4:13: sources.s.secret: `${BAD-NAME}` is not a valid reference"
+            ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn accepts_the_product_contract_shape() {
+        let text = "\
+listen: 127.0.0.1:8080
+data_dir: ./data
+durability: fsync
+admin_token: ${PERKFLOW_ADMIN_TOKEN}
+public_url: https://hooks.example.com
+sources:
+  shop-main:
+    connector: shopify
+    secret: ${SHOPIFY_WEBHOOK_SECRET}
+  stripe:   { connector: stripe, secret: ${STRIPE_WEBHOOK_SECRET}, tolerance: 300s }
+  square:   { connector: square, secret: ${SQUARE_SIGNATURE_KEY} }
+  paypal:   { connector: paypal, webhook_id: ${PAYPAL_WEBHOOK_ID}, verify: cert }
+  paypal2:  { connector: paypal, webhook_id: WH-2, verify: api, client_id: a, client_secret: b }
+  qbo:      { connector: quickbooks, secret: ${QBO_VERIFIER_TOKEN} }
+  woo:      { connector: woocommerce, secrets: [old, new] }
+";
+        let c = load_text(Path::new("perkflow.yaml"), true, text).unwrap();
+        assert_eq!(c.sources.len(), 7);
+        assert_eq!(c.public_url.as_deref(), Some("https://hooks.example.com"));
+    }
+
+    #[test]
+    fn paypal_mode_fields_are_checked() {
+        let out = errors("sources:\n  pp:\n    connector: paypal\n    webhook_id: W\n    verify: api\n    cert_hosts: [a]\n");
+        assert_eq!(
+            out,
+            "perkflow.yaml:3:5: sources.pp: `verify: api` needs `client_id:` and `client_secret:` (PayPal REST app credentials)\n\
+perkflow.yaml:6:5: sources.pp.cert_hosts: `cert_hosts` applies only to `verify: cert`\n"
+        );
+    }
+}

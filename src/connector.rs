@@ -1,0 +1,345 @@
+//! Connector definitions as data: `connectors/*.yaml`, compiled in, overridable by a user's
+//! connectors dir. A definition only picks closed kinds (see `verify`) and fills their
+//! parameters; no Rust code branches on a connector id.
+
+use crate::config::diagnostic::{Diagnostic, Diagnostics};
+use crate::config::scalar::{DurationSpec, Names};
+use crate::config::yaml::Document;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The built-in definitions, as shipped in `connectors/`.
+pub const BUILTIN: &[(&str, &str)] = &[
+    (
+        "connectors/shopify.yaml",
+        include_str!("../connectors/shopify.yaml"),
+    ),
+    (
+        "connectors/woocommerce.yaml",
+        include_str!("../connectors/woocommerce.yaml"),
+    ),
+    (
+        "connectors/stripe.yaml",
+        include_str!("../connectors/stripe.yaml"),
+    ),
+    (
+        "connectors/square.yaml",
+        include_str!("../connectors/square.yaml"),
+    ),
+    (
+        "connectors/paypal.yaml",
+        include_str!("../connectors/paypal.yaml"),
+    ),
+    (
+        "connectors/quickbooks.yaml",
+        include_str!("../connectors/quickbooks.yaml"),
+    ),
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorDef {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub docs: Option<String>,
+    #[serde(default)]
+    pub source: Option<SourceDef>,
+    /// Filled in by the loader: where the definition came from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// How a source's webhooks are verified and identified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceDef {
+    #[serde(with = "serde_yaml::with::singleton_map_recursive")]
+    pub verify: VerifyKind,
+    #[serde(with = "serde_yaml::with::singleton_map_recursive")]
+    pub identify: IdentifyKind,
+    /// Event types this source can emit (pipelines subscribe to these).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// An unsigned request that only checks the endpoint exists (WooCommerce's creation ping).
+    #[serde(default)]
+    pub ping: Option<PingDef>,
+}
+
+/// The closed set of verification kinds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VerifyKind {
+    /// HMAC-SHA256 of the body (or signed URL + body), in a header.
+    HmacSha256(HmacDef),
+    /// `t=<unix>,v1=<hex>[,v1=…]` over `t.body`, with a freshness window.
+    StripeV1(StripeDef),
+    /// PayPal's transmission signature: offline (`verify: cert`) or remote (`verify: api`).
+    Paypal(PaypalDef),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacDef {
+    /// Header names that may carry the signature (first present wins).
+    pub header: Names,
+    pub encoding: Encoding,
+    #[serde(default)]
+    pub signs: Signs,
+    /// How the configured secret is turned into the key.
+    #[serde(default)]
+    pub key: KeyForm,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Base64,
+    Hex,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Signs {
+    #[default]
+    Body,
+    /// The notification URL exactly as registered, then the body (Square).
+    UrlAndBody,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyForm {
+    /// The secret's bytes as configured.
+    #[default]
+    Raw,
+    /// HTML entities decoded first (`&amp;` -> `&`), as WordPress does before signing.
+    HtmlEntityDecoded,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeDef {
+    pub header: Names,
+    #[serde(default = "default_tolerance")]
+    pub tolerance: DurationSpec,
+}
+
+fn default_tolerance() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(300))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaypalDef {
+    /// Hosts a `PAYPAL-CERT-URL` may name; anything else is refused before any fetch.
+    pub cert_hosts: Vec<String>,
+    /// The cert URL's path must start with this.
+    pub cert_path_prefix: String,
+    /// The certificate's subject CN must end with this.
+    pub cert_cn_suffix: String,
+    /// PayPal REST API base for `verify: api`.
+    pub api_base_url: String,
+}
+
+/// How vendor event id, type and time are found in a verified request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum IdentifyKind {
+    /// One event per request; each field from a header or a JSON pointer.
+    Fields(FieldsDef),
+    /// Intuit webhooks: a CloudEvents array, or the legacy `eventNotifications` envelope,
+    /// split into one event per entity change.
+    IntuitBatch {},
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldsDef {
+    pub id: Selector,
+    pub r#type: Selector,
+    #[serde(default)]
+    pub time: Option<Selector>,
+}
+
+/// Where a value is found.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Selector {
+    /// The first of these headers that is present.
+    Header(Names),
+    /// A JSON pointer into the body (`/data/id`).
+    Json(String),
+    /// Several selectors joined with `:` (a composite key).
+    Compose(Vec<Selector>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingDef {
+    /// A form body of exactly this one field with a numeric value.
+    pub form_field: String,
+}
+
+/// All connector definitions by id.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    pub defs: IndexMap<String, ConnectorDef>,
+}
+
+impl Registry {
+    /// The built-in definitions, then every `*.yaml` in `dirs` (a file with the same id replaces
+    /// the built-in one).
+    pub fn load(dirs: &[PathBuf], diags: &mut Diagnostics) -> Registry {
+        let mut reg = Registry::default();
+        for (file, text) in BUILTIN {
+            reg.add(Path::new(file), text, diags);
+        }
+        for dir in dirs {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    diags.push(Diagnostic::new(
+                        dir,
+                        0,
+                        0,
+                        "",
+                        format!("cannot read connectors dir: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            files.sort();
+            for f in files {
+                match std::fs::read_to_string(&f) {
+                    // The shipped connectors dir holds the built-in files themselves.
+                    Ok(text) if BUILTIN.iter().any(|(_, b)| *b == text) => {}
+                    Ok(text) => reg.add(&f, &text, diags),
+                    Err(e) => {
+                        diags.push(Diagnostic::new(&f, 0, 0, "", format!("cannot read: {e}")))
+                    }
+                }
+            }
+        }
+        reg
+    }
+
+    fn add(&mut self, file: &Path, text: &str, diags: &mut Diagnostics) {
+        let doc = match Document::index(file, text) {
+            Ok(d) => d,
+            Err(d) => return diags.push(d),
+        };
+        match doc.parse::<ConnectorDef>() {
+            Ok(mut def) => {
+                def.file = file.to_path_buf();
+                if def.source.is_none() {
+                    diags.push(doc.at("", "a connector needs a `source:` part"));
+                }
+                if let Some(src) = &def.source {
+                    check_source_def(&doc, src, diags);
+                }
+                self.defs.insert(def.id.clone(), def);
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ConnectorDef> {
+        self.defs.get(id)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.defs.keys().map(|s| s.as_str())
+    }
+}
+
+fn check_source_def(doc: &Document, src: &SourceDef, diags: &mut Diagnostics) {
+    let mut check_selector = |path: &str, sel: &Selector| {
+        fn walk(sel: &Selector, out: &mut Vec<String>) {
+            match sel {
+                Selector::Json(p) if !p.is_empty() && !p.starts_with('/') => {
+                    out.push(format!("JSON pointer `{p}` must start with `/`"))
+                }
+                Selector::Compose(parts) if parts.is_empty() => {
+                    out.push("`compose` needs at least one part".into())
+                }
+                Selector::Compose(parts) => parts.iter().for_each(|p| walk(p, out)),
+                _ => {}
+            }
+        }
+        let mut problems = Vec::new();
+        walk(sel, &mut problems);
+        for p in problems {
+            diags.push(doc.at(path, p));
+        }
+    };
+    if let IdentifyKind::Fields(f) = &src.identify {
+        check_selector("source.identify.fields.id", &f.id);
+        check_selector("source.identify.fields.type", &f.r#type);
+        if let Some(t) = &f.time {
+            check_selector("source.identify.fields.time", t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_connectors_load_without_problems() {
+        let mut diags = Diagnostics::default();
+        let reg = Registry::load(&[], &mut diags);
+        assert!(diags.is_empty(), "{diags}");
+        let ids: Vec<&str> = reg.ids().collect();
+        assert_eq!(
+            ids,
+            [
+                "shopify",
+                "woocommerce",
+                "stripe",
+                "square",
+                "paypal",
+                "quickbooks"
+            ]
+        );
+        assert!(reg
+            .defs
+            .values()
+            .all(|d| d.source.as_ref().is_some_and(|s| !s.events.is_empty())));
+    }
+
+    #[test]
+    fn user_dir_overrides_a_builtin_and_reports_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("shopify.yaml"),
+            "id: shopify\nsource:\n  verify: { hmac_sha256: { header: X-Custom, encoding: hex } }\n  identify: { fields: { id: { header: X-Id }, type: { header: X-Topic } } }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bad.yaml"),
+            "id: bad\nsource:\n  verify: { hmac_sha265: {} }\n",
+        )
+        .unwrap();
+        let mut diags = Diagnostics::default();
+        let reg = Registry::load(&[dir.path().to_path_buf()], &mut diags);
+        let VerifyKind::HmacSha256(h) =
+            &reg.get("shopify").unwrap().source.as_ref().unwrap().verify
+        else {
+            panic!("override not applied")
+        };
+        assert_eq!(h.encoding, Encoding::Hex);
+        assert_eq!(diags.len(), 1, "{diags}");
+        let d = &diags.0[0];
+        assert_eq!((d.line, d.col), (3, 13), "{d}");
+        assert!(d.message.contains("did you mean `hmac_sha256`"), "{d}");
+    }
+}

@@ -1,0 +1,233 @@
+//! Vendor event id, type and time of a verified request, per the connector's identify kind.
+
+use crate::connector::{FieldsDef, IdentifyKind, Selector};
+use crate::verify::{header, RawRequest, Verified};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+/// One event found in a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identified {
+    pub vendor_id: String,
+    pub event_type: String,
+    pub time: Option<String>,
+    /// The event's bytes: the raw body, or one element of a batch.
+    pub payload: Bytes,
+}
+
+/// Only verified requests are identified: their bodies may be parsed.
+pub fn identify(
+    kind: &IdentifyKind,
+    req: &RawRequest<Verified>,
+) -> Result<Vec<Identified>, String> {
+    match kind {
+        IdentifyKind::Fields(f) => fields(f, req).map(|e| vec![e]),
+        IdentifyKind::IntuitBatch {} => intuit(&req.body),
+    }
+}
+
+fn fields(f: &FieldsDef, req: &RawRequest<Verified>) -> Result<Identified, String> {
+    let mut json: Option<Value> = None;
+    let mut get = |sel: &Selector| select(sel, req, &mut json);
+    let vendor_id = get(&f.id)?.ok_or("no event id")?;
+    let event_type = get(&f.r#type)?.ok_or("no event type")?;
+    let time = match &f.time {
+        Some(t) => get(t)?,
+        None => None,
+    };
+    Ok(Identified {
+        vendor_id,
+        event_type,
+        time,
+        payload: req.body.clone(),
+    })
+}
+
+fn select(
+    sel: &Selector,
+    req: &RawRequest<Verified>,
+    json: &mut Option<Value>,
+) -> Result<Option<String>, String> {
+    match sel {
+        Selector::Header(names) => Ok(header(&req.headers, &names.0)
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())),
+        Selector::Json(pointer) => {
+            if json.is_none() {
+                *json = Some(
+                    serde_json::from_slice(&req.body)
+                        .map_err(|e| format!("body is not JSON: {e}"))?,
+                );
+            }
+            Ok(json
+                .as_ref()
+                .and_then(|v| v.pointer(pointer))
+                .and_then(scalar))
+        }
+        Selector::Compose(parts) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for p in parts {
+                match select(p, req, json)? {
+                    Some(v) => out.push(v),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(out.join(":")))
+        }
+    }
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Intuit: a CloudEvents array, or the legacy `eventNotifications` envelope, normalised to
+/// CloudEvents-shaped events so pipelines see one shape.
+fn intuit(body: &[u8]) -> Result<Vec<Identified>, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let mut out = Vec::new();
+    match &doc {
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let id = item
+                    .get("id")
+                    .and_then(scalar)
+                    .ok_or(format!("event {i} has no id"))?;
+                let ty = item
+                    .get("type")
+                    .and_then(scalar)
+                    .ok_or(format!("event {i} has no type"))?;
+                out.push(Identified {
+                    vendor_id: id,
+                    event_type: ty,
+                    time: item.get("time").and_then(scalar),
+                    payload: Bytes::from(serde_json::to_vec(item).expect("JSON value serialises")),
+                });
+            }
+        }
+        Value::Object(o) if o.contains_key("eventNotifications") => {
+            let notes = o["eventNotifications"]
+                .as_array()
+                .ok_or("eventNotifications is not a list")?;
+            for n in notes {
+                let realm = n
+                    .get("realmId")
+                    .and_then(scalar)
+                    .ok_or("notification without realmId")?;
+                let entities = n
+                    .pointer("/dataChangeEvent/entities")
+                    .and_then(Value::as_array)
+                    .ok_or("notification without dataChangeEvent.entities")?;
+                for e in entities {
+                    let field = |k: &str| {
+                        e.get(k)
+                            .and_then(scalar)
+                            .ok_or(format!("entity without {k}"))
+                    };
+                    let (name, id, op, updated) = (
+                        field("name")?,
+                        field("id")?,
+                        field("operation")?,
+                        field("lastUpdated")?,
+                    );
+                    let ty = format!("qbo.{}.{}.v1", name.to_ascii_lowercase(), past_tense(&op));
+                    let vendor_id = format!("{realm}:{name}:{id}:{op}:{updated}");
+                    let event = json!({
+                        "specversion": "1.0",
+                        "id": vendor_id,
+                        "type": ty,
+                        "time": updated,
+                        "intuitentityid": id,
+                        "intuitaccountid": realm,
+                        "data": {},
+                        "legacy": e,
+                    });
+                    out.push(Identified {
+                        vendor_id,
+                        event_type: ty,
+                        time: Some(updated),
+                        payload: Bytes::from(
+                            serde_json::to_vec(&event).expect("JSON value serialises"),
+                        ),
+                    });
+                }
+            }
+        }
+        _ => return Err("neither a CloudEvents array nor an eventNotifications envelope".into()),
+    }
+    if out.is_empty() {
+        return Err("no events in the body".into());
+    }
+    Ok(out)
+}
+
+/// Legacy operation names to the CloudEvents verbs (`Update` -> `updated`).
+fn past_tense(op: &str) -> String {
+    let op = op.to_ascii_lowercase();
+    match op.as_str() {
+        "emailed" => op,
+        o if o.ends_with('e') => format!("{o}d"),
+        o => format!("{o}ed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cloudevents_batches() {
+        let body = br#"[{"specversion":"1.0","id":"a1","type":"qbo.invoice.updated.v1","time":"t1","intuitentityid":"1","intuitaccountid":"9","data":{}},
+                        {"specversion":"1.0","id":"a2","type":"qbo.payment.created.v1","intuitentityid":"2","intuitaccountid":"9","data":{}}]"#;
+        let ev = intuit(body).unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(
+            (
+                ev[0].vendor_id.as_str(),
+                ev[0].event_type.as_str(),
+                ev[0].time.as_deref()
+            ),
+            ("a1", "qbo.invoice.updated.v1", Some("t1"))
+        );
+        assert_eq!(ev[1].event_type, "qbo.payment.created.v1");
+        let v: Value = serde_json::from_slice(&ev[1].payload).unwrap();
+        assert_eq!(v["intuitentityid"], "2");
+    }
+
+    #[test]
+    fn normalises_the_legacy_envelope() {
+        let body = br#"{"eventNotifications":[{"realmId":"9","dataChangeEvent":{"entities":[
+            {"name":"Invoice","id":"240611","operation":"Update","lastUpdated":"2026-11-20T10:15:30.000Z"},
+            {"name":"Payment","id":"7","operation":"Create","lastUpdated":"2026-11-20T10:16:00.000Z"},
+            {"name":"Invoice","id":"8","operation":"Void","lastUpdated":"2026-11-20T10:17:00.000Z"}]}}]}"#;
+        let ev = intuit(body).unwrap();
+        let types: Vec<&str> = ev.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "qbo.invoice.updated.v1",
+                "qbo.payment.created.v1",
+                "qbo.invoice.voided.v1"
+            ]
+        );
+        assert_eq!(
+            ev[0].vendor_id,
+            "9:Invoice:240611:Update:2026-11-20T10:15:30.000Z"
+        );
+        let v: Value = serde_json::from_slice(&ev[0].payload).unwrap();
+        assert_eq!(v["intuitaccountid"], "9");
+        assert_eq!(v["legacy"]["operation"], "Update");
+    }
+
+    #[test]
+    fn refuses_other_shapes() {
+        assert!(intuit(b"{}").is_err());
+        assert!(intuit(b"[]").is_err());
+        assert!(intuit(b"[{\"type\":\"x\"}]").is_err());
+        assert!(intuit(b"not json").is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! (1) The webhook edge: `POST /hooks/{source}`.
+//!
+//! Order per request: size limit -> verify the raw bytes -> identify -> de-duplicate and
+//! persist (inbox) -> 2xx. Nothing is parsed before verification, nothing unverified is
+//! stored, and the answer waits until the write is durable.
+
+pub mod identify;
+
+use crate::app::{AppState, SourceRuntime};
+use crate::inbox::NewEvent;
+use crate::verify::{RawRequest, VerifyError};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Headers never stored with an event.
+const NEVER_STORED: &[&str] = &["authorization", "cookie", "proxy-authorization"];
+
+fn status(code: StatusCode, msg: &str) -> Response {
+    (code, Json(json!({ "error": msg }))).into_response()
+}
+
+fn count(source: &str, result: &'static str, reason: &'static str) {
+    metrics::counter!("perkflow_ingest_webhooks_total", "source" => source.to_string(), "result" => result, "reason" => reason)
+        .increment(1);
+}
+
+pub async fn hook(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let rt = app.runtime();
+    let Some(src) = rt.sources.get(&name) else {
+        return status(StatusCode::NOT_FOUND, "unknown source");
+    };
+    let too_large = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > src.max_body as u64);
+    if too_large {
+        count(&name, "rejected", "too_large");
+        return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    }
+    let body = match axum::body::to_bytes(body, src.max_body).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                count(&name, "rejected", "too_large");
+                return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+            }
+            return status(StatusCode::BAD_REQUEST, "could not read body");
+        }
+    };
+    if let Some(ping) = &src.def.ping {
+        if is_ping(&headers, &body, &ping.form_field, &src.signature_headers) {
+            tracing::info!(source = %name, "acknowledged the unsigned webhook creation ping; nothing stored");
+            count(&name, "ping", "none");
+            return (StatusCode::OK, Json(json!({ "ping": true }))).into_response();
+        }
+    }
+    let url = signed_url(src, &uri);
+    let raw = RawRequest::new(headers, body, url);
+    let verified = match src.verifier.verify(raw, SystemTime::now()).await {
+        Ok(v) => v,
+        Err(VerifyError::Rejected(r)) => {
+            tracing::warn!(source = %name, reason = r.reason(), detail = %r, "webhook rejected");
+            count(&name, "rejected", r.reason());
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        Err(VerifyError::Unavailable(e)) => {
+            tracing::warn!(source = %name, error = %e, "webhook could not be verified now; asked the sender to retry");
+            count(&name, "unavailable", "verify_unavailable");
+            return (
+                [(header::RETRY_AFTER, "30")],
+                status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "verification unavailable, retry later",
+                ),
+            )
+                .into_response();
+        }
+    };
+    let found = match identify::identify(&src.def.identify, &verified) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(source = %name, error = %e, "verified webhook has no usable event id or type; nothing stored");
+            count(&name, "rejected", "unidentified");
+            return status(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot identify the event: {e}"),
+            );
+        }
+    };
+    let received_at_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let kept: Vec<(String, String)> = verified
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            !NEVER_STORED.contains(&k) && !src.signature_headers.iter().any(|s| s == k)
+        })
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let events: Vec<NewEvent> = found
+        .into_iter()
+        .map(|f| NewEvent {
+            source: name.clone(),
+            connector: src.connector.clone(),
+            vendor_id: f.vendor_id,
+            event_type: f.event_type,
+            event_time: f.time,
+            received_at_ms,
+            headers: kept.clone(),
+            payload: f.payload,
+        })
+        .collect();
+    match app.inbox.append(events).await {
+        Ok(done) => {
+            let duplicate = done.iter().all(|a| a.duplicate);
+            count(
+                &name,
+                if duplicate { "duplicate" } else { "accepted" },
+                "none",
+            );
+            tracing::debug!(source = %name, id = %done[0].id, duplicate, "webhook stored");
+            let mut body = json!({ "id": done[0].id, "duplicate": duplicate });
+            if done.len() > 1 {
+                body["events"] = json!(done
+                    .iter()
+                    .map(|a| json!({"id": a.id, "duplicate": a.duplicate}))
+                    .collect::<Vec<_>>());
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Err(e) => {
+            tracing::error!(source = %name, error = %e, "cannot store webhook; answered 503 so the sender retries");
+            count(&name, "unavailable", "store");
+            (
+                [(header::RETRY_AFTER, "5")],
+                status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable, retry later",
+                ),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// WooCommerce's creation ping: no signature, form body `webhook_id=<digits>` and nothing else.
+fn is_ping(headers: &HeaderMap, body: &[u8], field: &str, sig_headers: &[String]) -> bool {
+    if sig_headers.iter().any(|h| headers.contains_key(h.as_str())) {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return false;
+    };
+    let Some(value) = text
+        .trim()
+        .strip_prefix(field)
+        .and_then(|r| r.strip_prefix('='))
+    else {
+        return false;
+    };
+    !value.is_empty() && value.len() <= 20 && value.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The URL the vendor signed: the source's `url`, or `public_url` + the request path.
+fn signed_url(src: &SourceRuntime, uri: &Uri) -> String {
+    match &src.signed_url {
+        Some(u) if src.fixed_url => u.clone(),
+        Some(base) => match uri.query() {
+            Some(q) => format!("{base}?{q}"),
+            None => base.clone(),
+        },
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_only_the_bare_ping() {
+        let h = HeaderMap::new();
+        let sig = vec!["x-wc-webhook-signature".to_string()];
+        assert!(is_ping(&h, b"webhook_id=17", "webhook_id", &sig));
+        assert!(!is_ping(&h, b"webhook_id=17&x=1", "webhook_id", &sig));
+        assert!(!is_ping(&h, b"webhook_id=", "webhook_id", &sig));
+        assert!(!is_ping(&h, b"{\"id\":1}", "webhook_id", &sig));
+        let mut signed = HeaderMap::new();
+        signed.insert("x-wc-webhook-signature", "abc".parse().unwrap());
+        assert!(!is_ping(&signed, b"webhook_id=17", "webhook_id", &sig));
+    }
+}

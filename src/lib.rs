@@ -1,0 +1,15 @@
+//! perkflow: verified webhooks in, durable rewards out.
+//!
+//! Modules follow one webhook: `ingest` (HTTP edge) -> `verify` (signature kinds) ->
+//! `inbox` (de-duplicated, durable) over `store` (sled). `config` and `connector` turn YAML
+//! into a checked configuration; `app` wires it all; `ops` serves health and metrics.
+
+pub mod app;
+pub mod config;
+pub mod connector;
+pub mod inbox;
+pub mod ingest;
+pub mod ops;
+pub mod sign;
+pub mod store;
+pub mod verify;

@@ -1,0 +1,292 @@
+//! The `perkflow` command line. Exit codes: 0 ok, 1 problems found (check) or runtime
+//! failure, 2 usage error.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use perkflow::config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "perkflow",
+    version,
+    about = "Loyalty and reward programs from signed commerce webhooks",
+    long_about = "perkflow verifies signed webhooks from Shopify, WooCommerce, Stripe, Square, PayPal and \
+QuickBooks, stores each event durably before answering, and de-duplicates re-deliveries.\n\n\
+Configuration: perkflow.yaml (optional; defaults work), connectors/*.yaml (built in, overridable), \
+pipelines/*.yaml. Secrets come from ${ENV_VAR} or ${file:/path}, never from the command line of the daemon."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: POST /hooks/{source}, /healthz, /readyz, /metrics.
+    Serve {
+        /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding `listen:` (use 127.0.0.1:0 for any free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory, overriding `data_dir:`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Validate config and connectors without secrets or network; print every problem as
+    /// file:line:col; exit 1 on any.
+    Check {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a correctly signed request (a curl command) for a fixture, to test a deployment.
+    ///
+    /// The fixture's headers are read from FILE's sibling `<name>.headers.yaml`. Without
+    /// --secret, the source's secrets from the config are used.
+    Sign {
+        /// The source name in the config (its connector decides the signature scheme).
+        source: String,
+        /// The body to sign (byte-exact).
+        file: PathBuf,
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Signing secret; repeat for Stripe's one-v1-per-secret rotation.
+        #[arg(long)]
+        secret: Vec<String>,
+        /// PayPal: PKCS#8 PEM private key of the signing certificate.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// PayPal: webhook id (default: the source's `webhook_id`).
+        #[arg(long)]
+        webhook_id: Option<String>,
+        /// Base URL of the daemon (default: http://<listen>).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PERKFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let result = match cli.command {
+        Command::Check { config } => return check(config),
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(config, listen, data_dir),
+        Command::Sign {
+            source,
+            file,
+            config,
+            secret,
+            key,
+            webhook_id,
+            url,
+        } => sign(source, file, config, secret, key, webhook_id, url),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    match config::load(path.as_deref()) {
+        Ok(cfg) => {
+            let file = cfg
+                .file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "defaults".into());
+            println!(
+                "{file}: ok ({} sources, {} connectors)",
+                cfg.sources.len(),
+                cfg.connectors.defs.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            eprint!("{diags}");
+            eprintln!(
+                "{} problem{} found",
+                diags.len(),
+                if diags.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(
+    path: Option<PathBuf>,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut cfg = config::load(path.as_deref())
+        .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
+    if let Some(l) = listen {
+        cfg.listen = l
+            .parse()
+            .with_context(|| format!("--listen {l}: not an address like 127.0.0.1:8080"))?;
+    }
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        // One line on stdout that scripts (and tests) can wait for.
+        println!("perkflow listening on http://{addr}");
+        for s in cfg.sources.values() {
+            println!(
+                "  source {:<14} {:<12} POST http://{addr}/hooks/{}",
+                s.name, s.connector, s.name
+            );
+        }
+        if let Some(s) = cfg.sources.values().find(|s| s.connector == "shopify") {
+            println!(
+                "try:  perkflow sign {} fixtures/shopify/orders-paid.json | sh",
+                s.name
+            );
+        }
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: finishing in-flight requests");
+            token.cancel();
+        });
+        perkflow::app::run(listener, cfg, shutdown).await
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sign(
+    source: String,
+    file: PathBuf,
+    path: Option<PathBuf>,
+    secrets: Vec<String>,
+    key: Option<PathBuf>,
+    webhook_id: Option<String>,
+    url: Option<String>,
+) -> anyhow::Result<()> {
+    use perkflow::sign;
+    let cfg = config::load(path.as_deref())
+        .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
+    let src = cfg.sources.get(&source).with_context(|| {
+        let known: Vec<&str> = cfg.sources.keys().map(String::as_str).collect();
+        format!(
+            "no source `{source}` in the config; known: {}",
+            known.join(", ")
+        )
+    })?;
+    let (body, headers) = sign::read_fixture(&file).map_err(anyhow::Error::msg)?;
+    let resolve = |v: &perkflow::config::secrets::Interpolated| {
+        v.resolve(&cfg.base_dir).map(|s| s.expose().to_string())
+    };
+    let mut keys = sign::SignKeys {
+        secrets,
+        ..Default::default()
+    };
+    if keys.secrets.is_empty() {
+        for s in src
+            .spec
+            .secret
+            .iter()
+            .chain(src.spec.secrets.iter().flatten())
+        {
+            keys.secrets.push(resolve(s).map_err(anyhow::Error::msg)?);
+        }
+    }
+    keys.webhook_id = match webhook_id {
+        Some(w) => Some(w),
+        None => src
+            .spec
+            .webhook_id
+            .as_ref()
+            .map(resolve)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    };
+    if let Some(k) = key {
+        keys.paypal_key_pem =
+            Some(std::fs::read(&k).with_context(|| format!("--key {}", k.display()))?);
+    }
+    let base = url.unwrap_or_else(|| format!("http://{}", cfg.listen));
+    let target = format!("{}/hooks/{source}", base.trim_end_matches('/'));
+    let signed_url = match (&src.spec.url, &cfg.public_url) {
+        (Some(u), _) => u.clone(),
+        (None, Some(p)) => format!("{p}/hooks/{source}"),
+        (None, None) => target.clone(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let sig = sign::signature_headers(&src.def, &keys, &signed_url, &body, &headers, now)
+        .map_err(anyhow::Error::msg)?;
+    let mut line = format!("curl -sS -X POST {}", sign::shell_quote(&target));
+    let mut all: Vec<(String, String)> = headers;
+    for (k, v) in sig {
+        all.retain(|(h, _)| !h.eq_ignore_ascii_case(&k));
+        all.push((k, v));
+    }
+    for (k, v) in all {
+        line.push_str(&format!(" -H {}", sign::shell_quote(&format!("{k}: {v}"))));
+    }
+    line.push_str(&format!(
+        " --data-binary @{}",
+        sign::shell_quote(&file.display().to_string())
+    ));
+    println!("{line}");
+    Ok(())
+}

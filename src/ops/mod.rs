@@ -1,0 +1,3 @@
+//! Operator surfaces: health, readiness, metrics.
+
+pub mod health;
