@@ -1,0 +1,7 @@
+//! Integration tests: the daemon as a real process, real HTTP on 127.0.0.1.
+
+mod config_check;
+mod crash;
+mod helpers;
+mod ingest;
+mod paypal_api;
