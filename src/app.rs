@@ -126,25 +126,42 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// Runs the daemon on `listener` until `shutdown` is cancelled: stops accepting, finishes
-/// in-flight requests, flushes the store.
-pub async fn run(
-    listener: TcpListener,
+/// A daemon ready to serve: runtime built (secrets resolved) and store open.
+pub struct Prepared {
     cfg: Config,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let runtime = build_runtime(&cfg).map_err(|d| anyhow::anyhow!("{d}"))?;
+    state: AppState,
+    store: Store,
+}
+
+/// Resolves secrets, builds verifiers and opens the store: every start-up failure happens
+/// here, before anything listens.
+pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
+    let runtime = build_runtime(&cfg).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     let store = Store::open(&cfg.data_dir, cfg.durability, cfg.flush_interval)
         .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", cfg.data_dir.display()))?;
     let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle());
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), sources = cfg.sources.len(), durability = ?cfg.durability, "perkflow is serving");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    store
-        .flush()
-        .map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
-    tracing::info!("stopped cleanly");
-    Ok(())
+    Ok(Prepared { cfg, state, store })
+}
+
+impl Prepared {
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled: stops accepting, finishes
+    /// in-flight requests, flushes the store.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let addr = listener.local_addr()?;
+        let cfg = &self.cfg;
+        tracing::info!(%addr, data_dir = %cfg.data_dir.display(), sources = cfg.sources.len(), durability = ?cfg.durability, "perkflow is serving");
+        axum::serve(listener, router(self.state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        self.store.flush().map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+}
+
+/// `prepare` then `serve`.
+pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    prepare(cfg)?.serve(listener, shutdown).await
 }

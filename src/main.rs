@@ -163,27 +163,22 @@ fn serve(
     if let Some(d) = data_dir {
         cfg.data_dir = d;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        let prepared = perkflow::app::prepare(cfg)?;
+        let cfg = prepared.config();
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let addr = listener.local_addr()?;
-        // One line on stdout that scripts (and tests) can wait for.
+        // One line on stdout that scripts (and tests) can wait for: printed once serving is
+        // certain to start.
         println!("perkflow listening on http://{addr}");
         for s in cfg.sources.values() {
-            println!(
-                "  source {:<14} {:<12} POST http://{addr}/hooks/{}",
-                s.name, s.connector, s.name
-            );
+            println!("  source {:<14} {:<12} POST http://{addr}/hooks/{}", s.name, s.connector, s.name);
         }
         if let Some(s) = cfg.sources.values().find(|s| s.connector == "shopify") {
-            println!(
-                "try:  perkflow sign {} fixtures/shopify/orders-paid.json | sh",
-                s.name
-            );
+            println!("try:  perkflow sign {} fixtures/shopify/orders-paid.json | sh", s.name);
         }
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -192,7 +187,7 @@ fn serve(
             tracing::info!("shutdown requested: finishing in-flight requests");
             token.cancel();
         });
-        perkflow::app::run(listener, cfg, shutdown).await
+        prepared.serve(listener, shutdown).await
     })
 }
 

@@ -163,7 +163,7 @@ pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
 pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Diagnostics> {
     let mut diags = Diagnostics::default();
     let doc = Document::index(file, text).map_err(|d| Diagnostics(vec![d]))?;
-    let top: TopSpec = doc.parse().map_err(|d| Diagnostics(vec![d]))?;
+    let top = parse_top(&doc, &mut diags);
     let base_dir = match file.parent() {
         Some(p) if from_file && !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -269,6 +269,67 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
     })
 }
 
+/// The top level. When it does not parse as a whole, its keys are parsed one by one, so a typo
+/// there (`durabilty:`) neither hides the other top-level problems nor stops the sources from
+/// being checked.
+fn parse_top(doc: &Document, diags: &mut Diagnostics) -> TopSpec {
+    let first = match doc.parse::<TopSpec>() {
+        Ok(top) => return top,
+        Err(d) => d,
+    };
+    let keys = doc.keys_of("");
+    // Only a block mapping at column 1 (the usual file) can be cut into entries.
+    if keys.is_empty() || keys.iter().any(|k| doc.loc.key(k).1 != 1) {
+        diags.push(first);
+        return TopSpec::default();
+    }
+    let mut top = TopSpec::default();
+    let mut found = Vec::new();
+    for key in keys {
+        match doc.parse_entry::<TopSpec>(&key) {
+            Ok(one) => top.merge(one),
+            Err(d) => found.push(d),
+        }
+    }
+    if !found
+        .iter()
+        .any(|d| (d.line, d.col, &d.message) == (first.line, first.col, &first.message))
+    {
+        found.push(first);
+    }
+    diags.0.extend(found);
+    top
+}
+
+impl TopSpec {
+    fn merge(&mut self, one: TopSpec) {
+        let TopSpec {
+            listen,
+            data_dir,
+            durability,
+            flush_interval,
+            admin_token,
+            pipelines,
+            connectors,
+            public_url,
+            max_body,
+            sources,
+            sinks,
+        } = one;
+        self.listen = self.listen.take().or(listen);
+        self.data_dir = self.data_dir.take().or(data_dir);
+        self.durability = self.durability.take().or(durability);
+        self.flush_interval = self.flush_interval.take().or(flush_interval);
+        self.admin_token = self.admin_token.take().or(admin_token);
+        self.pipelines = self.pipelines.take().or(pipelines);
+        self.connectors = self.connectors.take().or(connectors);
+        self.public_url = self.public_url.take().or(public_url);
+        self.max_body = self.max_body.take().or(max_body);
+        self.sources = self.sources.take().or(sources);
+        self.sinks = self.sinks.take().or(sinks);
+    }
+}
+
 fn valid_source_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -276,10 +337,16 @@ fn valid_source_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// `url::ParseError` (reqwest does not re-export it by name).
+type UrlError = <reqwest::Url as std::str::FromStr>::Err;
+
 fn check_url(u: &str) -> Result<(), String> {
     match reqwest::Url::parse(u) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(()),
         Ok(_) => Err(format!("`{u}` must be an http(s) URL with a host")),
+        Err(UrlError::RelativeUrlWithoutBase) => Err(format!(
+            "`{u}` is not an absolute URL: start it with `https://` (or `http://`)"
+        )),
         Err(e) => Err(format!("`{u}` is not a URL: {e}")),
     }
 }
@@ -409,8 +476,17 @@ fn check_source(
                     refuse(diags, "cert_hosts", spec.cert_hosts.is_some(), cert_only);
                     refuse(diags, "ca_file", spec.ca_file.is_some(), cert_only);
                     refuse(diags, "cert_pins", spec.cert_pins.is_some(), cert_only);
-                    if spec.client_id.is_none() || spec.client_secret.is_none() {
-                        diags.push(doc.at(path, "`verify: api` needs `client_id:` and `client_secret:` (PayPal REST app credentials)"));
+                    let needs = match (&spec.client_id, &spec.client_secret) {
+                        (None, None) => Some("`client_id:` and `client_secret:`"),
+                        (None, Some(_)) => Some("`client_id:`"),
+                        (Some(_), None) => Some("`client_secret:`"),
+                        (Some(_), Some(_)) => None,
+                    };
+                    if let Some(needs) = needs {
+                        diags.push(doc.at(
+                            path,
+                            format!("`verify: api` needs {needs} (PayPal REST app credentials)"),
+                        ));
                     }
                     if let Some(u) = &spec.base_url {
                         if let Err(m) = check_url(u) {
@@ -492,7 +568,7 @@ sources:
         assert_eq!(
             out,
             "perkflow.yaml:3:16: sources.shop.connector: unknown connector `shopfy` (did you mean `shopify`?); known: shopify, woocommerce, stripe, square, paypal, quickbooks\n\
-perkflow.yaml:7:5: sources.stripe: unknown field `secert`, expected one of `connector`, `secret`, `secrets`, `tolerance`, `url`, `max_body`, `webhook_id`, `verify`, `cert_hosts`, `ca_file`, `cert_pins`, `client_id`, `client_secret`, `base_url` (did you mean `secret`?)\n\
+perkflow.yaml:7:5: sources.stripe.secert: unknown field `secert`, expected one of `connector`, `secret`, `secrets`, `tolerance`, `url`, `max_body`, `webhook_id`, `verify`, `cert_hosts`, `ca_file`, `cert_pins`, `client_id`, `client_secret`, `base_url` (did you mean `secret`?)\n\
 perkflow.yaml:9:5: sources.sq: connector `square` signs the notification URL: set `url:` here or `public_url:` at the top\n\
 perkflow.yaml:13:5: sources.pp.secret: `secret` does not apply to connector `paypal` (verify kind `paypal`)\n"
         );
@@ -502,10 +578,52 @@ perkflow.yaml:13:5: sources.pp.secret: `secret` does not apply to connector `pay
     fn top_level_unknown_key_has_position_and_suggestion() {
         let out = errors("listen: 127.0.0.1:9\ndurabilty: fsync\n");
         assert!(
-            out.starts_with("perkflow.yaml:2:1: unknown field `durabilty`"),
+            out.starts_with("perkflow.yaml:2:1: durabilty: unknown field `durabilty`"),
             "{out}"
         );
         assert!(out.contains("(did you mean `durability`?)"), "{out}");
+    }
+
+    #[test]
+    fn a_top_level_problem_does_not_hide_the_rest() {
+        let text = "\
+listen: nowhere
+durabilty: batch
+public_url: https://hooks.example.com
+max_body: lots
+sources:
+  sq: { connector: square, secret: k }
+  shop:
+    connector: shopify
+    secert: x
+";
+        let out = errors(text);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert_eq!(
+            lines[0],
+            "perkflow.yaml:1:9: listen: `nowhere` is not an address like 127.0.0.1:8080"
+        );
+        assert!(
+            lines[1].starts_with("perkflow.yaml:2:1: durabilty: unknown field `durabilty`")
+                && lines[1].ends_with("(did you mean `durability`?)"),
+            "{out}"
+        );
+        assert!(
+            lines[2].starts_with("perkflow.yaml:4:11: max_body: invalid value"),
+            "{out}"
+        );
+        // public_url was still read: square's URL is known, so only the typo below is reported.
+        assert!(
+            lines[3].starts_with("perkflow.yaml:9:5: sources.shop.secert: unknown field `secert`"),
+            "{out}"
+        );
+        // A document that is not a mapping keeps its single error.
+        assert!(
+            errors("- a\n").starts_with("perkflow.yaml:1:1: invalid type"),
+            "{}",
+            errors("- a\n")
+        );
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Indexer {
 
     /// The path of a node starting now, or None when it is a mapping key.
     fn node_path(&mut self, ev: &Event, m: &Marker) -> Option<String> {
+        let here = self.byte(m);
         match self.stack.last_mut() {
             None => Some(String::new()),
             Some(Frame::Seq { path, index }) => {
@@ -108,8 +109,8 @@ impl Indexer {
                     let place = Place {
                         line: m.line(),
                         col: m.col() + 1,
-                        start: 0,
-                        end: 0,
+                        start: here,
+                        end: here,
                     };
                     self.loc.keys.insert(full, place);
                     None
@@ -272,6 +273,21 @@ impl<'a> Document<'a> {
         serde_yaml::from_str(&sub).map_err(|e| self.diag(path, e))
     }
 
+    /// Parses the block-mapping entry `key: value` at `path` alone, as a mapping of that one
+    /// entry, keeping its place in the file for errors. Lets a struct's fields be checked one
+    /// by one, so one bad field does not hide the problems of the others.
+    pub fn parse_entry<T: DeserializeOwned>(&self, path: &str) -> Result<T, Diagnostic> {
+        let (Some(key), Some(value)) = (self.loc.keys.get(path), self.loc.values.get(path)) else {
+            return Err(Diagnostic::new(self.file, 1, 1, path, "missing"));
+        };
+        let slice = &self.text[key.start..value.end.max(key.start)];
+        let mut sub = "\n".repeat(key.line.saturating_sub(1));
+        sub.push_str(&" ".repeat(key.col.saturating_sub(1)));
+        sub.push_str(slice);
+        let parent = path.rfind('.').map(|i| &path[..i]).unwrap_or("");
+        serde_yaml::from_str(&sub).map_err(|e| self.diag(parent, e))
+    }
+
     /// The keys of the mapping at `path`, in file order.
     pub fn keys_of(&self, path: &str) -> Vec<String> {
         let prefix = if path.is_empty() {
@@ -323,6 +339,14 @@ impl<'a> Document<'a> {
             (true, false) => inner,
             (false, false) if inner.starts_with('[') => format!("{base}{inner}"),
             (false, false) => format!("{base}.{inner}"),
+        };
+        // An unknown field is a problem of that key: name it in the path, as line:col does.
+        let path = match message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split_once('`'))
+        {
+            Some((field, _)) => join(&path, field),
+            None => path,
         };
         let (line, col) = match e.location() {
             Some(l) => (l.line(), l.column()),
@@ -377,7 +401,7 @@ mod tests {
         let a = doc.parse_at::<Entry>("sources.a").unwrap_err();
         assert_eq!(
             a.to_string(),
-            "f.yaml:5:5: sources.a: unknown field `secert`, expected `connector` or `secret` (did you mean `secret`?)"
+            "f.yaml:5:5: sources.a.secert: unknown field `secert`, expected `connector` or `secret` (did you mean `secret`?)"
         );
         assert!(doc.parse_at::<Entry>("sources.b").is_ok());
         let c = doc.parse_at::<Entry>("sources.c").unwrap_err();
