@@ -136,7 +136,8 @@ pub struct Prepared {
 /// Resolves secrets, builds verifiers and opens the store: every start-up failure happens
 /// here, before anything listens.
 pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
-    let runtime = build_runtime(&cfg).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
+    let runtime =
+        build_runtime(&cfg).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     let store = Store::open(&cfg.data_dir, cfg.durability, cfg.flush_interval)
         .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", cfg.data_dir.display()))?;
     let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle());
@@ -150,18 +151,30 @@ impl Prepared {
 
     /// Serves on `listener` until `shutdown` is cancelled: stops accepting, finishes
     /// in-flight requests, flushes the store.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let cfg = &self.cfg;
         tracing::info!(%addr, data_dir = %cfg.data_dir.display(), sources = cfg.sources.len(), durability = ?cfg.durability, "perkflow is serving");
-        axum::serve(listener, router(self.state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
-        self.store.flush().map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+        axum::serve(listener, router(self.state))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+        self.store
+            .flush()
+            .map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
         tracing::info!("stopped cleanly");
         Ok(())
     }
 }
 
 /// `prepare` then `serve`.
-pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     prepare(cfg)?.serve(listener, shutdown).await
 }

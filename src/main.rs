@@ -163,7 +163,9 @@ fn serve(
     if let Some(d) = data_dir {
         cfg.data_dir = d;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let prepared = perkflow::app::prepare(cfg)?;
         let cfg = prepared.config();
@@ -175,10 +177,16 @@ fn serve(
         // certain to start.
         println!("perkflow listening on http://{addr}");
         for s in cfg.sources.values() {
-            println!("  source {:<14} {:<12} POST http://{addr}/hooks/{}", s.name, s.connector, s.name);
+            println!(
+                "  source {:<14} {:<12} POST http://{addr}/hooks/{}",
+                s.name, s.connector, s.name
+            );
         }
         if let Some(s) = cfg.sources.values().find(|s| s.connector == "shopify") {
-            println!("try:  perkflow sign {} fixtures/shopify/orders-paid.json | sh", s.name);
+            println!(
+                "try:  perkflow sign {} fixtures/shopify/orders-paid.json | sh",
+                s.name
+            );
         }
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

@@ -176,7 +176,10 @@ fn unset_secrets_pass_check_but_stop_serve_naming_variable_and_place() {
     );
     let all = format!("{}{}", r.stdout, r.stderr);
     assert_eq!(r.code, Some(1), "serve started without its secrets:\n{all}");
-    assert!(!r.stdout.contains("listening"), "serve announced it was listening before failing:\n{all}");
+    assert!(
+        !r.stdout.contains("listening"),
+        "serve announced it was listening before failing:\n{all}"
+    );
     // Every unresolvable reference is named at its place in the file, in file order.
     let stripe = format!(
         "valid_unset_env.yaml:8:47: sources.stripe.secrets[1]: environment variable {UNSET} is not set"
