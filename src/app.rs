@@ -162,9 +162,10 @@ impl Prepared {
         axum::serve(listener, router(self.state))
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await?;
-        self.store
-            .flush()
-            .map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+        let store = self.store;
+        tokio::task::spawn_blocking(move || store.close())
+            .await?
+            .map_err(|e| anyhow::anyhow!("final checkpoint failed: {e}"))?;
         tracing::info!("stopped cleanly");
         Ok(())
     }

@@ -2,11 +2,10 @@
 //! the webhook is acknowledged. [`Inbox`] is the narrow interface ingest uses; [`Store`]
 //! (sled) is the embedded implementation.
 
+use crate::config::Durability;
 use crate::store::{Store, StoreError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -50,6 +49,10 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
+/// What `append_now` did: the answers, the ids inserted (for rollback), and the log write
+/// to wait for.
+type Staged = (Vec<Appended>, Vec<u64>, Option<crate::wal::Pending>);
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The storage seam for ingest: a PostgreSQL backend implements this and nothing in ingest
@@ -68,6 +71,14 @@ pub fn format_id(n: u64) -> String {
 
 pub fn parse_id(s: &str) -> Option<u64> {
     u64::from_str_radix(s.strip_prefix("ev_")?, 16).ok()
+}
+
+/// The event id a dedup entry points at.
+fn dedup_target(value: &[u8]) -> Option<u64> {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 fn dedup_key(source: &str, vendor_id: &str) -> Vec<u8> {
@@ -105,17 +116,20 @@ fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
 }
 
 impl Store {
-    fn append_now(&self, events: &[NewEvent]) -> Result<Vec<Appended>, StoreError> {
-        let ids: Vec<u64> = events
+    /// Decides, under the reservation lock, which events are new, reserves their dedup keys
+    /// and queues their log records (so log order is decision order, and a duplicate's
+    /// barrier is queued after its original's record); then writes the new ones to sled
+    /// outside the lock. Returns the answers, the ids written (for rollback) and the log
+    /// write to wait for.
+    fn append_now(&self, events: &[NewEvent]) -> Result<Staged, StoreError> {
+        // Ids and records are prepared before taking the lock; an id unused by a duplicate
+        // is simply skipped.
+        let prepared: Vec<(u64, Vec<u8>, Bytes)> = events
             .iter()
-            .map(|_| self.next_id())
-            .collect::<Result<_, _>>()?;
-        let records: Vec<(Vec<u8>, EventMeta)> = events
-            .iter()
-            .zip(&ids)
-            .map(|(e, id)| {
+            .map(|e| {
+                let id = self.allocate_id();
                 let meta = EventMeta {
-                    id: format_id(*id),
+                    id: format_id(id),
                     source: e.source.clone(),
                     connector: e.connector.clone(),
                     vendor_id: e.vendor_id.clone(),
@@ -124,45 +138,121 @@ impl Store {
                     received_at_ms: e.received_at_ms,
                     headers: e.headers.clone(),
                 };
-                (encode(&meta, &e.payload), meta)
+                (
+                    id,
+                    dedup_key(&e.source, &e.vendor_id),
+                    Bytes::from(encode(&meta, &e.payload)),
+                )
             })
             .collect();
-        let result = (&self.events, &self.dedup, &self.pending).transaction(|(tev, tdd, tpd)| {
-            let mut out = Vec::with_capacity(events.len());
-            for ((e, id), (record, meta)) in events.iter().zip(&ids).zip(&records) {
-                let key = dedup_key(&e.source, &e.vendor_id);
-                if let Some(existing) = tdd.get(&key)? {
-                    let prior = existing
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes);
-                    let prior = prior.ok_or(ConflictableTransactionError::Abort(()))?;
+        let mut out = Vec::with_capacity(events.len());
+        let mut fresh = Vec::new();
+        let mut last = None;
+        {
+            let mut reserved = self
+                .reserved
+                .lock()
+                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+            for (id, key, record) in &prepared {
+                if let Some(prior) = reserved.get(key) {
                     out.push(Appended {
-                        id: format_id(prior),
+                        id: format_id(*prior),
                         duplicate: true,
                     });
                     continue;
                 }
-                let mut val = id.to_be_bytes().to_vec();
-                val.extend_from_slice(&e.received_at_ms.to_be_bytes());
-                tdd.insert(key, val)?;
-                tev.insert(&id.to_be_bytes(), record.as_slice())?;
-                tpd.insert(&id.to_be_bytes(), &[])?;
+                if let Some(prior) = self.dedup.get(key)?.as_deref().and_then(dedup_target) {
+                    // A dedup entry whose event is missing (a crash between unacknowledged
+                    // writes) does not count.
+                    if self.events.contains_key(prior.to_be_bytes())? {
+                        out.push(Appended {
+                            id: format_id(prior),
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                }
+                reserved.insert(key.clone(), *id);
+                last = Some(match self.durability {
+                    Durability::Fsync => Some(self.wal.append(record.clone())),
+                    Durability::Batch => {
+                        self.wal.append_nowait(record.clone());
+                        None
+                    }
+                });
+                fresh.push((*id, key, record, events[out.len()].received_at_ms));
                 out.push(Appended {
-                    id: meta.id.clone(),
+                    id: format_id(*id),
                     duplicate: false,
                 });
             }
-            Ok(out)
-        });
-        match result {
-            Ok(out) => Ok(out),
-            Err(TransactionError::Abort(())) => Err(StoreError::Corrupt("dedup record".into())),
-            Err(TransactionError::Storage(e)) => {
-                self.mark_unhealthy();
-                Err(e.into())
-            }
         }
+        let mut written = Vec::with_capacity(fresh.len());
+        for (id, key, record, received_at_ms) in fresh {
+            let result = self.insert_event(id, key, received_at_ms, record);
+            self.reserved
+                .lock()
+                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?
+                .remove(key);
+            if let Err(err) = result {
+                self.rollback(&written);
+                return Err(err);
+            }
+            written.push(id);
+        }
+        let wait = match (last, self.durability) {
+            (Some(w), _) => w,
+            // Only duplicates: their originals may still be on the way to disk.
+            (None, Durability::Fsync) => Some(self.wal.barrier()),
+            (None, Durability::Batch) => None,
+        };
+        Ok((out, written, wait))
+    }
+
+    /// Event first, dedup entry last: a dedup entry always points at a written event.
+    fn insert_event(
+        &self,
+        id: u64,
+        dedup_key: &[u8],
+        received_at_ms: u64,
+        record: &[u8],
+    ) -> Result<(), StoreError> {
+        self.events.insert(id.to_be_bytes(), record)?;
+        self.pending.insert(id.to_be_bytes(), &[])?;
+        let mut val = id.to_be_bytes().to_vec();
+        val.extend_from_slice(&received_at_ms.to_be_bytes());
+        self.dedup.insert(dedup_key, val)?;
+        Ok(())
+    }
+
+    /// Undoes the inserts of a batch whose log write failed, so a retry is not taken for a
+    /// duplicate of something that never became durable.
+    fn rollback(&self, ids: &[u64]) {
+        for id in ids {
+            let key = id.to_be_bytes();
+            if let Ok(Some(raw)) = self.events.remove(key) {
+                if let Ok(ev) = decode(&raw) {
+                    let _ = self
+                        .dedup
+                        .remove(dedup_key(&ev.meta.source, &ev.meta.vendor_id));
+                }
+            }
+            let _ = self.pending.remove(key);
+        }
+    }
+
+    /// Replays one log record into sled (store opening). Returns whether it was missing.
+    pub(crate) fn apply_logged(&self, record: &[u8]) -> Result<bool, StoreError> {
+        let ev = decode(record)?;
+        let id = parse_id(&ev.meta.id)
+            .ok_or_else(|| StoreError::Corrupt(format!("logged event id {}", ev.meta.id)))?;
+        self.observe_id(id);
+        if self.events.contains_key(id.to_be_bytes())? {
+            return Ok(false);
+        }
+        let key = dedup_key(&ev.meta.source, &ev.meta.vendor_id);
+        self.insert_event(id, &key, ev.meta.received_at_ms, record)?;
+        Ok(true)
     }
 
     /// One stored event by id.
@@ -209,9 +299,17 @@ impl Store {
 impl Inbox for Store {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>> {
         Box::pin(async move {
-            let out = self.append_now(&events)?;
-            // Duplicates wait too: the first copy may still be in flight to disk.
-            self.durable().await?;
+            let (out, inserted, wait) = self.append_now(&events)?;
+            if let Some(wait) = wait {
+                let synced = match wait.await {
+                    Ok(r) => r.map_err(StoreError::Io),
+                    Err(_) => Err(StoreError::Closed),
+                };
+                if let Err(e) = synced {
+                    self.rollback(&inserted);
+                    return Err(e);
+                }
+            }
             Ok(out)
         })
     }
@@ -275,12 +373,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let id = {
             let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
-            s.append(vec![ev("shop", "e1")]).await.unwrap()[0]
+            let id = s.append(vec![ev("shop", "e1")]).await.unwrap()[0]
                 .id
-                .clone()
+                .clone();
+            tokio::task::spawn_blocking(move || s.close())
+                .await
+                .unwrap()
+                .unwrap();
+            id
         };
         let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
         assert!(s.event(&id).unwrap().is_some());
         assert!(s.append(vec![ev("shop", "e1")]).await.unwrap()[0].duplicate);
+    }
+
+    /// A crash after the log record was synced but before sled wrote anything: opening the
+    /// store replays the log.
+    #[tokio::test]
+    async fn replays_the_log_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("inbox-wal");
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        let meta = EventMeta {
+            id: format_id(41),
+            source: "shop".into(),
+            connector: "shopify".into(),
+            vendor_id: "e-logged".into(),
+            event_type: "orders/paid".into(),
+            event_time: None,
+            received_at_ms: 5,
+            headers: vec![],
+        };
+        let wal = crate::wal::Wal::start(&wal_dir, 1, None, Default::default()).unwrap();
+        wal.append(encode(&meta, b"{\"logged\":true}").into())
+            .await
+            .unwrap()
+            .unwrap();
+        drop(wal);
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        let got = s.event("ev_0000000000000029").unwrap().expect("replayed");
+        assert_eq!(&got.payload[..], b"{\"logged\":true}");
+        assert_eq!(s.pending_len(), 1);
+        assert!(s.append(vec![ev("shop", "e-logged")]).await.unwrap()[0].duplicate);
+        // New ids continue after the replayed one.
+        let new = s.append(vec![ev("shop", "e-new")]).await.unwrap()[0]
+            .id
+            .clone();
+        assert!(parse_id(&new).unwrap() > 41, "{new}");
+        // The replayed log was checkpointed away.
+        assert_eq!(crate::wal::files(&wal_dir).unwrap().len(), 1);
     }
 }

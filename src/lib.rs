@@ -13,3 +13,4 @@ pub mod ops;
 pub mod sign;
 pub mod store;
 pub mod verify;
+pub mod wal;

@@ -1,17 +1,21 @@
-//! sled: open, trees, durable flush with group commit. Imported only by `inbox` (and later
-//! the outbox); everything else sees the narrow `inbox::Inbox` interface.
+//! sled and the inbox log: open, recover, checkpoint, close. Imported only by `inbox` (and
+//! later the outbox); everything else sees the narrow `inbox::Inbox` interface.
 //!
-//! sled makes writes durable on `flush`. Many tasks awaiting `flush_async` at once can hang
-//! (measured on sled 0.34.7), and one flush per request would cost throughput, so exactly one
-//! flusher thread drains every waiting writer, calls `Db::flush` once, then wakes them all:
-//! concurrent requests share one fsync.
+//! Durability comes from the write-ahead log (`wal`): an event is acknowledged once its log
+//! record is synced. sled holds the indexed state; a checkpoint (every few seconds while
+//! there are writes, and at shutdown) makes sled's files durable and drops the log files it
+//! covers. Opening the store replays any log left by a crash.
 
 use crate::config::Durability;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use crate::wal::{self, Wal};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
-use tokio::sync::oneshot;
+
+const WAL_DIR: &str = "inbox-wal";
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -32,11 +36,10 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// A writer waiting for a flush; it carries the database so the flusher thread holds it only
-/// while flushing (dropping the last `Store` closes the database at once).
-type Waiter = (sled::Db, oneshot::Sender<Result<(), String>>);
+/// The checkpoint thread: dropping the sender stops it.
+type Checkpointer = (mpsc::Sender<()>, JoinHandle<()>);
 
-/// The sled database with its trees and the group-commit flusher.
+/// The sled database, its trees and the inbox log.
 #[derive(Clone)]
 pub struct Store {
     pub(crate) db: sled::Db,
@@ -44,93 +47,105 @@ pub struct Store {
     pub(crate) dedup: sled::Tree,
     pub(crate) pending: sled::Tree,
     meta: sled::Tree,
-    durability: Durability,
-    flusher: mpsc::Sender<Waiter>,
+    pub(crate) wal: Wal,
+    pub(crate) durability: Durability,
+    /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
+    /// de-duplication decision and the log append.
+    pub(crate) reserved: Arc<Mutex<std::collections::HashMap<Vec<u8>, u64>>>,
+    next_id: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
+    dir: PathBuf,
+    checkpointer: Arc<Mutex<Option<Checkpointer>>>,
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, replaying the inbox log a crash left behind.
     pub fn open(
         dir: &Path,
         durability: Durability,
         flush_interval: Duration,
     ) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
-        let every = match durability {
-            Durability::Fsync => 1000,
-            Durability::Batch => flush_interval.as_millis().clamp(1, 60_000) as u64,
+        let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what}: {e}"));
+        std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
+        let db = open_sled(dir)?;
+        let lazy_sync = match durability {
+            Durability::Fsync => None,
+            Durability::Batch => Some(flush_interval),
         };
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(32 * 1024 * 1024)
-            .flush_every_ms(Some(every))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Io(format!(
-                    "{} is in use by another process (is a perkflow daemon already running on it?)",
-                    dir.display()
-                ))
-                }
-                other => StoreError::from(other),
-            })?;
+        let events = db.open_tree("events")?;
+        let next = match events.last()? {
+            Some((k, _)) => {
+                u64::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("event key".into()))?,
+                ) + 1
+            }
+            None => 0,
+        };
+        let wal_dir = dir.join(WAL_DIR);
+        std::fs::create_dir_all(&wal_dir).map_err(|e| io("log dir", e))?;
+        let leftover = wal::files(&wal_dir).map_err(|e| io("log dir", e))?;
         let healthy = Arc::new(AtomicBool::new(true));
-        let (tx, rx) = mpsc::channel::<Waiter>();
-        {
-            let healthy = healthy.clone();
-            std::thread::Builder::new()
-                .name("perkflow-flusher".into())
-                .spawn(move || flusher(rx, healthy))
-                .map_err(|e| StoreError::Io(format!("cannot start flusher: {e}")))?;
-        }
-        Ok(Store {
-            events: db.open_tree("events")?,
+        let last_seq = leftover.last().map(|(s, _)| *s).unwrap_or(0);
+        let store = Store {
             dedup: db.open_tree("dedup")?,
             pending: db.open_tree("pending")?,
             meta: db.open_tree("meta")?,
+            events,
+            wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())
+                .map_err(|e| io("log", e))?,
             db,
             durability,
-            flusher: tx,
+            reserved: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            next_id: Arc::new(AtomicU64::new(next)),
             healthy,
-        })
-    }
-
-    /// Waits until everything written before this call is on disk (fsync durability), or
-    /// returns at once (batch durability: the periodic flush covers it).
-    pub async fn durable(&self) -> Result<(), StoreError> {
-        if self.durability == Durability::Batch {
-            return Ok(());
+            dir: dir.to_path_buf(),
+            checkpointer: Arc::new(Mutex::new(None)),
+        };
+        let mut replayed = 0usize;
+        for (_, file) in &leftover {
+            for record in wal::read_records(file).map_err(|e| io("reading the log", e))? {
+                if store.apply_logged(&record)? {
+                    replayed += 1;
+                }
+            }
         }
-        self.flush_shared().await
-    }
-
-    /// One shared flush covering every write made before the call.
-    pub async fn flush_shared(&self) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.flusher
-            .send((self.db.clone(), tx))
-            .map_err(|_| StoreError::Closed)?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Io(e)),
-            Err(_) => Err(StoreError::Closed),
+        if !leftover.is_empty() {
+            store.make_sled_durable()?;
+            for (_, f) in &leftover {
+                std::fs::remove_file(f).map_err(|e| io("removing a replayed log", e))?;
+            }
+            wal::sync_dir(&wal_dir).map_err(|e| io("log dir", e))?;
+            tracing::info!(
+                files = leftover.len(),
+                events = replayed,
+                "recovered the inbox log"
+            );
         }
+        store
+            .start_checkpointer()
+            .map_err(|e| io("checkpoint thread", e))?;
+        Ok(store)
     }
 
-    /// Writable and the last flush succeeded.
+    pub(crate) fn allocate_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Keeps new ids above one that already exists (log replay).
+    pub(crate) fn observe_id(&self, id: u64) {
+        self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+    }
+
+    /// Writable and the last log write succeeded.
     pub fn ready(&self) -> Result<(), StoreError> {
         self.meta.insert("ready-probe", &[1u8])?;
         if !self.healthy.load(Ordering::Relaxed) {
-            return Err(StoreError::Io("the last flush to disk failed".into()));
+            return Err(StoreError::Io(
+                "the last write of the inbox log failed".into(),
+            ));
         }
-        Ok(())
-    }
-
-    /// A blocking flush (shutdown).
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
         Ok(())
     }
 
@@ -138,51 +153,93 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    pub(crate) fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+    /// sled's buffers written, then every file of the store fsynced.
+    fn make_sled_durable(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        sync_tree(&self.dir, &self.dir.join(WAL_DIR))
+            .map_err(|e| StoreError::Io(format!("syncing the store: {e}")))
     }
 
-    pub(crate) fn mark_unhealthy(&self) {
-        self.healthy.store(false, Ordering::Relaxed);
+    /// Seals the current log file, makes sled durable, drops the log files it covers.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let sealed = self.wal.rotate_blocking().map_err(StoreError::Io)?;
+        self.make_sled_durable()?;
+        let files = wal::files(self.wal.dir()).map_err(|e| StoreError::Io(e.to_string()))?;
+        for (seq, f) in files.iter().filter(|(s, _)| *s <= sealed) {
+            std::fs::remove_file(f)
+                .map_err(|e| StoreError::Io(format!("removing log {seq}: {e}")))?;
+        }
+        wal::sync_dir(self.wal.dir()).map_err(|e| StoreError::Io(e.to_string()))
+    }
+
+    fn start_checkpointer(&self) -> std::io::Result<()> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let store = self.clone();
+        let handle = std::thread::Builder::new().name("perkflow-checkpoint".into()).spawn(move || {
+            let mut seen = store.next_id.load(Ordering::Relaxed);
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                let now = store.next_id.load(Ordering::Relaxed);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                if let Err(e) = store.checkpoint() {
+                    tracing::warn!(error = %e, "checkpoint failed; the inbox log keeps every event meanwhile");
+                }
+            }
+        })?;
+        *self.checkpointer.lock().expect("checkpointer lock") = Some((stop, handle));
+        Ok(())
+    }
+
+    /// Stops the checkpoint thread and writes a final checkpoint (graceful shutdown).
+    pub fn close(&self) -> Result<(), StoreError> {
+        if let Some((stop, handle)) = self.checkpointer.lock().expect("checkpointer lock").take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        self.checkpoint()
     }
 }
 
-fn flusher(rx: mpsc::Receiver<Waiter>, healthy: Arc<AtomicBool>) {
-    while let Ok((db, first)) = rx.recv() {
-        let mut waiters = vec![first];
-        waiters.extend(rx.try_iter().map(|(_, w)| w));
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        healthy.store(result.is_ok(), Ordering::Relaxed);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "flushing the store to disk failed; webhooks are refused with 503 until it works");
-        }
-        drop(db);
-        for w in waiters {
-            let _ = w.send(result.clone());
+/// Opens sled. sled releases its file lock lazily (epoch-based reclamation), so a store
+/// closed a moment ago in this process may still hold it: retry briefly before giving up.
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(32 * 1024 * 1024)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() > deadline {
+                    return Err(StoreError::Io(format!(
+                        "{} is in use by another process (is a perkflow daemon already running on it?)",
+                        dir.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writers_share_flushes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(100)).unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..64u32 {
-            let s = store.clone();
-            tasks.push(tokio::spawn(async move {
-                s.events.insert(i.to_be_bytes(), &[0u8; 16]).unwrap();
-                s.durable().await.unwrap();
-            }));
+/// fsyncs every file and directory under `dir`, except `skip`.
+fn sync_tree(dir: &Path, skip: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path == skip {
+            continue;
         }
-        for t in tasks {
-            t.await.unwrap();
+        if path.is_dir() {
+            sync_tree(&path, skip)?;
+        } else if path.is_file() {
+            std::fs::File::open(&path)?.sync_all()?;
         }
-        assert_eq!(store.events.len(), 64);
-        store.ready().unwrap();
     }
+    wal::sync_dir(dir)
 }

@@ -52,7 +52,8 @@ pub enum Durability {
     /// Acknowledge only after the write is flushed to disk (group-committed).
     #[default]
     Fsync,
-    /// Acknowledge after the in-memory write; flush every `flush_interval`.
+    /// Acknowledge after the in-memory write; the log is synced at most `flush_interval`
+    /// (default 200 ms) later.
     Batch,
 }
 

@@ -1,0 +1,332 @@
+//! The inbox's write-ahead log: what makes an acknowledged webhook survive `kill -9` and
+//! power loss.
+//!
+//! sled is the inbox's index and state store, but its `flush` is not a durability barrier
+//! for every write (it syncs log ranges with `sync_file_range`, writes large values to blob
+//! files without fsync) and a multi-tree transaction seals and writes a log buffer per
+//! request. So each accepted event is also appended here, and the answer waits for the
+//! `fdatasync` that covers it. One writer thread drains every waiting append, writes them in
+//! one `write`, syncs once and wakes them all (group commit). A checkpoint rotates the log,
+//! makes sled's files durable, then deletes the older log files; opening the store replays
+//! whatever log is left into sled.
+//!
+//! File format: `wal-<seq:016x>.log`, records `[u32 LE length][u32 LE crc32][payload]`. A
+//! torn or corrupt record ends a file's replay (it was never acknowledged).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Resolves once a queued append is on disk.
+pub type Pending = oneshot::Receiver<Result<(), String>>;
+
+enum Msg {
+    /// Append `bytes` (may be empty: a barrier) and answer once synced.
+    Append(bytes::Bytes, Option<Reply>),
+    /// Seal the current file and start the next; answers the sealed file's sequence number.
+    Rotate(oneshot::Sender<Result<u64, String>>),
+}
+
+/// Handle to the log writer thread.
+#[derive(Clone)]
+pub struct Wal {
+    tx: mpsc::Sender<Msg>,
+    dir: PathBuf,
+}
+
+fn file_name(seq: u64) -> String {
+    format!("wal-{seq:016x}.log")
+}
+
+/// The log files in `dir`, oldest first, with their sequence numbers.
+pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(seq) = name
+            .strip_prefix("wal-")
+            .and_then(|n| n.strip_suffix(".log"))
+        {
+            if let Ok(seq) = u64::from_str_radix(seq, 16) {
+                out.push((seq, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every intact record of one log file, in order.
+pub fn read_records(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
+        let Some(payload) = data.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        out.push(payload.to_vec());
+        at += 8 + len;
+    }
+    Ok(out)
+}
+
+/// fsyncs a directory, so created and deleted files are durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Wal {
+    /// Starts a writer appending to a new file numbered `seq` in `dir`. Appends someone waits
+    /// for are synced at once; with `lazy_sync: Some(d)` the others (batch durability) are
+    /// synced at most `d` later. `healthy` follows whether the last write succeeded.
+    pub fn start(
+        dir: &Path,
+        seq: u64,
+        lazy_sync: Option<Duration>,
+        healthy: Arc<AtomicBool>,
+    ) -> std::io::Result<Wal> {
+        std::fs::create_dir_all(dir)?;
+        let file = open_new(dir, seq)?;
+        let (tx, rx) = mpsc::channel();
+        let d = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("perkflow-wal".into())
+            .spawn(move || writer(d, seq, file, rx, lazy_sync, healthy))?;
+        Ok(Wal {
+            tx,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Queues `payload`; the receiver resolves once it is on disk. Queue order is log order.
+    pub fn append(&self, payload: bytes::Bytes) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Append(payload, Some(tx)));
+        rx
+    }
+
+    /// Queues `payload` without waiting for it (batch durability).
+    pub fn append_nowait(&self, payload: bytes::Bytes) {
+        let _ = self.tx.send(Msg::Append(payload, None));
+    }
+
+    /// Resolves once everything queued before it is on disk.
+    pub fn barrier(&self) -> Pending {
+        self.append(bytes::Bytes::new())
+    }
+
+    /// Seals the current file (everything queued before is synced) and starts the next one.
+    pub async fn rotate(&self) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Rotate(tx))
+            .map_err(|_| "log writer stopped".to_string())?;
+        rx.await.map_err(|_| "log writer stopped".to_string())?
+    }
+
+    /// Blocking `rotate`, for threads outside the async runtime.
+    pub fn rotate_blocking(&self) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Rotate(tx))
+            .map_err(|_| "log writer stopped".to_string())?;
+        rx.blocking_recv()
+            .map_err(|_| "log writer stopped".to_string())?
+    }
+}
+
+fn open_new(dir: &Path, seq: u64) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(file_name(seq)))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+fn writer(
+    dir: PathBuf,
+    mut seq: u64,
+    mut file: File,
+    rx: mpsc::Receiver<Msg>,
+    lazy_sync: Option<Duration>,
+    healthy: Arc<AtomicBool>,
+) {
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut waiters: Vec<Reply> = Vec::new();
+    let mut rotations = Vec::new();
+    // Written but not yet synced (batch durability), and since when.
+    let mut unsynced_since: Option<Instant> = None;
+    loop {
+        let first = match (unsynced_since, lazy_sync) {
+            (Some(since), Some(every)) => {
+                match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let _ = file.sync_data();
+                        return;
+                    }
+                }
+            }
+            _ => match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            },
+        };
+        buf.clear();
+        let mut next = first;
+        while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+            match msg {
+                Msg::Append(payload, reply) => {
+                    if !payload.is_empty() {
+                        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                        buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+                        buf.extend_from_slice(&payload);
+                    }
+                    waiters.extend(reply);
+                }
+                Msg::Rotate(reply) => {
+                    rotations.push(reply);
+                    break; // everything queued before the rotation goes into this file
+                }
+            }
+            if buf.len() > 8 << 20 {
+                break;
+            }
+        }
+        let mut result = if buf.is_empty() {
+            Ok(())
+        } else {
+            file.write_all(&buf)
+        };
+        if !buf.is_empty() {
+            unsynced_since.get_or_insert_with(Instant::now);
+        }
+        let due = match (unsynced_since, lazy_sync) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(since), Some(every)) => {
+                !waiters.is_empty() || !rotations.is_empty() || since.elapsed() >= every
+            }
+        };
+        if result.is_ok() && due {
+            result = file.sync_data();
+            unsynced_since = None;
+        }
+        let result = result.map_err(|e| e.to_string());
+        healthy.store(result.is_ok(), Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "writing the inbox log failed; webhooks are answered 503 until it works");
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+        for r in rotations.drain(..) {
+            let sealed = seq;
+            let answer = match open_new(&dir, seq + 1) {
+                Ok(f) => {
+                    file = f;
+                    seq += 1;
+                    Ok(sealed)
+                }
+                Err(e) => Err(format!("cannot start a new log file: {e}")),
+            };
+            let _ = r.send(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn appends_are_synced_readable_and_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::start(dir.path(), 7, None, Arc::new(AtomicBool::new(true))).unwrap();
+        let waits: Vec<_> = (0..100u32)
+            .map(|i| wal.append(format!("record {i}").into_bytes().into()))
+            .collect();
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(wal.rotate().await.unwrap(), 7);
+        wal.append(bytes::Bytes::from_static(b"next"))
+            .await
+            .unwrap()
+            .unwrap();
+        let f = files(dir.path()).unwrap();
+        assert_eq!(f.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [7, 8]);
+        let first = read_records(&f[0].1).unwrap();
+        assert_eq!(first.len(), 100);
+        assert_eq!(first[42], b"record 42");
+        assert_eq!(read_records(&f[1].1).unwrap(), [b"next".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn lazy_sync_still_reaches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::start(
+            dir.path(),
+            1,
+            Some(Duration::from_millis(20)),
+            Arc::new(AtomicBool::new(true)),
+        )
+        .unwrap();
+        wal.append_nowait(bytes::Bytes::from_static(b"lazy"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let path = dir.path().join(file_name(1));
+        while read_records(&path).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "record never written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A waiter forces a sync at once.
+        wal.barrier().await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_ends_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1));
+        let mut data = Vec::new();
+        for p in [&b"one"[..], b"two"] {
+            data.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            data.extend_from_slice(&crc32fast::hash(p).to_le_bytes());
+            data.extend_from_slice(p);
+        }
+        let whole = data.len();
+        data.extend_from_slice(&(100u32).to_le_bytes());
+        data.extend_from_slice(&[1, 2, 3]);
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(
+            read_records(&path).unwrap(),
+            [b"one".to_vec(), b"two".to_vec()]
+        );
+        // A flipped bit in the second record ends replay before it.
+        data[whole - 1] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(read_records(&path).unwrap(), [b"one".to_vec()]);
+    }
+}
