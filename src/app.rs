@@ -4,6 +4,7 @@ use crate::config::diagnostic::Diagnostics;
 use crate::config::Config;
 use crate::connector::{Signs, SourceDef, VerifyKind};
 use crate::inbox::Inbox;
+use crate::ops::admin::AdminAccess;
 use crate::store::Store;
 use crate::verify::Verifier;
 use axum::routing::{get, post};
@@ -88,14 +89,21 @@ pub struct AppState {
     runtime: Arc<RwLock<Arc<Runtime>>>,
     pub inbox: Arc<dyn Inbox>,
     pub metrics: Option<PrometheusHandle>,
+    pub admin: AdminAccess,
 }
 
 impl AppState {
-    pub fn new(runtime: Runtime, inbox: Arc<dyn Inbox>, metrics: Option<PrometheusHandle>) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        inbox: Arc<dyn Inbox>,
+        metrics: Option<PrometheusHandle>,
+        admin: AdminAccess,
+    ) -> Self {
         AppState {
             runtime: Arc::new(RwLock::new(Arc::new(runtime))),
             inbox,
             metrics,
+            admin,
         }
     }
     /// The current runtime (cheap: one `Arc` clone).
@@ -110,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(crate::ops::health::healthz))
         .route("/readyz", get(crate::ops::health::readyz))
         .route("/metrics", get(crate::ops::health::metrics))
+        .merge(crate::ops::admin::routes(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -140,7 +149,17 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
         build_runtime(&cfg).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     let store = Store::open(&cfg.data_dir, cfg.durability, cfg.flush_interval)
         .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", cfg.data_dir.display()))?;
-    let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle());
+    let token = match &cfg.admin_token {
+        Some(t) => Some(t.resolve(&cfg.base_dir).map_err(|m| {
+            anyhow::anyhow!("invalid configuration:\n{}", cfg.diag("admin_token", m))
+        })?),
+        None => None,
+    };
+    let admin = AdminAccess::decide(token, cfg.listen);
+    if matches!(admin, AdminAccess::Refused) {
+        tracing::warn!(listen = %cfg.listen, "no admin_token on a non-loopback address: the admin API (/api) answers 403");
+    }
+    let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle(), admin);
     Ok(Prepared { cfg, state, store })
 }
 

@@ -63,6 +63,36 @@ pub trait Inbox: Send + Sync + 'static {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>>;
     /// Writable now.
     fn ready(&self) -> Result<(), StoreError>;
+    /// A page of stored events, newest first.
+    fn list(&self, query: &EventQuery) -> Result<EventPage, StoreError>;
+    /// One stored event and whether it still waits for processing.
+    fn get(&self, id: &str) -> Result<Option<(StoredEvent, bool)>, StoreError>;
+}
+
+/// Filters for [`Inbox::list`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EventQuery {
+    pub source: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// Only events older than this id (the previous page's `next`).
+    pub before: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// One page of events, newest first; `next` continues the listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventPage {
+    pub events: Vec<EventSummary>,
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    #[serde(flatten)]
+    pub meta: EventMeta,
+    pub pending: bool,
+    pub payload_bytes: usize,
 }
 
 pub fn format_id(n: u64) -> String {
@@ -317,6 +347,56 @@ impl Inbox for Store {
     fn ready(&self) -> Result<(), StoreError> {
         Store::ready(self)
     }
+
+    fn list(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
+        const MAX: usize = 500;
+        let limit = q.limit.unwrap_or(50).clamp(1, MAX);
+        let upper = match &q.before {
+            Some(b) => match parse_id(b) {
+                Some(n) => n,
+                None => {
+                    return Ok(EventPage {
+                        events: vec![],
+                        next: None,
+                    })
+                }
+            },
+            None => u64::MAX,
+        };
+        let mut events = Vec::new();
+        let mut next = None;
+        for item in self.events.range(..upper.to_be_bytes()).rev() {
+            let (key, raw) = item?;
+            let ev = decode(&raw)?;
+            let matches = q.source.as_ref().is_none_or(|s| *s == ev.meta.source)
+                && q.event_type
+                    .as_ref()
+                    .is_none_or(|t| *t == ev.meta.event_type);
+            if !matches {
+                continue;
+            }
+            if events.len() == limit {
+                next = events.last().map(|e: &EventSummary| e.meta.id.clone());
+                break;
+            }
+            let pending = self.pending.contains_key(&key)?;
+            events.push(EventSummary {
+                payload_bytes: ev.payload.len(),
+                meta: ev.meta,
+                pending,
+            });
+        }
+        Ok(EventPage { events, next })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<(StoredEvent, bool)>, StoreError> {
+        let Some(ev) = self.event(id)? else {
+            return Ok(None);
+        };
+        let n = parse_id(id).unwrap_or_default();
+        let pending = self.pending.contains_key(n.to_be_bytes())?;
+        Ok(Some((ev, pending)))
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +465,62 @@ mod tests {
         let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
         assert!(s.event(&id).unwrap().is_some());
         assert!(s.append(vec![ev("shop", "e1")]).await.unwrap()[0].duplicate);
+    }
+
+    #[tokio::test]
+    async fn lists_newest_first_with_filters_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        for i in 0..5 {
+            s.append(vec![ev(
+                if i % 2 == 0 { "shop" } else { "woo" },
+                &format!("v{i}"),
+            )])
+            .await
+            .unwrap();
+        }
+        let all = s
+            .list(&EventQuery {
+                limit: Some(2),
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<&str> = all
+            .events
+            .iter()
+            .map(|e| e.meta.vendor_id.as_str())
+            .collect();
+        assert_eq!(ids, ["v4", "v3"]);
+        let rest = s
+            .list(&EventQuery {
+                before: all.next.clone(),
+                limit: Some(10),
+                ..Default::default()
+            })
+            .unwrap();
+        let ids: Vec<&str> = rest
+            .events
+            .iter()
+            .map(|e| e.meta.vendor_id.as_str())
+            .collect();
+        assert_eq!(ids, ["v2", "v1", "v0"]);
+        assert_eq!(rest.next, None);
+        let woo = s
+            .list(&EventQuery {
+                source: Some("woo".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(woo.events.len(), 2);
+        assert!(woo
+            .events
+            .iter()
+            .all(|e| e.pending && e.payload_bytes == 10));
+        let (got, pending) = s.get(&all.events[0].meta.id).unwrap().unwrap();
+        assert!(pending);
+        assert_eq!(got.meta.vendor_id, "v4");
+        assert!(s.get("ev_ffffffffffffffff").unwrap().is_none());
+        assert!(s.get("nonsense").unwrap().is_none());
     }
 
     /// A crash after the log record was synced but before sled wrote anything: opening the

@@ -1,3 +1,4 @@
-//! Operator surfaces: health, readiness, metrics.
+//! Operator surfaces: health, readiness, metrics, the admin API.
 
+pub mod admin;
 pub mod health;

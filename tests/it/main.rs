@@ -1,5 +1,6 @@
 //! Integration tests: the daemon as a real process, real HTTP on 127.0.0.1.
 
+mod admin;
 mod config_check;
 mod crash;
 mod helpers;
