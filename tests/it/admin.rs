@@ -5,17 +5,9 @@ use crate::helpers::*;
 const TOKEN: &str = "test-admin-token";
 
 async fn get_auth(c: &reqwest::Client, url: &str, auth: Option<&str>) -> Answer {
-    let mut r = c.get(url);
-    if let Some(a) = auth {
-        r = r.header("Authorization", a);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    Answer {
-        status,
-        headers,
-        body: resp.text().await.unwrap(),
+    match auth {
+        Some(a) => send(c.get(url).header("Authorization", a)).await,
+        None => send(c.get(url)).await,
     }
 }
 

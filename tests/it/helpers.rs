@@ -236,19 +236,16 @@ pub async fn post(c: &reqwest::Client, url: &str, req: &Signed) -> Answer {
     for (k, v) in &req.headers {
         r = r.header(k.as_str(), v.as_str());
     }
-    let resp = r.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.text().await.unwrap_or_default();
-    Answer {
-        status,
-        body,
-        headers,
-    }
+    send(r).await
 }
 
 pub async fn get(c: &reqwest::Client, url: &str) -> Answer {
-    let resp = c.get(url).send().await.expect("request");
+    send(c.get(url)).await
+}
+
+/// Sends a request and collects status, headers and body.
+pub async fn send(r: reqwest::RequestBuilder) -> Answer {
+    let resp = r.send().await.expect("request");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.text().await.unwrap_or_default();
