@@ -1,6 +1,7 @@
 //! Wiring: build the runtime from a checked config, open the store, serve HTTP, stop cleanly.
 
 use crate::config::diagnostic::Diagnostics;
+use crate::config::secrets::Secret;
 use crate::config::Config;
 use crate::connector::{Signs, SourceDef, VerifyKind};
 use crate::inbox::Inbox;
@@ -31,10 +32,21 @@ pub struct SourceRuntime {
     pub signature_headers: Vec<String>,
 }
 
+/// A sink with its parameters resolved (credentials read from the environment or files).
+#[derive(Debug)]
+pub struct SinkRuntime {
+    pub name: String,
+    pub connector: String,
+    pub params: IndexMap<String, Secret>,
+    pub base_url: Option<String>,
+    pub rate: Option<f64>,
+}
+
 /// Everything built from one config; replaced as a whole on reload.
 #[derive(Debug, Default)]
 pub struct Runtime {
     pub sources: IndexMap<String, SourceRuntime>,
+    pub sinks: IndexMap<String, SinkRuntime>,
 }
 
 /// Resolves secrets and builds every verifier; every problem is reported.
@@ -76,8 +88,30 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
             },
         );
     }
+    let mut sinks = IndexMap::new();
+    for sink in cfg.sinks.values() {
+        let mut params = IndexMap::new();
+        for (key, value) in &sink.params {
+            match value.resolve(&cfg.base_dir) {
+                Ok(v) => {
+                    params.insert(key.clone(), v);
+                }
+                Err(m) => diags.push(cfg.diag(&format!("sinks.{}.{key}", sink.name), m)),
+            }
+        }
+        sinks.insert(
+            sink.name.clone(),
+            SinkRuntime {
+                name: sink.name.clone(),
+                connector: sink.connector.clone(),
+                params,
+                base_url: sink.base_url.clone(),
+                rate: sink.rate,
+            },
+        );
+    }
     if diags.is_empty() {
-        Ok(Runtime { sources })
+        Ok(Runtime { sources, sinks })
     } else {
         Err(diags)
     }

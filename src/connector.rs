@@ -35,6 +35,38 @@ pub const BUILTIN: &[(&str, &str)] = &[
         "connectors/quickbooks.yaml",
         include_str!("../connectors/quickbooks.yaml"),
     ),
+    (
+        "connectors/giftcard.yaml",
+        include_str!("../connectors/giftcard.yaml"),
+    ),
+    (
+        "connectors/twilio_sms.yaml",
+        include_str!("../connectors/twilio_sms.yaml"),
+    ),
+    (
+        "connectors/sendgrid.yaml",
+        include_str!("../connectors/sendgrid.yaml"),
+    ),
+    (
+        "connectors/klaviyo.yaml",
+        include_str!("../connectors/klaviyo.yaml"),
+    ),
+    (
+        "connectors/slack.yaml",
+        include_str!("../connectors/slack.yaml"),
+    ),
+    (
+        "connectors/zendesk.yaml",
+        include_str!("../connectors/zendesk.yaml"),
+    ),
+    (
+        "connectors/hubspot.yaml",
+        include_str!("../connectors/hubspot.yaml"),
+    ),
+    (
+        "connectors/square_loyalty.yaml",
+        include_str!("../connectors/square_loyalty.yaml"),
+    ),
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,9 +79,32 @@ pub struct ConnectorDef {
     pub docs: Option<String>,
     #[serde(default)]
     pub source: Option<SourceDef>,
+    #[serde(default)]
+    pub sink: Option<SinkDef>,
     /// Filled in by the loader: where the definition came from.
     #[serde(skip)]
     pub file: PathBuf,
+}
+
+/// A sink's side of a connector. For now: the parameters a `sinks:` entry takes (the request,
+/// auth and response kinds join it with the delivery engine).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkDef {
+    pub params: IndexMap<String, ParamDef>,
+}
+
+/// One sink parameter.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamDef {
+    #[serde(default)]
+    pub required: bool,
+    /// A credential: resolved from `${ENV}`/`${file:…}` like any value, never printed.
+    #[serde(default)]
+    pub secret: bool,
+    #[serde(default)]
+    pub doc: Option<String>,
 }
 
 /// How a source's webhooks are verified and identified.
@@ -239,8 +294,18 @@ impl Registry {
         match doc.parse::<ConnectorDef>() {
             Ok(mut def) => {
                 def.file = file.to_path_buf();
-                if def.source.is_none() {
-                    diags.push(doc.at("", "a connector needs a `source:` part"));
+                if def.source.is_none() && def.sink.is_none() {
+                    diags.push(doc.at("", "a connector needs a `source:` or a `sink:` part"));
+                }
+                if let Some(sink) = &def.sink {
+                    for name in sink.params.keys() {
+                        if matches!(name.as_str(), "connector" | "base_url" | "rate") {
+                            diags.push(doc.at_key(
+                                &format!("sink.params.{name}"),
+                                format!("`{name}` is taken by every sink; choose another parameter name"),
+                            ));
+                        }
+                    }
                 }
                 if let Some(src) = &def.source {
                     check_source_def(&doc, src, diags);
@@ -257,6 +322,22 @@ impl Registry {
 
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.defs.keys().map(|s| s.as_str())
+    }
+
+    /// Ids of the connectors that can be sources.
+    pub fn source_ids(&self) -> impl Iterator<Item = &str> {
+        self.defs
+            .values()
+            .filter(|d| d.source.is_some())
+            .map(|d| d.id.as_str())
+    }
+
+    /// Ids of the connectors that can be sinks.
+    pub fn sink_ids(&self) -> impl Iterator<Item = &str> {
+        self.defs
+            .values()
+            .filter(|d| d.sink.is_some())
+            .map(|d| d.id.as_str())
     }
 }
 
@@ -298,7 +379,7 @@ mod tests {
         let mut diags = Diagnostics::default();
         let reg = Registry::load(&[], &mut diags);
         assert!(diags.is_empty(), "{diags}");
-        let ids: Vec<&str> = reg.ids().collect();
+        let ids: Vec<&str> = reg.source_ids().collect();
         assert_eq!(
             ids,
             [
@@ -313,7 +394,22 @@ mod tests {
         assert!(reg
             .defs
             .values()
-            .all(|d| d.source.as_ref().is_some_and(|s| !s.events.is_empty())));
+            .filter_map(|d| d.source.as_ref())
+            .all(|s| !s.events.is_empty()));
+        let sinks: Vec<&str> = reg.sink_ids().collect();
+        assert_eq!(
+            sinks,
+            [
+                "giftcard",
+                "twilio_sms",
+                "sendgrid",
+                "klaviyo",
+                "slack",
+                "zendesk",
+                "hubspot",
+                "square_loyalty"
+            ]
+        );
     }
 
     #[test]

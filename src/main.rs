@@ -179,8 +179,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 .map(|f| f.display().to_string())
                 .unwrap_or_else(|| "defaults".into());
             println!(
-                "{file}: ok ({} sources, {} connectors)",
+                "{file}: ok ({} sources, {} sinks, {} connectors)",
                 cfg.sources.len(),
+                cfg.sinks.len(),
                 cfg.connectors.defs.len()
             );
             ExitCode::SUCCESS

@@ -95,6 +95,17 @@ pub struct SinkSpec {
     pub params: IndexMap<String, serde_yaml::Value>,
 }
 
+/// A sink that passed every check. Its parameters are resolved when the daemon builds.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pub name: String,
+    pub connector: String,
+    pub params: IndexMap<String, Interpolated>,
+    pub base_url: Option<String>,
+    /// Requests per second, overriding the connector's default.
+    pub rate: Option<f64>,
+}
+
 /// A source that passed every check.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -121,6 +132,7 @@ pub struct Config {
     pub connector_dirs: Vec<PathBuf>,
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
+    pub sinks: IndexMap<String, Sink>,
     pub connectors: Registry,
     /// Where each value of the config file is, for problems found when building.
     pub locations: Locations,
@@ -222,18 +234,14 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
             Err(d) => diags.push(d),
         }
     }
+    let mut sinks = IndexMap::new();
     for name in doc.keys_of("sinks") {
         let path = join("sinks", &name);
         match doc.parse_at::<SinkSpec>(&path) {
             Ok(spec) => {
-                let cpath = join(&path, "connector");
-                diags.push(doc.at(
-                    &cpath,
-                    format!(
-                        "unknown sink connector `{}`: this build defines no sink connectors yet",
-                        spec.connector
-                    ),
-                ));
+                if let Some(sink) = check_sink(&doc, &path, &name, spec, &connectors, &mut diags) {
+                    sinks.insert(name, sink);
+                }
             }
             Err(d) => diags.push(d),
         }
@@ -265,6 +273,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         connector_dirs,
         pipeline_dirs,
         sources,
+        sinks,
         connectors,
         locations: doc.loc,
     })
@@ -352,6 +361,115 @@ fn check_url(u: &str) -> Result<(), String> {
     }
 }
 
+fn check_sink(
+    doc: &Document,
+    path: &str,
+    name: &str,
+    spec: SinkSpec,
+    connectors: &Registry,
+    diags: &mut Diagnostics,
+) -> Option<Sink> {
+    let before = diags.len();
+    let Some(def) = connectors.get(&spec.connector).and_then(|c| c.sink.clone()) else {
+        let hint = did_you_mean(&spec.connector, connectors.sink_ids())
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        let known: Vec<&str> = connectors.sink_ids().collect();
+        diags.push(doc.at(
+            &join(path, "connector"),
+            format!(
+                "unknown sink connector `{}`{hint}; known: {}",
+                spec.connector,
+                known.join(", ")
+            ),
+        ));
+        return None;
+    };
+    let mut params = IndexMap::new();
+    let (mut base_url, mut rate) = (None, None);
+    for (key, value) in &spec.params {
+        let vpath = join(path, key);
+        let text = match value {
+            serde_yaml::Value::String(s) => Some(yaml::restore(s).into_owned()),
+            serde_yaml::Value::Number(n) => Some(n.to_string()),
+            serde_yaml::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        let Some(text) = text else {
+            diags.push(doc.at(
+                &vpath,
+                format!("`{key}` must be a single value, not a list or a map"),
+            ));
+            continue;
+        };
+        match key.as_str() {
+            "base_url" => match check_url(&text) {
+                Ok(()) => base_url = Some(text.trim_end_matches('/').to_string()),
+                Err(m) => diags.push(doc.at(&vpath, m)),
+            },
+            "rate" => match parse_rate(&text) {
+                Some(r) => rate = Some(r),
+                None => diags.push(doc.at(
+                    &vpath,
+                    format!("`{text}` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`"),
+                )),
+            },
+            _ if def.params.contains_key(key) => match Interpolated::parse(&text) {
+                Ok(v) => {
+                    params.insert(key.clone(), v);
+                }
+                Err(m) => diags.push(doc.at(&vpath, m)),
+            },
+            _ => {
+                let mut expected: Vec<&str> = def.params.keys().map(String::as_str).collect();
+                expected.extend(["base_url", "rate"]);
+                let hint = did_you_mean(key, expected.iter().copied())
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                diags.push(doc.at_key(
+                    &vpath,
+                    format!(
+                        "unknown parameter `{key}` for sink connector `{}`{hint}; expected one of {}",
+                        spec.connector,
+                        expected.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    for (pname, p) in &def.params {
+        if p.required && !spec.params.contains_key(pname) {
+            diags.push(doc.at(
+                path,
+                format!("sink connector `{}` needs `{pname}:`", spec.connector),
+            ));
+        }
+    }
+    (diags.len() == before).then(|| Sink {
+        name: name.to_string(),
+        connector: spec.connector.clone(),
+        params,
+        base_url,
+        rate,
+    })
+}
+
+/// `10`, `10/s`, `600/min`, `100/10s` -> requests per second.
+fn parse_rate(text: &str) -> Option<f64> {
+    let (n, per) = match text.split_once('/') {
+        Some((n, per)) => (n.trim(), per.trim()),
+        None => (text.trim(), "s"),
+    };
+    let n: f64 = n.parse().ok().filter(|n: &f64| *n > 0.0 && n.is_finite())?;
+    let secs = match per {
+        "s" | "sec" | "second" => 1.0,
+        "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        other => humantime::parse_duration(other).ok()?.as_secs_f64(),
+    };
+    (secs > 0.0).then(|| n / secs)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check_source(
     doc: &Document,
@@ -369,14 +487,14 @@ fn check_source(
         .get(&spec.connector)
         .and_then(|c| c.source.clone())
     else {
-        let hint = did_you_mean(&spec.connector, connectors.ids())
+        let hint = did_you_mean(&spec.connector, connectors.source_ids())
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_default();
-        let known: Vec<&str> = connectors.ids().collect();
+        let known: Vec<&str> = connectors.source_ids().collect();
         diags.push(doc.at(
             &cpath,
             format!(
-                "unknown connector `{}`{hint}; known: {}",
+                "unknown source connector `{}`{hint}; known: {}",
                 spec.connector,
                 known.join(", ")
             ),
@@ -568,7 +686,7 @@ sources:
         let out = errors(text);
         assert_eq!(
             out,
-            "perkflow.yaml:3:16: sources.shop.connector: unknown connector `shopfy` (did you mean `shopify`?); known: shopify, woocommerce, stripe, square, paypal, quickbooks\n\
+            "perkflow.yaml:3:16: sources.shop.connector: unknown source connector `shopfy` (did you mean `shopify`?); known: shopify, woocommerce, stripe, square, paypal, quickbooks\n\
 perkflow.yaml:7:5: sources.stripe.secert: unknown field `secert`, expected one of `connector`, `secret`, `secrets`, `tolerance`, `url`, `max_body`, `webhook_id`, `verify`, `cert_hosts`, `ca_file`, `cert_pins`, `client_id`, `client_secret`, `base_url` (did you mean `secret`?)\n\
 perkflow.yaml:9:5: sources.sq: connector `square` signs the notification URL: set `url:` here or `public_url:` at the top\n\
 perkflow.yaml:13:5: sources.pp.secret: `secret` does not apply to connector `paypal` (verify kind `paypal`)\n"
@@ -669,10 +787,36 @@ sources:
   paypal2:  { connector: paypal, webhook_id: WH-2, verify: api, client_id: a, client_secret: b }
   qbo:      { connector: quickbooks, secret: ${QBO_VERIFIER_TOKEN} }
   woo:      { connector: woocommerce, secrets: [old, new] }
+sinks:
+  sms:      { connector: twilio_sms, account_sid: ${TWILIO_ACCOUNT_SID}, auth_token: ${TWILIO_AUTH_TOKEN}, from: \"+15550100\" }
+  rewards:  { connector: giftcard, email: ${GC_EMAIL}, access_token: ${GC_ACCESS_TOKEN} }
 ";
         let c = load_text(Path::new("perkflow.yaml"), true, text).unwrap();
         assert_eq!(c.sources.len(), 7);
+        assert_eq!(c.sinks.len(), 2);
         assert_eq!(c.public_url.as_deref(), Some("https://hooks.example.com"));
+    }
+
+    #[test]
+    fn sinks_are_checked_against_their_connector_params() {
+        let ok = "sinks:\n  sms: { connector: twilio_sms, account_sid: ${A}, auth_token: ${B}, from: \"+15550100\", rate: 5/s }\n  rewards: { connector: giftcard, email: ${GC_EMAIL}, access_token: ${GC_ACCESS_TOKEN}, base_url: https://stage.example.com/ }\n";
+        let c = load_text(Path::new("perkflow.yaml"), true, ok).unwrap();
+        assert_eq!(c.sinks["sms"].rate, Some(5.0));
+        assert_eq!(
+            c.sinks["rewards"].base_url.as_deref(),
+            Some("https://stage.example.com")
+        );
+        let out = errors("sinks:\n  sms:\n    connector: twilio_sms\n    account_sid: a\n    auth_tokn: b\n    rate: fast\n  x: { connector: twilio }\n");
+        assert_eq!(
+            out,
+            "perkflow.yaml:3:5: sinks.sms: sink connector `twilio_sms` needs `auth_token:`\n\
+perkflow.yaml:5:5: sinks.sms.auth_tokn: unknown parameter `auth_tokn` for sink connector `twilio_sms` (did you mean `auth_token`?); expected one of `account_sid`, `auth_token`, `from`, `messaging_service_sid`, `base_url`, `rate`\n\
+perkflow.yaml:6:11: sinks.sms.rate: `fast` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`\n\
+perkflow.yaml:7:19: sinks.x.connector: unknown sink connector `twilio` (did you mean `twilio_sms`?); known: giftcard, twilio_sms, sendgrid, klaviyo, slack, zendesk, hubspot, square_loyalty\n"
+        );
+        assert_eq!(parse_rate("100/10s"), Some(10.0));
+        assert_eq!(parse_rate("600/min"), Some(10.0));
+        assert_eq!(parse_rate("0"), None);
     }
 
     #[test]

@@ -28,6 +28,7 @@ const CASES: &[&str] = &[
     "paypal_cert_pins_missing_file",
     "bad_reference",
     "sink_unknown_connector",
+    "sink_params",
     "several_problems",
     "top_level_and_sources",
     "user_connectors",
@@ -153,7 +154,7 @@ fn unset_secrets_pass_check_but_stop_serve_naming_variable_and_place() {
         (r.code, r.stdout.as_str(), r.stderr.as_str()),
         (
             Some(0),
-            "valid_unset_env.yaml: ok (3 sources, 6 connectors)\n",
+            "valid_unset_env.yaml: ok (3 sources, 0 sinks, 14 connectors)\n",
             ""
         ),
     );
