@@ -212,9 +212,7 @@ impl Prepared {
         let addr = listener.local_addr()?;
         let cfg = &self.cfg;
         tracing::info!(%addr, data_dir = %cfg.data_dir.display(), sources = cfg.sources.len(), durability = ?cfg.durability, "perkflow is serving");
-        axum::serve(listener, router(self.state))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await?;
+        crate::http::serve(listener, router(self.state), shutdown).await?;
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
             .await?

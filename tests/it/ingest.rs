@@ -556,3 +556,57 @@ async fn health_readiness_and_graceful_shutdown() {
     assert!(status.success(), "exit {status:?}\n{}", d.log());
     assert!(d.log().contains("stopped cleanly"));
 }
+
+/// A client that never finishes its headers is disconnected, and the daemon keeps serving.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Daemon::start(&config(""));
+    let addr = d.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /hooks/shop HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // Meanwhile a normal webhook is answered.
+    let ok = sign_fixture(
+        "shopify",
+        "shopify/orders-paid.json",
+        &keys(&["new-shop"]),
+        "",
+        0,
+    );
+    assert_eq!(
+        post(&client(), &d.url("/hooks/shop"), &ok).await.status,
+        200
+    );
+    let limit = perkflow::http::HEADER_TIMEOUT + std::time::Duration::from_secs(5);
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(limit, slow.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the slow connection was still open after {limit:?}"
+    );
+    // Oversized headers (sent in pieces, as they arrive over a network) are refused too.
+    let mut big = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /hooks/shop HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    for piece in head.as_bytes().chunks(8 * 1024) {
+        if big.write_all(piece).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        big.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}
