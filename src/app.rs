@@ -189,9 +189,9 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
         })?),
         None => None,
     };
-    let admin = AdminAccess::decide(token, cfg.listen);
-    if matches!(admin, AdminAccess::Refused) {
-        tracing::warn!(listen = %cfg.listen, "no admin_token on a non-loopback address: the admin API (/api) answers 403");
+    let admin = AdminAccess::decide(token);
+    if matches!(admin, AdminAccess::Disabled) {
+        tracing::info!("no admin_token configured: the admin API (/api) answers 403");
     }
     let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle(), admin);
     Ok(Prepared { cfg, state, store })

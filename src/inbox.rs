@@ -49,9 +49,38 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
-/// What `append_now` did: the answers, the ids inserted (for rollback), and the log write
-/// to wait for.
-type Staged = (Vec<Appended>, Vec<u64>, Option<crate::wal::Pending>);
+/// A dedup key decided new and written to sled, whose log write is not confirmed yet: its id
+/// and the outcome duplicates wait for.
+pub(crate) type Reservation = (u64, tokio::sync::watch::Receiver<Option<bool>>);
+
+/// An event this call decided new.
+struct Fresh {
+    id: u64,
+    key: Vec<u8>,
+    outcome: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl Fresh {
+    fn new(id: u64, key: Vec<u8>) -> Self {
+        Fresh {
+            id,
+            key,
+            outcome: tokio::sync::watch::channel(None).0,
+        }
+    }
+}
+
+/// What `append_now` decided and what the answer must wait for.
+#[derive(Default)]
+struct Staged {
+    answers: Vec<Appended>,
+    fresh: Vec<Fresh>,
+    /// Log writes (new records, or a barrier behind stored duplicates).
+    writes: Vec<crate::wal::Pending>,
+    /// Outcomes of originals still in flight in other requests.
+    in_flight: Vec<tokio::sync::watch::Receiver<Option<bool>>>,
+    needs_barrier: bool,
+}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -146,11 +175,11 @@ fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
 }
 
 impl Store {
-    /// Decides, under the reservation lock, which events are new, reserves their dedup keys
-    /// and queues their log records (so log order is decision order, and a duplicate's
-    /// barrier is queued after its original's record); then writes the new ones to sled
-    /// outside the lock. Returns the answers, the ids written (for rollback) and the log
-    /// write to wait for.
+    /// Decides, under the reservation lock, which events are new; writes the new ones to
+    /// sled and queues their log records (so the log never holds a record whose sled write a
+    /// checkpoint could miss, and log order is decision order). Duplicates of an event still
+    /// in flight wait for that original's outcome; duplicates of a stored one wait for a
+    /// barrier behind it.
     fn append_now(&self, events: &[NewEvent]) -> Result<Staged, StoreError> {
         // Ids and records are prepared before taking the lock; an id unused by a duplicate
         // is simply skipped.
@@ -175,68 +204,84 @@ impl Store {
                 )
             })
             .collect();
-        let mut out = Vec::with_capacity(events.len());
-        let mut fresh = Vec::new();
-        let mut last = None;
-        {
-            let mut reserved = self
-                .reserved
-                .lock()
-                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-            for (id, key, record) in &prepared {
-                if let Some(prior) = reserved.get(key) {
-                    out.push(Appended {
-                        id: format_id(*prior),
+        let mut staged = Staged::default();
+        let mut reserved = self
+            .reserved
+            .lock()
+            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        for ((id, key, record), e) in prepared.into_iter().zip(events) {
+            if let Some((prior, outcome)) = reserved.get(&key) {
+                let own = staged.fresh.iter().any(|f| f.id == *prior);
+                staged.answers.push(Appended {
+                    id: format_id(*prior),
+                    duplicate: true,
+                });
+                if !own {
+                    staged.in_flight.push(outcome.clone());
+                }
+                continue;
+            }
+            if let Some(prior) = self.dedup.get(&key)?.as_deref().and_then(dedup_target) {
+                // A dedup entry whose event is missing (a crash between unacknowledged
+                // writes) does not count.
+                if self.events.contains_key(prior.to_be_bytes())? {
+                    staged.answers.push(Appended {
+                        id: format_id(prior),
                         duplicate: true,
                     });
+                    staged.needs_barrier = true;
                     continue;
                 }
-                if let Some(prior) = self.dedup.get(key)?.as_deref().and_then(dedup_target) {
-                    // A dedup entry whose event is missing (a crash between unacknowledged
-                    // writes) does not count.
-                    if self.events.contains_key(prior.to_be_bytes())? {
-                        out.push(Appended {
-                            id: format_id(prior),
-                            duplicate: true,
-                        });
-                        continue;
-                    }
-                }
-                reserved.insert(key.clone(), *id);
-                last = Some(match self.durability {
-                    Durability::Fsync => Some(self.wal.append(record.clone())),
-                    Durability::Batch => {
-                        self.wal.append_nowait(record.clone());
-                        None
-                    }
-                });
-                fresh.push((*id, key, record, events[out.len()].received_at_ms));
-                out.push(Appended {
-                    id: format_id(*id),
-                    duplicate: false,
-                });
             }
-        }
-        let mut written = Vec::with_capacity(fresh.len());
-        for (id, key, record, received_at_ms) in fresh {
-            let result = self.insert_event(id, key, received_at_ms, record);
-            self.reserved
-                .lock()
-                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?
-                .remove(key);
-            if let Err(err) = result {
-                self.rollback(&written);
+            if let Err(err) = self.insert_event(id, &key, e.received_at_ms, &record) {
+                self.undo(&mut reserved, &staged.fresh, false);
+                self.undo(&mut reserved, &[Fresh::new(id, key)], false);
                 return Err(err);
             }
-            written.push(id);
+            staged.writes.push(match self.durability {
+                Durability::Fsync => self.wal.append(record),
+                Durability::Batch => self.wal.append_written(record),
+            });
+            let fresh = Fresh::new(id, key);
+            reserved.insert(fresh.key.clone(), (id, fresh.outcome.subscribe()));
+            staged.fresh.push(fresh);
+            staged.answers.push(Appended {
+                id: format_id(id),
+                duplicate: false,
+            });
         }
-        let wait = match (last, self.durability) {
-            (Some(w), _) => w,
-            // Only duplicates: their originals may still be on the way to disk.
-            (None, Durability::Fsync) => Some(self.wal.barrier()),
-            (None, Durability::Batch) => None,
-        };
-        Ok((out, written, wait))
+        if staged.writes.is_empty() && staged.needs_barrier {
+            staged
+                .writes
+                .push(self.wal.barrier(self.durability == Durability::Fsync));
+        }
+        Ok(staged)
+    }
+
+    /// Ends the reservations of `fresh`: kept on success; on failure their sled writes are
+    /// undone first (a dedup entry only if it still points at the event), so a retry is not
+    /// taken for a duplicate of something that never became durable.
+    fn undo(
+        &self,
+        reserved: &mut std::collections::HashMap<Vec<u8>, Reservation>,
+        fresh: &[Fresh],
+        ok: bool,
+    ) {
+        for f in fresh {
+            if !ok {
+                let _ = self.events.remove(f.id.to_be_bytes());
+                let _ = self.pending.remove(f.id.to_be_bytes());
+                if let Ok(Some(v)) = self.dedup.get(&f.key) {
+                    if dedup_target(&v) == Some(f.id) {
+                        let _ = self.dedup.remove(&f.key);
+                    }
+                }
+            }
+            if reserved.get(&f.key).is_some_and(|(id, _)| *id == f.id) {
+                reserved.remove(&f.key);
+            }
+            f.outcome.send_replace(Some(ok));
+        }
     }
 
     /// Event first, dedup entry last: a dedup entry always points at a written event.
@@ -255,22 +300,6 @@ impl Store {
         Ok(())
     }
 
-    /// Undoes the inserts of a batch whose log write failed, so a retry is not taken for a
-    /// duplicate of something that never became durable.
-    fn rollback(&self, ids: &[u64]) {
-        for id in ids {
-            let key = id.to_be_bytes();
-            if let Ok(Some(raw)) = self.events.remove(key) {
-                if let Ok(ev) = decode(&raw) {
-                    let _ = self
-                        .dedup
-                        .remove(dedup_key(&ev.meta.source, &ev.meta.vendor_id));
-                }
-            }
-            let _ = self.pending.remove(key);
-        }
-    }
-
     /// Replays one log record into sled (store opening). Returns whether it was missing.
     pub(crate) fn apply_logged(&self, record: &[u8]) -> Result<bool, StoreError> {
         let ev = decode(record)?;
@@ -281,6 +310,12 @@ impl Store {
             return Ok(false);
         }
         let key = dedup_key(&ev.meta.source, &ev.meta.vendor_id);
+        // Never a second event for one vendor id.
+        if let Some(prior) = self.dedup.get(&key)?.as_deref().and_then(dedup_target) {
+            if self.events.contains_key(prior.to_be_bytes())? {
+                return Ok(false);
+            }
+        }
         self.insert_event(id, &key, ev.meta.received_at_ms, record)?;
         Ok(true)
     }
@@ -329,18 +364,36 @@ impl Store {
 impl Inbox for Store {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>> {
         Box::pin(async move {
-            let (out, inserted, wait) = self.append_now(&events)?;
-            if let Some(wait) = wait {
-                let synced = match wait.await {
+            let mut staged = self.append_now(&events)?;
+            let mut result = Ok(());
+            for w in staged.writes.drain(..) {
+                let r = match w.await {
                     Ok(r) => r.map_err(StoreError::Io),
                     Err(_) => Err(StoreError::Closed),
                 };
-                if let Err(e) = synced {
-                    self.rollback(&inserted);
-                    return Err(e);
+                if result.is_ok() {
+                    result = r;
                 }
             }
-            Ok(out)
+            {
+                let mut reserved = self
+                    .reserved
+                    .lock()
+                    .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+                self.undo(&mut reserved, &staged.fresh, result.is_ok());
+            }
+            for mut original in staged.in_flight.drain(..) {
+                let ok = matches!(
+                    original.wait_for(|v| v.is_some()).await.as_deref(),
+                    Ok(Some(true))
+                );
+                if !ok && result.is_ok() {
+                    result = Err(StoreError::Io(
+                        "the first delivery of this event could not be stored".into(),
+                    ));
+                }
+            }
+            result.map(|_| staged.answers)
         })
     }
 
@@ -521,6 +574,48 @@ mod tests {
         assert_eq!(got.meta.vendor_id, "v4");
         assert!(s.get("ev_ffffffffffffffff").unwrap().is_none());
         assert!(s.get("nonsense").unwrap().is_none());
+    }
+
+    /// A re-delivery that arrives while the original is still on its way to disk waits for
+    /// it, and fails with it: the sender must retry, not be told "duplicate".
+    #[tokio::test]
+    async fn a_duplicate_shares_the_fate_of_its_in_flight_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        let original = s.append_now(&[ev("shop", "e1")]).unwrap();
+        assert!(!original.answers[0].duplicate);
+        let s2 = s.clone();
+        let dup = tokio::spawn(async move { s2.append(vec![ev("shop", "e1")]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !dup.is_finished(),
+            "the duplicate did not wait for its original"
+        );
+        // The original's log write fails: it is undone and the duplicate fails with it.
+        s.undo(&mut s.reserved.lock().unwrap(), &original.fresh, false);
+        assert!(dup.await.unwrap().is_err());
+        assert_eq!(s.events().count(), 0);
+        assert_eq!(s.dedup_lookup("shop", "e1").unwrap(), None);
+        // The sender's retry is stored as new.
+        let retry = s.append(vec![ev("shop", "e1")]).await.unwrap();
+        assert!(!retry[0].duplicate);
+        // And a duplicate of a stored event answers at once.
+        assert!(s.append(vec![ev("shop", "e1")]).await.unwrap()[0].duplicate);
+    }
+
+    /// Batch durability answers once the record is in the log file (it survives a crash of
+    /// the process), before any sync.
+    #[tokio::test]
+    async fn batch_durability_answers_after_the_log_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Durability::Batch, Duration::from_secs(60)).unwrap();
+        s.append(vec![ev("shop", "b1")]).await.unwrap();
+        let files = crate::wal::files(&dir.path().join("inbox-wal")).unwrap();
+        let records: usize = files
+            .iter()
+            .map(|(_, f)| crate::wal::read_records(f).unwrap().len())
+            .sum();
+        assert_eq!(records, 1);
     }
 
     /// A crash after the log record was synced but before sled wrote anything: opening the

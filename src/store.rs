@@ -51,7 +51,7 @@ pub struct Store {
     pub(crate) durability: Durability,
     /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
     /// de-duplication decision and the log append.
-    pub(crate) reserved: Arc<Mutex<std::collections::HashMap<Vec<u8>, u64>>>,
+    pub(crate) reserved: Arc<Mutex<std::collections::HashMap<Vec<u8>, crate::inbox::Reservation>>>,
     next_id: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     dir: PathBuf,

@@ -26,9 +26,19 @@ type Reply = oneshot::Sender<Result<(), String>>;
 /// Resolves once a queued append is on disk.
 pub type Pending = oneshot::Receiver<Result<(), String>>;
 
+/// When an append's waiter is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// After `fdatasync` (fsync durability).
+    Synced,
+    /// After `write` reached the OS (batch durability: survives a process crash; the sync
+    /// follows within the lazy-sync interval).
+    Written,
+}
+
 enum Msg {
-    /// Append `bytes` (may be empty: a barrier) and answer once synced.
-    Append(bytes::Bytes, Option<Reply>),
+    /// Append `bytes` (may be empty: a barrier) and answer per `Until`.
+    Append(bytes::Bytes, Reply, Until),
     /// Seal the current file and start the next; answers the sealed file's sequence number.
     Rotate(oneshot::Sender<Result<u64, String>>),
 }
@@ -119,21 +129,34 @@ impl Wal {
         &self.dir
     }
 
-    /// Queues `payload`; the receiver resolves once it is on disk. Queue order is log order.
+    /// Queues `payload`; the receiver resolves once it is synced to disk. Queue order is log
+    /// order.
     pub fn append(&self, payload: bytes::Bytes) -> Pending {
+        self.send(payload, Until::Synced)
+    }
+
+    /// Queues `payload`; the receiver resolves once it is written to the OS (it survives a
+    /// crash of this process; the sync follows within the lazy-sync interval).
+    pub fn append_written(&self, payload: bytes::Bytes) -> Pending {
+        self.send(payload, Until::Written)
+    }
+
+    /// Resolves once everything queued before it is synced (`synced`) or written.
+    pub fn barrier(&self, synced: bool) -> Pending {
+        self.send(
+            bytes::Bytes::new(),
+            if synced {
+                Until::Synced
+            } else {
+                Until::Written
+            },
+        )
+    }
+
+    fn send(&self, payload: bytes::Bytes, until: Until) -> Pending {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Append(payload, Some(tx)));
+        let _ = self.tx.send(Msg::Append(payload, tx, until));
         rx
-    }
-
-    /// Queues `payload` without waiting for it (batch durability).
-    pub fn append_nowait(&self, payload: bytes::Bytes) {
-        let _ = self.tx.send(Msg::Append(payload, None));
-    }
-
-    /// Resolves once everything queued before it is on disk.
-    pub fn barrier(&self) -> Pending {
-        self.append(bytes::Bytes::new())
     }
 
     /// Seals the current file (everything queued before is synced) and starts the next one.
@@ -165,27 +188,110 @@ fn open_new(dir: &Path, seq: u64) -> std::io::Result<File> {
     Ok(f)
 }
 
+struct Writer {
+    dir: PathBuf,
+    seq: u64,
+    file: File,
+    /// Bytes of the current file known to hold whole records.
+    good_len: u64,
+    lazy_sync: Option<Duration>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Appends `buf`; on failure cuts the file back to its last whole record (or, if that
+    /// fails, moves on to a new file) so that no torn record hides later ones from replay.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self.file.write_all(buf) {
+            Ok(()) => {
+                self.good_len += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.discard_tail();
+                Err(e)
+            }
+        }
+    }
+
+    /// Syncs. On failure with fsync durability, the unsynced tail (whose waiters are told
+    /// it failed, and whose events are rolled back) is discarded so replay cannot resurrect
+    /// it; with batch durability it was already acknowledged and stays.
+    fn sync(&mut self, synced_len: &mut u64) -> std::io::Result<()> {
+        match self.file.sync_data() {
+            Ok(()) => {
+                *synced_len = self.good_len;
+                Ok(())
+            }
+            Err(e) => {
+                if self.lazy_sync.is_none() {
+                    self.good_len = *synced_len;
+                    self.discard_tail();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn discard_tail(&mut self) {
+        let cut = self
+            .file
+            .set_len(self.good_len)
+            .and_then(|_| self.file.sync_data());
+        if cut.is_err() {
+            match open_new(&self.dir, self.seq + 1) {
+                Ok(f) => {
+                    self.file = f;
+                    self.seq += 1;
+                    self.good_len = 0;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot start a new inbox log file"),
+            }
+        }
+    }
+
+    fn rotate(&mut self) -> Result<u64, String> {
+        let sealed = self.seq;
+        let f = open_new(&self.dir, self.seq + 1)
+            .map_err(|e| format!("cannot start a new log file: {e}"))?;
+        self.file = f;
+        self.seq += 1;
+        self.good_len = 0;
+        Ok(sealed)
+    }
+}
+
 fn writer(
     dir: PathBuf,
-    mut seq: u64,
-    mut file: File,
+    seq: u64,
+    file: File,
     rx: mpsc::Receiver<Msg>,
     lazy_sync: Option<Duration>,
     healthy: Arc<AtomicBool>,
 ) {
+    let mut w = Writer {
+        dir,
+        seq,
+        file,
+        good_len: 0,
+        lazy_sync,
+        healthy,
+    };
+    let mut synced_len = 0u64;
     let mut buf = Vec::with_capacity(1 << 20);
-    let mut waiters: Vec<Reply> = Vec::new();
+    let mut written_waiters: Vec<Reply> = Vec::new();
+    let mut synced_waiters: Vec<Reply> = Vec::new();
     let mut rotations = Vec::new();
     // Written but not yet synced (batch durability), and since when.
     let mut unsynced_since: Option<Instant> = None;
     loop {
-        let first = match (unsynced_since, lazy_sync) {
+        let first = match (unsynced_since, w.lazy_sync) {
             (Some(since), Some(every)) => {
                 match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
                     Ok(m) => Some(m),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        let _ = file.sync_data();
+                        let _ = w.file.sync_data();
                         return;
                     }
                 }
@@ -199,13 +305,16 @@ fn writer(
         let mut next = first;
         while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
             match msg {
-                Msg::Append(payload, reply) => {
+                Msg::Append(payload, reply, until) => {
                     if !payload.is_empty() {
                         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                         buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
                         buf.extend_from_slice(&payload);
                     }
-                    waiters.extend(reply);
+                    match until {
+                        Until::Synced => synced_waiters.push(reply),
+                        Until::Written => written_waiters.push(reply),
+                    }
                 }
                 Msg::Rotate(reply) => {
                     rotations.push(reply);
@@ -216,44 +325,39 @@ fn writer(
                 break;
             }
         }
-        let mut result = if buf.is_empty() {
-            Ok(())
-        } else {
-            file.write_all(&buf)
-        };
+        let mut result = Ok(());
         if !buf.is_empty() {
+            result = w.write(&buf);
             unsynced_since.get_or_insert_with(Instant::now);
         }
-        let due = match (unsynced_since, lazy_sync) {
+        let reply_all = |waiters: &mut Vec<Reply>, r: &Result<(), String>| {
+            for tx in waiters.drain(..) {
+                let _ = tx.send(r.clone());
+            }
+        };
+        let written = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        reply_all(&mut written_waiters, &written);
+        let due = match (unsynced_since, w.lazy_sync) {
             (None, _) => false,
             (Some(_), None) => true,
             (Some(since), Some(every)) => {
-                !waiters.is_empty() || !rotations.is_empty() || since.elapsed() >= every
+                !synced_waiters.is_empty() || !rotations.is_empty() || since.elapsed() >= every
             }
         };
         if result.is_ok() && due {
-            result = file.sync_data();
+            result = w.sync(&mut synced_len);
             unsynced_since = None;
         }
         let result = result.map_err(|e| e.to_string());
-        healthy.store(result.is_ok(), Ordering::Relaxed);
+        w.healthy.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = &result {
+            unsynced_since = None;
             tracing::error!(error = %e, "writing the inbox log failed; webhooks are answered 503 until it works");
         }
-        for w in waiters.drain(..) {
-            let _ = w.send(result.clone());
-        }
+        reply_all(&mut synced_waiters, &result);
         for r in rotations.drain(..) {
-            let sealed = seq;
-            let answer = match open_new(&dir, seq + 1) {
-                Ok(f) => {
-                    file = f;
-                    seq += 1;
-                    Ok(sealed)
-                }
-                Err(e) => Err(format!("cannot start a new log file: {e}")),
-            };
-            let _ = r.send(answer);
+            let _ = r.send(w.rotate());
+            synced_len = 0;
         }
     }
 }
@@ -295,15 +399,15 @@ mod tests {
             Arc::new(AtomicBool::new(true)),
         )
         .unwrap();
-        wal.append_nowait(bytes::Bytes::from_static(b"lazy"));
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Answered once written, before any sync.
+        wal.append_written(bytes::Bytes::from_static(b"lazy"))
+            .await
+            .unwrap()
+            .unwrap();
         let path = dir.path().join(file_name(1));
-        while read_records(&path).unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "record never written");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // A waiter forces a sync at once.
-        wal.barrier().await.unwrap().unwrap();
+        assert_eq!(read_records(&path).unwrap(), [b"lazy".to_vec()]);
+        // A synced waiter forces a sync at once.
+        wal.barrier(true).await.unwrap().unwrap();
     }
 
     #[test]

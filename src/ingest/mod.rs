@@ -81,7 +81,7 @@ pub async fn hook(
     let verified = match src.verifier.verify(raw, SystemTime::now()).await {
         Ok(v) => v,
         Err(VerifyError::Rejected(r)) => {
-            tracing::warn!(source = %name, reason = r.reason(), detail = %r, "webhook rejected");
+            tracing::warn!(source = %name, reason = r.reason(), detail = ?r, "webhook rejected");
             count(&name, "rejected", r.reason());
             return StatusCode::UNAUTHORIZED.into_response();
         }

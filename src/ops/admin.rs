@@ -1,5 +1,6 @@
 //! The admin API under `/api`: bearer-token protected (constant-time check). Without a
-//! configured `admin_token` it is served only when the daemon listens on loopback.
+//! configured `admin_token` it is not served at all: a loopback listen address does not mean
+//! local callers only (a reverse proxy on the same host forwards strangers).
 
 use crate::app::AppState;
 use crate::config::secrets::Secret;
@@ -13,7 +14,6 @@ use axum::{Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::net::SocketAddr;
 use subtle::ConstantTimeEq;
 
 /// Who may call the admin API.
@@ -21,27 +21,23 @@ use subtle::ConstantTimeEq;
 pub enum AdminAccess {
     /// `Authorization: Bearer <token>` required.
     Token(Secret),
-    /// No token configured, listening on loopback: open to local callers.
-    LoopbackOnly,
-    /// No token configured on a non-loopback address: the admin API is refused.
-    Refused,
+    /// No token configured: the admin API answers 403.
+    Disabled,
 }
 
 impl AdminAccess {
-    pub fn decide(token: Option<Secret>, listen: SocketAddr) -> AdminAccess {
+    pub fn decide(token: Option<Secret>) -> AdminAccess {
         match token {
             Some(t) if !t.expose().is_empty() => AdminAccess::Token(t),
-            _ if listen.ip().is_loopback() => AdminAccess::LoopbackOnly,
-            _ => AdminAccess::Refused,
+            _ => AdminAccess::Disabled,
         }
     }
 
     fn allows(&self, authorization: Option<&str>) -> Result<(), (StatusCode, &'static str)> {
         match self {
-            AdminAccess::LoopbackOnly => Ok(()),
-            AdminAccess::Refused => Err((
+            AdminAccess::Disabled => Err((
                 StatusCode::FORBIDDEN,
-                "the admin API is disabled: set admin_token to serve it on a non-loopback address",
+                "the admin API is disabled: set admin_token in the config to use it",
             )),
             AdminAccess::Token(expected) => {
                 let given = authorization
@@ -133,21 +129,12 @@ mod tests {
 
     #[test]
     fn decides_and_checks_access() {
-        let lo: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert!(matches!(AdminAccess::decide(None), AdminAccess::Disabled));
         assert!(matches!(
-            AdminAccess::decide(None, lo),
-            AdminAccess::LoopbackOnly
+            AdminAccess::decide(Some(Secret::new(""))),
+            AdminAccess::Disabled
         ));
-        assert!(matches!(
-            AdminAccess::decide(None, public),
-            AdminAccess::Refused
-        ));
-        assert!(matches!(
-            AdminAccess::decide(Some(Secret::new("")), public),
-            AdminAccess::Refused
-        ));
-        let t = AdminAccess::decide(Some(Secret::new("s3cret")), public);
+        let t = AdminAccess::decide(Some(Secret::new("s3cret")));
         assert!(t.allows(Some("Bearer s3cret")).is_ok());
         assert_eq!(
             t.allows(Some("Bearer s3cre")).unwrap_err().0,
@@ -159,7 +146,10 @@ mod tests {
         );
         assert_eq!(t.allows(None).unwrap_err().0, StatusCode::UNAUTHORIZED);
         assert_eq!(
-            AdminAccess::Refused.allows(Some("Bearer x")).unwrap_err().0,
+            AdminAccess::Disabled
+                .allows(Some("Bearer x"))
+                .unwrap_err()
+                .0,
             StatusCode::FORBIDDEN
         );
     }

@@ -271,7 +271,10 @@ impl CertMode {
         let chain = Arc::new(parse_pem_chain(&pem).map_err(Rejection::CertInvalid)?);
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
+            // Drop one entry, not all: PayPal's real certificate stays cached.
+            if let Some(k) = cache.keys().next().cloned() {
+                cache.remove(&k);
+            }
         }
         cache.insert(cert_url.to_string(), chain.clone());
         Ok(chain)
@@ -286,8 +289,15 @@ impl CertMode {
             .send()
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(unavailable(format!("HTTP {}", resp.status())));
+        let status = resp.status();
+        if status.is_client_error() {
+            // The allowed host says there is no such certificate: the request is not PayPal's.
+            return Err(
+                Rejection::CertInvalid(format!("certificate URL answered {status}")).into(),
+            );
+        }
+        if !status.is_success() {
+            return Err(unavailable(format!("HTTP {status}")));
         }
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| unavailable(e.to_string()))? {

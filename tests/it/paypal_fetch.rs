@@ -51,6 +51,9 @@ async fn cert_server(routes: Vec<(&'static str, Vec<u8>)>) -> (Arc<AtomicUsize>,
                 let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
                 let (status, body) = match routes.iter().find(|(p, _)| *p == path) {
                     Some((_, b)) => ("200 OK", b.clone()),
+                    None if path.contains("broken") => {
+                        ("500 Internal Server Error", b"oops".to_vec())
+                    }
                     None => ("404 Not Found", b"not found".to_vec()),
                 };
                 let resp = format!(
@@ -130,12 +133,22 @@ async fn fetches_over_tls_once_validates_and_caches() {
     .await;
     assert_eq!((a.status, a.body.as_str()), (401, ""));
 
-    // The host cannot serve the certificate: PayPal should retry later.
+    // The allowed host has no such certificate: not PayPal's request.
     let missing = format!("https://127.0.0.1:{port}/v1/notifications/certs/CERT-missing");
     let a = post(
         &c,
         &url,
         &signed("paypal/payment-sale-completed.json", "leaf.key", &missing),
+    )
+    .await;
+    assert_eq!((a.status, a.body.as_str()), (401, ""));
+
+    // The host fails: PayPal should retry later.
+    let broken = format!("https://127.0.0.1:{port}/v1/notifications/certs/CERT-broken");
+    let a = post(
+        &c,
+        &url,
+        &signed("paypal/payment-sale-completed.json", "leaf.key", &broken),
     )
     .await;
     assert_eq!(a.status, 503, "{}", a.body);
