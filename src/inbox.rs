@@ -175,11 +175,10 @@ fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
 }
 
 impl Store {
-    /// Decides, under the reservation lock, which events are new; writes the new ones to
-    /// sled and queues their log records (so the log never holds a record whose sled write a
-    /// checkpoint could miss, and log order is decision order). Duplicates of an event still
-    /// in flight wait for that original's outcome; duplicates of a stored one wait for a
-    /// barrier behind it.
+    /// Decides, under the dedup lock, which events are new, reserves them (duplicates of an
+    /// event in flight wait for its outcome; duplicates of a stored one wait for a barrier
+    /// behind it) and queues their log records in decision order; then writes them to sled.
+    /// The checkpoint gate keeps a checkpoint from dropping a log file in between.
     fn append_now(&self, events: &[NewEvent]) -> Result<Staged, StoreError> {
         // Ids and records are prepared before taking the lock; an id unused by a duplicate
         // is simply skipped.
@@ -205,55 +204,73 @@ impl Store {
             })
             .collect();
         let mut staged = Staged::default();
-        let mut reserved = self
-            .reserved
-            .lock()
-            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-        for ((id, key, record), e) in prepared.into_iter().zip(events) {
-            if let Some((prior, outcome)) = reserved.get(&key) {
-                let own = staged.fresh.iter().any(|f| f.id == *prior);
-                staged.answers.push(Appended {
-                    id: format_id(*prior),
-                    duplicate: true,
-                });
-                if !own {
-                    staged.in_flight.push(outcome.clone());
-                }
-                continue;
-            }
-            if let Some(prior) = self.dedup.get(&key)?.as_deref().and_then(dedup_target) {
-                // A dedup entry whose event is missing (a crash between unacknowledged
-                // writes) does not count.
-                if self.events.contains_key(prior.to_be_bytes())? {
+        // Held until the sled writes are done: a checkpoint rotates the log only while no
+        // append is between queuing its record and writing sled, so it never drops a log
+        // file whose events sled does not have yet.
+        let _gate = self
+            .checkpoint_gate
+            .read()
+            .map_err(|_| StoreError::Io("checkpoint gate poisoned".into()))?;
+        let mut to_write = Vec::new();
+        {
+            let mut reserved = self
+                .reserved
+                .lock()
+                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+            for ((id, key, record), e) in prepared.into_iter().zip(events) {
+                if let Some((prior, outcome)) = reserved.get(&key) {
+                    let own = staged.fresh.iter().any(|f| f.id == *prior);
                     staged.answers.push(Appended {
-                        id: format_id(prior),
+                        id: format_id(*prior),
                         duplicate: true,
                     });
-                    staged.needs_barrier = true;
+                    if !own {
+                        staged.in_flight.push(outcome.clone());
+                    }
                     continue;
                 }
+                if let Some(prior) = self.dedup.get(&key)?.as_deref().and_then(dedup_target) {
+                    // A dedup entry whose event is missing (a crash between unacknowledged
+                    // writes) does not count.
+                    if self.events.contains_key(prior.to_be_bytes())? {
+                        staged.answers.push(Appended {
+                            id: format_id(prior),
+                            duplicate: true,
+                        });
+                        staged.needs_barrier = true;
+                        continue;
+                    }
+                }
+                // Reserved (duplicates now wait for this one) and queued in log order.
+                staged.writes.push(match self.durability {
+                    Durability::Fsync => self.wal.append(record.clone()),
+                    Durability::Batch => self.wal.append_written(record.clone()),
+                });
+                let fresh = Fresh::new(id, key);
+                reserved.insert(fresh.key.clone(), (id, fresh.outcome.subscribe()));
+                to_write.push((id, fresh.key.clone(), e.received_at_ms, record));
+                staged.fresh.push(fresh);
+                staged.answers.push(Appended {
+                    id: format_id(id),
+                    duplicate: false,
+                });
             }
-            if let Err(err) = self.insert_event(id, &key, e.received_at_ms, &record) {
+            if staged.writes.is_empty() && staged.needs_barrier {
+                staged
+                    .writes
+                    .push(self.wal.barrier(self.durability == Durability::Fsync));
+            }
+        }
+        // sled outside the dedup lock: reservations keep duplicates out meanwhile.
+        for (id, key, received_at_ms, record) in to_write {
+            if let Err(err) = self.insert_event(id, &key, received_at_ms, &record) {
+                let mut reserved = self
+                    .reserved
+                    .lock()
+                    .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
                 self.undo(&mut reserved, &staged.fresh, false);
-                self.undo(&mut reserved, &[Fresh::new(id, key)], false);
                 return Err(err);
             }
-            staged.writes.push(match self.durability {
-                Durability::Fsync => self.wal.append(record),
-                Durability::Batch => self.wal.append_written(record),
-            });
-            let fresh = Fresh::new(id, key);
-            reserved.insert(fresh.key.clone(), (id, fresh.outcome.subscribe()));
-            staged.fresh.push(fresh);
-            staged.answers.push(Appended {
-                id: format_id(id),
-                duplicate: false,
-            });
-        }
-        if staged.writes.is_empty() && staged.needs_barrier {
-            staged
-                .writes
-                .push(self.wal.barrier(self.durability == Durability::Fsync));
         }
         Ok(staged)
     }

@@ -52,6 +52,9 @@ pub struct Store {
     /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
     /// de-duplication decision and the log append.
     pub(crate) reserved: Arc<Mutex<std::collections::HashMap<Vec<u8>, crate::inbox::Reservation>>>,
+    /// Appends hold it shared from queuing a log record until their sled write is done; a
+    /// checkpoint holds it exclusively while it rotates the log.
+    pub(crate) checkpoint_gate: Arc<std::sync::RwLock<()>>,
     next_id: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     dir: PathBuf,
@@ -98,6 +101,7 @@ impl Store {
             db,
             durability,
             reserved: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            checkpoint_gate: Arc::new(std::sync::RwLock::new(())),
             next_id: Arc::new(AtomicU64::new(next)),
             healthy,
             dir: dir.to_path_buf(),
@@ -162,7 +166,13 @@ impl Store {
 
     /// Seals the current log file, makes sled durable, drops the log files it covers.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let sealed = self.wal.rotate_blocking().map_err(StoreError::Io)?;
+        let sealed = {
+            let _no_append_in_between = self
+                .checkpoint_gate
+                .write()
+                .map_err(|_| StoreError::Io("checkpoint gate poisoned".into()))?;
+            self.wal.rotate_blocking().map_err(StoreError::Io)?
+        };
         self.make_sled_durable()?;
         let files = wal::files(self.wal.dir()).map_err(|e| StoreError::Io(e.to_string()))?;
         for (seq, f) in files.iter().filter(|(s, _)| *s <= sealed) {
