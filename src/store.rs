@@ -253,3 +253,24 @@ fn sync_tree(dir: &Path, skip: &Path) -> std::io::Result<()> {
     }
     wal::sync_dir(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint waits for an append that has queued its log record but not yet written
+    /// sled: otherwise it could drop the only durable copy of that event.
+    #[test]
+    fn a_checkpoint_waits_for_appends_between_log_and_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        let in_flight = s.checkpoint_gate.read().unwrap();
+        let s2 = s.clone();
+        let cp = std::thread::spawn(move || s2.checkpoint());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!cp.is_finished(), "the checkpoint did not wait");
+        drop(in_flight);
+        cp.join().unwrap().unwrap();
+        s.close().unwrap();
+    }
+}

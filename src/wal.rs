@@ -410,6 +410,33 @@ mod tests {
         wal.barrier(true).await.unwrap().unwrap();
     }
 
+    /// A failed write (here: a full device) never leaves later records behind a torn one:
+    /// the writer moves on to a new file when it cannot cut the old one back.
+    #[test]
+    fn a_failed_write_moves_on_to_a_clean_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let Ok(full) = OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let mut w = Writer {
+            dir: dir.path().to_path_buf(),
+            seq: 4,
+            file: full,
+            good_len: 0,
+            lazy_sync: None,
+            healthy: Arc::new(AtomicBool::new(true)),
+        };
+        assert!(w.write(b"record").is_err());
+        assert_eq!(w.seq, 5);
+        w.write(b"next").unwrap();
+        let mut synced = 0;
+        w.sync(&mut synced).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join(file_name(5))).unwrap(),
+            b"next"
+        );
+    }
+
     #[test]
     fn a_torn_tail_ends_replay() {
         let dir = tempfile::tempdir().unwrap();
