@@ -11,6 +11,7 @@ pub mod http;
 pub mod inbox;
 pub mod ingest;
 pub mod ops;
+pub mod pipeline;
 pub mod sign;
 pub mod store;
 pub mod verify;
