@@ -55,6 +55,24 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Run the `tests:` blocks of pipelines (all, or the named ones); ends with
+    /// `N passed, N failed`; exit 1 on any failure.
+    Test {
+        /// Pipeline names (default: every pipeline).
+        pipelines: Vec<String>,
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Dry-run a pipeline on a fixture: every step's values and decisions, and the sink
+    /// actions it would ask for. Sends nothing.
+    Run {
+        pipeline: String,
+        /// The event body (its headers from the sibling `<name>.headers.yaml`).
+        #[arg(long)]
+        fixture: PathBuf,
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Inspect stored events through a running daemon's admin API.
     Events {
         #[command(subcommand)]
@@ -151,6 +169,12 @@ fn main() -> ExitCode {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::Events { command } => events(command),
+        Command::Test { pipelines, config } => return test_pipelines(config, pipelines),
+        Command::Run {
+            pipeline,
+            fixture,
+            config,
+        } => dry_run(config, pipeline, fixture),
         Command::Sign {
             source,
             file,
@@ -261,6 +285,87 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+fn test_pipelines(path: Option<PathBuf>, names: Vec<String>) -> ExitCode {
+    use perkflow::pipeline::{expr::Engine, test_case::run_case};
+    let cfg = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(d) => {
+            eprint!("{d}");
+            return ExitCode::from(1);
+        }
+    };
+    for n in &names {
+        if !cfg.pipelines.contains_key(n) {
+            let known: Vec<&str> = cfg.pipelines.keys().map(String::as_str).collect();
+            eprintln!("error: no pipeline `{n}`; known: {}", known.join(", "));
+            return ExitCode::from(2);
+        }
+    }
+    let engine = Engine::new();
+    let (mut passed, mut failed) = (0, 0);
+    for p in cfg
+        .pipelines
+        .values()
+        .filter(|p| names.is_empty() || names.contains(&p.name))
+    {
+        for t in &p.tests {
+            let r = run_case(&cfg, &engine, p, t);
+            if r.passed() {
+                passed += 1;
+                println!("ok    {} :: {}", p.name, t.name);
+            } else {
+                failed += 1;
+                println!("FAIL  {} :: {}", p.name, t.name);
+                for f in &r.failures {
+                    println!("        {f}");
+                }
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn dry_run(path: Option<PathBuf>, name: String, fixture: PathBuf) -> anyhow::Result<()> {
+    use perkflow::pipeline::{expr::Engine, run::run, test_case::input_from_fixture};
+    let cfg = config::load(path.as_deref())
+        .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
+    let p = cfg.pipelines.get(&name).with_context(|| {
+        let known: Vec<&str> = cfg.pipelines.keys().map(String::as_str).collect();
+        format!("no pipeline `{name}`; known: {}", known.join(", "))
+    })?;
+    let input = input_from_fixture(&cfg, p, &fixture, &[]).map_err(anyhow::Error::msg)?;
+    println!(
+        "event: {} {} (vendor id {})",
+        input.source, input.event_type, input.event_id
+    );
+    if !p.on.events.contains(&input.event_type) {
+        println!(
+            "note: pipeline `{name}` listens to {}, not {}",
+            p.on.events.join(", "),
+            input.event_type
+        );
+    }
+    let r = run(p, &Engine::new(), &input);
+    for s in &r.steps {
+        println!("step  {:<28} {}", s.step, s.detail);
+    }
+    println!("outcome: {}", serde_json::to_string(&r.outcome)?);
+    for d in &r.deliveries {
+        println!(
+            "deliver {} {}",
+            d.to(),
+            serde_json::to_string_pretty(&d.with)?
+        );
+    }
+    println!("(dry run: nothing was sent; the sinks' HTTP requests are rendered once sink request kinds exist)");
+    Ok(())
 }
 
 impl AdminClient {

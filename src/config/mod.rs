@@ -133,6 +133,7 @@ pub struct Config {
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
     pub sinks: IndexMap<String, Sink>,
+    pub pipelines: IndexMap<String, crate::pipeline::spec::Pipeline>,
     pub connectors: Registry,
     /// Where each value of the config file is, for problems found when building.
     pub locations: Locations,
@@ -179,7 +180,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
     let top = parse_top(&doc, &mut diags);
     let base_dir = match file.parent() {
         Some(p) if from_file && !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+        _ => PathBuf::new(),
     };
 
     let listen = match &top.listen {
@@ -247,6 +248,14 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         }
     }
 
+    let engine = crate::pipeline::expr::Engine::new();
+    let scope = crate::pipeline::spec::Scope {
+        sources: &sources,
+        sinks: &sinks,
+        engine: &engine,
+    };
+    let pipelines = crate::pipeline::spec::load_dirs(&pipeline_dirs, &scope, &mut diags);
+
     if !diags.is_empty() {
         diags
             .0
@@ -274,6 +283,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         pipeline_dirs,
         sources,
         sinks,
+        pipelines,
         connectors,
         locations: doc.loc,
     })
@@ -649,8 +659,18 @@ fn check_source(
 mod tests {
     use super::*;
 
+    /// Loads `text` without the repository's own `pipelines/` dir (appended last, so line
+    /// numbers stay).
+    fn load(text: &str, from_file: bool) -> Result<Config, Diagnostics> {
+        load_text(
+            Path::new("perkflow.yaml"),
+            from_file,
+            &format!("{text}\npipelines: []\n"),
+        )
+    }
+
     fn errors(text: &str) -> String {
-        match load_text(Path::new("perkflow.yaml"), true, text) {
+        match load(text, true) {
             Ok(_) => String::new(),
             Err(d) => d.to_string(),
         }
@@ -658,7 +678,7 @@ mod tests {
 
     #[test]
     fn empty_config_uses_defaults() {
-        let c = load_text(Path::new("perkflow.yaml"), false, "").unwrap();
+        let c = load("", false).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.durability, Durability::Fsync);
         assert_eq!(c.max_body, 1 << 20);
@@ -738,10 +758,12 @@ sources:
             "{out}"
         );
         // A document that is not a mapping keeps its single error.
+        let not_a_map = load_text(Path::new("perkflow.yaml"), true, "- a\n")
+            .unwrap_err()
+            .to_string();
         assert!(
-            errors("- a\n").starts_with("perkflow.yaml:1:1: invalid type"),
-            "{}",
-            errors("- a\n")
+            not_a_map.starts_with("perkflow.yaml:1:1: invalid type"),
+            "{not_a_map}"
         );
     }
 
@@ -791,7 +813,7 @@ sinks:
   sms:      { connector: twilio_sms, account_sid: ${TWILIO_ACCOUNT_SID}, auth_token: ${TWILIO_AUTH_TOKEN}, from: \"+15550100\" }
   rewards:  { connector: giftcard, email: ${GC_EMAIL}, access_token: ${GC_ACCESS_TOKEN} }
 ";
-        let c = load_text(Path::new("perkflow.yaml"), true, text).unwrap();
+        let c = load(text, true).unwrap();
         assert_eq!(c.sources.len(), 7);
         assert_eq!(c.sinks.len(), 2);
         assert_eq!(c.public_url.as_deref(), Some("https://hooks.example.com"));
@@ -800,7 +822,7 @@ sinks:
     #[test]
     fn sinks_are_checked_against_their_connector_params() {
         let ok = "sinks:\n  sms: { connector: twilio_sms, account_sid: ${A}, auth_token: ${B}, from: \"+15550100\", rate: 5/s }\n  rewards: { connector: giftcard, email: ${GC_EMAIL}, access_token: ${GC_ACCESS_TOKEN}, base_url: https://stage.example.com/ }\n";
-        let c = load_text(Path::new("perkflow.yaml"), true, ok).unwrap();
+        let c = load(ok, true).unwrap();
         assert_eq!(c.sinks["sms"].rate, Some(5.0));
         assert_eq!(
             c.sinks["rewards"].base_url.as_deref(),

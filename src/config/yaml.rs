@@ -33,6 +33,11 @@ impl Locations {
     pub fn value(&self, path: &str) -> (usize, usize) {
         self.find(&self.values, path)
     }
+    /// Whether a value exists at exactly `path`.
+    pub fn has(&self, path: &str) -> bool {
+        self.values.contains_key(path)
+    }
+
     /// `(line, col)` of the key at `path` (falls back to its value, then its parent).
     pub fn key(&self, path: &str) -> (usize, usize) {
         match self.keys.get(path) {
@@ -266,7 +271,12 @@ impl<'a> Document<'a> {
         let Some(place) = self.loc.values.get(path) else {
             return Err(Diagnostic::new(self.file, 1, 1, path, "missing"));
         };
-        let slice = &self.text[place.start..place.end.max(place.start)];
+        let mut slice = &self.text[place.start..place.end.max(place.start)];
+        // The span runs up to where the parser noticed the next node, which in block style is
+        // on a later line (possibly after its `- ` or key): the last partial line is not ours.
+        if let Some(nl) = slice.rfind('\n') {
+            slice = &slice[..nl];
+        }
         let mut sub = "\n".repeat(place.line.saturating_sub(1));
         sub.push_str(&" ".repeat(place.col.saturating_sub(1)));
         sub.push_str(slice);
@@ -424,6 +434,18 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(restore(&s.a), "${X_Y}");
         assert_eq!(protect("a: ${unclosed\n"), "a: ${unclosed\n");
+    }
+
+    #[test]
+    fn sequence_items_parse_alone() {
+        let text = "steps:\n  - when: \"x\"\n  - set:\n      a: b\n  - { deliver: 1 }\n";
+        let doc = Document::index(Path::new("f"), text).unwrap();
+        let v: serde_yaml::Value = doc.parse_at("steps[0]").unwrap();
+        assert_eq!(v["when"], "x");
+        let v: serde_yaml::Value = doc.parse_at("steps[1]").unwrap();
+        assert_eq!(v["set"]["a"], "b");
+        let v: serde_yaml::Value = doc.parse_at("steps[2]").unwrap();
+        assert_eq!(v["deliver"], 1);
     }
 
     #[test]

@@ -3,3 +3,6 @@
 
 pub mod expr;
 pub mod filters;
+pub mod run;
+pub mod spec;
+pub mod test_case;

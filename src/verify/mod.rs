@@ -31,6 +31,19 @@ pub struct RawRequest<S> {
     _state: PhantomData<S>,
 }
 
+impl RawRequest<Verified> {
+    /// A fixture from the operator's own disk (`perkflow test` and `run`): trusted as is.
+    /// Never for anything that came over the network.
+    pub fn trusted_fixture(headers: HeaderMap, body: Bytes) -> Self {
+        RawRequest {
+            headers,
+            body,
+            url: String::new(),
+            _state: PhantomData,
+        }
+    }
+}
+
 impl RawRequest<Unverified> {
     pub fn new(headers: HeaderMap, body: Bytes, url: String) -> Self {
         RawRequest {

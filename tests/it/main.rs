@@ -7,3 +7,4 @@ mod helpers;
 mod ingest;
 mod paypal_api;
 mod paypal_fetch;
+mod pipelines;

@@ -1,0 +1,352 @@
+//! Running a pipeline on one event: pure (no I/O), every step recorded.
+
+use super::expr::Engine;
+use super::spec::{Pipeline, Step, Tmpl};
+use indexmap::IndexMap;
+use serde::Serialize;
+use serde_json::{json, Map, Value as Json};
+
+/// Names every run provides; `set` cannot overwrite them.
+pub const RESERVED: &[&str] = &["event", "source", "type", "event_id", "headers"];
+
+/// The event a run starts from.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventInput {
+    pub source: String,
+    pub event_type: String,
+    pub event_id: String,
+    pub headers: Map<String, Json>,
+    /// The payload parsed as JSON (`null` when it is not JSON).
+    pub event: Json,
+}
+
+/// A sink action a run asks for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivery {
+    pub step: String,
+    pub sink: String,
+    pub action: String,
+    pub with: Json,
+}
+
+impl Delivery {
+    pub fn to(&self) -> String {
+        format!("{}.{}", self.sink, self.action)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    /// A `when` was false.
+    Filtered {
+        step: String,
+    },
+    /// A field could not be evaluated: the run delivers nothing.
+    Failed {
+        step: String,
+        error: String,
+    },
+}
+
+/// One step's record in the trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTrace {
+    pub step: String,
+    pub detail: Json,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub pipeline: String,
+    pub outcome: Outcome,
+    pub steps: Vec<StepTrace>,
+    pub vars: IndexMap<String, Json>,
+    pub deliveries: Vec<Delivery>,
+}
+
+struct State<'a> {
+    engine: &'a Engine,
+    pipeline: &'a str,
+    ctx: Map<String, Json>,
+    vars: IndexMap<String, Json>,
+    steps: Vec<StepTrace>,
+    deliveries: Vec<Delivery>,
+}
+
+enum Flow {
+    Continue,
+    Stop(Outcome),
+}
+
+/// Runs `p` on `input`. A failed run delivers nothing.
+pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
+    let mut ctx = Map::new();
+    ctx.insert("event".into(), input.event.clone());
+    ctx.insert("source".into(), json!(input.source));
+    ctx.insert("type".into(), json!(input.event_type));
+    ctx.insert("event_id".into(), json!(input.event_id));
+    ctx.insert("headers".into(), Json::Object(input.headers.clone()));
+    let mut st = State {
+        engine,
+        pipeline: &p.name,
+        ctx,
+        vars: IndexMap::new(),
+        steps: Vec::new(),
+        deliveries: Vec::new(),
+    };
+    let outcome = match run_steps(&mut st, &p.steps) {
+        Flow::Continue => Outcome::Completed,
+        Flow::Stop(o) => o,
+    };
+    if matches!(outcome, Outcome::Failed { .. }) {
+        st.deliveries.clear();
+    }
+    Run {
+        pipeline: p.name.clone(),
+        outcome,
+        steps: st.steps,
+        vars: st.vars,
+        deliveries: st.deliveries,
+    }
+}
+
+fn run_steps(st: &mut State, steps: &[Step]) -> Flow {
+    for step in steps {
+        if let Flow::Stop(o) = run_step(st, step) {
+            return Flow::Stop(o);
+        }
+    }
+    Flow::Continue
+}
+
+fn fail(st: &State, step: &str, error: String) -> Flow {
+    Flow::Stop(Outcome::Failed {
+        step: step.to_string(),
+        error: format!("pipeline `{}`, {step}: {error}", st.pipeline),
+    })
+}
+
+fn run_step(st: &mut State, step: &Step) -> Flow {
+    let ctx = Json::Object(st.ctx.clone());
+    match step {
+        Step::When { path, expr } => match st.engine.condition(expr, &ctx) {
+            Ok(true) => {
+                st.steps.push(StepTrace {
+                    step: path.clone(),
+                    detail: json!({"when": expr, "result": true}),
+                });
+                Flow::Continue
+            }
+            Ok(false) => {
+                st.steps.push(StepTrace {
+                    step: path.clone(),
+                    detail: json!({"when": expr, "result": false}),
+                });
+                Flow::Stop(Outcome::Filtered { step: path.clone() })
+            }
+            Err(e) => fail(st, path, e),
+        },
+        Step::Set { path, vars } => {
+            let mut done = Map::new();
+            for (name, t) in vars {
+                let ctx = Json::Object(st.ctx.clone());
+                match eval_tree(st.engine, t, &ctx) {
+                    Ok(v) => {
+                        st.ctx.insert(name.clone(), v.clone());
+                        st.vars.insert(name.clone(), v.clone());
+                        done.insert(name.clone(), v);
+                    }
+                    Err(e) => return fail(st, &format!("{path}.{name}"), e),
+                }
+            }
+            st.steps.push(StepTrace {
+                step: path.clone(),
+                detail: Json::Object(done),
+            });
+            Flow::Continue
+        }
+        Step::Switch {
+            path,
+            cases,
+            default,
+        } => {
+            for (i, (cond, steps)) in cases.iter().enumerate() {
+                match st.engine.condition(cond, &ctx) {
+                    Ok(true) => {
+                        st.steps.push(StepTrace {
+                            step: path.clone(),
+                            detail: json!({"case": i, "when": cond}),
+                        });
+                        return run_steps(st, steps);
+                    }
+                    Ok(false) => {}
+                    Err(e) => return fail(st, &format!("{path}.cases[{i}].when"), e),
+                }
+            }
+            st.steps.push(StepTrace {
+                step: path.clone(),
+                detail: json!({"case": "default"}),
+            });
+            run_steps(st, default)
+        }
+        Step::Deliver {
+            path,
+            sink,
+            action,
+            when,
+            with,
+        } => {
+            if let Some(w) = when {
+                match st.engine.condition(w, &ctx) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        st.steps.push(StepTrace {
+                            step: path.clone(),
+                            detail: json!({"to": format!("{sink}.{action}"), "skipped": w}),
+                        });
+                        return Flow::Continue;
+                    }
+                    Err(e) => return fail(st, &format!("{path}.when"), e),
+                }
+            }
+            let mut out = Map::new();
+            for (k, t) in with {
+                match eval_tree(st.engine, t, &ctx) {
+                    Ok(v) => {
+                        out.insert(k.clone(), v);
+                    }
+                    Err(e) => return fail(st, &format!("{path}.with.{k}"), e),
+                }
+            }
+            let d = Delivery {
+                step: path.clone(),
+                sink: sink.clone(),
+                action: action.clone(),
+                with: Json::Object(out),
+            };
+            st.steps.push(StepTrace {
+                step: path.clone(),
+                detail: json!({"to": d.to(), "with": d.with}),
+            });
+            st.deliveries.push(d);
+            Flow::Continue
+        }
+    }
+}
+
+fn eval_tree(engine: &Engine, t: &Tmpl, ctx: &Json) -> Result<Json, String> {
+    match t {
+        Tmpl::Field(f) => engine.eval(f, ctx),
+        Tmpl::Literal(v) => Ok(v.clone()),
+        Tmpl::List(items) => items
+            .iter()
+            .map(|x| eval_tree(engine, x, ctx))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Json::Array),
+        Tmpl::Map(m) => {
+            let mut out = Map::new();
+            for (k, x) in m {
+                out.insert(k.clone(), eval_tree(engine, x, ctx)?);
+            }
+            Ok(Json::Object(out))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::diagnostic::Diagnostics;
+    use crate::pipeline::spec::{load_one, Scope};
+    use serde_json::json;
+
+    fn pipeline(steps: &str) -> Pipeline {
+        let cfg = crate::config::load_text(
+            std::path::Path::new("perkflow.yaml"),
+            true,
+            "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b }\npipelines: []\n",
+        )
+        .unwrap();
+        let engine = Engine::new();
+        let scope = Scope {
+            sources: &cfg.sources,
+            sinks: &cfg.sinks,
+            engine: &engine,
+        };
+        let text =
+            format!("pipeline: t\non: {{ source: shop, events: [orders/paid] }}\nsteps:\n{steps}");
+        let mut diags = Diagnostics::default();
+        load_one(std::path::Path::new("t.yaml"), &text, &scope, &mut diags)
+            .unwrap_or_else(|| panic!("{diags}"))
+    }
+
+    fn input(total: &str, phone: Json) -> EventInput {
+        EventInput {
+            source: "shop".into(),
+            event_type: "orders/paid".into(),
+            event_id: "e1".into(),
+            headers: Map::new(),
+            event: json!({"total_price": total, "currency": "USD", "customer": {"phone": phone}}),
+        }
+    }
+
+    const STEPS: &str = r#"  - set: { cents: "{{ (event.total_price | money(event.currency)).minor }}" }
+  - switch:
+      cases:
+        - when: "cents >= 10000"
+          steps: [ { set: { tier: gold } } ]
+        - when: "cents >= 5000"
+          steps: [ { set: { tier: silver } } ]
+      default: [ { set: { tier: bronze } } ]
+  - deliver: { to: sms.send_sms, when: "event.customer.phone", with: { to: "{{ event.customer.phone }}", body: "{{ tier }}" } }
+  - when: "tier != 'bronze'"
+  - set: { done: true }
+"#;
+
+    #[test]
+    fn switch_picks_the_first_matching_case_and_deliveries_obey_their_when() {
+        let e = Engine::new();
+        let p = pipeline(STEPS);
+        let r = run(&p, &e, &input("125.00", json!("+15555550123")));
+        assert_eq!(r.outcome, Outcome::Completed);
+        assert_eq!(r.vars["tier"], json!("gold"));
+        assert_eq!(r.vars["done"], json!(true));
+        assert_eq!(r.deliveries.len(), 1);
+        assert_eq!(
+            r.deliveries[0].with,
+            json!({"to": "+15555550123", "body": "gold"})
+        );
+        let r = run(&p, &e, &input("60.00", Json::Null));
+        assert_eq!(r.vars["tier"], json!("silver"));
+        assert!(r.deliveries.is_empty(), "the SMS needs a phone");
+        let r = run(&p, &e, &input("10.00", json!("+15555550123")));
+        assert_eq!(
+            r.outcome,
+            Outcome::Filtered {
+                step: "steps[3].when".into()
+            }
+        );
+        assert_eq!(r.deliveries.len(), 1, "deliveries before the filter stand");
+        assert!(!r.vars.contains_key("done"));
+    }
+
+    #[test]
+    fn a_failing_field_fails_the_run_visibly_and_delivers_nothing() {
+        let e = Engine::new();
+        let p = pipeline(STEPS);
+        let r = run(&p, &e, &input("not money", json!("+15555550123")));
+        match &r.outcome {
+            Outcome::Failed { step, error } => {
+                assert_eq!(step, "steps[0].set.cents");
+                assert!(
+                    error.starts_with("pipeline `t`, steps[0].set.cents: "),
+                    "{error}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(r.deliveries.is_empty());
+    }
+}

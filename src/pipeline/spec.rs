@@ -1,0 +1,464 @@
+//! `pipelines/*.yaml`: one pipeline per file, parsed step by step (every problem reported
+//! with `file:line:col`) and checked against the config (source, event types, sinks) and the
+//! expression engine (every template compiles).
+
+use super::expr::{Engine, Field};
+use crate::config::diagnostic::{did_you_mean, Diagnostic, Diagnostics};
+use crate::config::yaml::{join, Document};
+use crate::config::{Sink, Source};
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineSpec {
+    pipeline: String,
+    on: OnSpec,
+    // Parsed entry by entry below.
+    #[allow(dead_code)]
+    steps: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    tests: Vec<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnSpec {
+    pub source: String,
+    pub events: Vec<String>,
+}
+
+/// One step, as written: a single-key map.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum StepSpec {
+    /// A condition: false ends the run (recorded as filtered).
+    When(String),
+    /// Named variables, evaluated in order.
+    Set(IndexMap<String, serde_yaml::Value>),
+    /// The first case whose `when` holds runs its steps; else `default`.
+    Switch(SwitchSpec),
+    /// A sink action.
+    Deliver(DeliverSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchSpec {
+    cases: Vec<CaseSpec>,
+    #[serde(default)]
+    default: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseSpec {
+    when: String,
+    steps: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliverSpec {
+    to: String,
+    #[serde(default)]
+    when: Option<String>,
+    #[serde(default)]
+    with: IndexMap<String, serde_yaml::Value>,
+}
+
+/// Reads an enum written as a single-key map (`- when: "…"`), keeping exact error places.
+struct SingleKey<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for SingleKey<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_yaml::with::singleton_map_recursive::deserialize(d).map(SingleKey)
+    }
+}
+
+/// A value tree whose strings are compiled fields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tmpl {
+    Field(Field),
+    List(Vec<Tmpl>),
+    Map(IndexMap<String, Tmpl>),
+    Literal(Json),
+}
+
+/// A checked step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    When {
+        path: String,
+        expr: String,
+    },
+    Set {
+        path: String,
+        vars: IndexMap<String, Tmpl>,
+    },
+    Switch {
+        path: String,
+        cases: Vec<(String, Vec<Step>)>,
+        default: Vec<Step>,
+    },
+    Deliver {
+        path: String,
+        sink: String,
+        action: String,
+        when: Option<String>,
+        with: IndexMap<String, Tmpl>,
+    },
+}
+
+/// A pipeline test case, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestSpec {
+    pub name: String,
+    pub fixture: PathBuf,
+    #[serde(default)]
+    pub headers: IndexMap<String, String>,
+    #[serde(default)]
+    pub expect: ExpectSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectSpec {
+    /// Exactly these deliveries, in order; each `with` matched partially.
+    #[serde(default)]
+    pub deliveries: Option<Vec<ExpectedDelivery>>,
+    /// Variables after the run, matched partially.
+    #[serde(default)]
+    pub values: IndexMap<String, serde_yaml::Value>,
+    /// The run ends in a `when` that is false.
+    #[serde(default)]
+    pub filtered: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedDelivery {
+    pub to: String,
+    #[serde(default)]
+    pub with: IndexMap<String, serde_yaml::Value>,
+}
+
+/// A checked pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    pub on: OnSpec,
+    pub steps: Vec<Step>,
+    pub tests: Vec<TestSpec>,
+}
+
+/// What a pipeline may refer to.
+pub struct Scope<'a> {
+    pub sources: &'a IndexMap<String, Source>,
+    pub sinks: &'a IndexMap<String, Sink>,
+    pub engine: &'a Engine,
+}
+
+/// Loads every `*.yaml` in `dirs`; problems go to `diags`.
+pub fn load_dirs(
+    dirs: &[PathBuf],
+    scope: &Scope,
+    diags: &mut Diagnostics,
+) -> IndexMap<String, Pipeline> {
+    let mut out: IndexMap<String, Pipeline> = IndexMap::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                diags.push(Diagnostic::new(
+                    dir,
+                    0,
+                    0,
+                    "",
+                    format!("cannot read pipelines dir: {e}"),
+                ));
+                continue;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = match std::fs::read_to_string(&f) {
+                Ok(t) => t,
+                Err(e) => {
+                    diags.push(Diagnostic::new(&f, 0, 0, "", format!("cannot read: {e}")));
+                    continue;
+                }
+            };
+            if let Some(p) = load_one(&f, &text, scope, diags) {
+                if let Some(prev) = out.get(&p.name) {
+                    diags.push(Diagnostic::new(
+                        &f,
+                        1,
+                        1,
+                        "pipeline",
+                        format!(
+                            "pipeline `{}` is also defined in {}",
+                            p.name,
+                            prev.file.display()
+                        ),
+                    ));
+                    continue;
+                }
+                out.insert(p.name.clone(), p);
+            }
+        }
+    }
+    out
+}
+
+/// Parses and checks one pipeline file.
+pub fn load_one(
+    file: &Path,
+    text: &str,
+    scope: &Scope,
+    diags: &mut Diagnostics,
+) -> Option<Pipeline> {
+    let doc = match Document::index(file, text) {
+        Ok(d) => d,
+        Err(d) => {
+            diags.push(d);
+            return None;
+        }
+    };
+    let spec: PipelineSpec = match doc.parse() {
+        Ok(s) => s,
+        Err(d) => {
+            diags.push(d);
+            return None;
+        }
+    };
+    let before = diags.len();
+    check_on(&doc, &spec.on, scope, diags);
+    let steps = parse_steps(&doc, "steps", scope, diags);
+    let mut tests = Vec::new();
+    for i in 0..spec.tests.len() {
+        match doc.parse_at::<TestSpec>(&format!("tests[{i}]")) {
+            Ok(t) => tests.push(t),
+            Err(d) => diags.push(d),
+        }
+    }
+    (diags.len() == before).then(|| Pipeline {
+        name: spec.pipeline,
+        file: file.to_path_buf(),
+        on: spec.on,
+        steps,
+        tests,
+    })
+}
+
+fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics) {
+    let Some(src) = scope.sources.get(&on.source) else {
+        let hint = did_you_mean(&on.source, scope.sources.keys().map(String::as_str))
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        diags.push(doc.at(
+            "on.source",
+            format!(
+                "unknown source `{}`{hint}: sources are defined in the config",
+                on.source
+            ),
+        ));
+        return;
+    };
+    if on.events.is_empty() {
+        diags.push(doc.at("on.events", "list at least one event type"));
+    }
+    for (i, ev) in on.events.iter().enumerate() {
+        if !src.def.events.contains(ev) {
+            let hint = did_you_mean(ev, src.def.events.iter().map(String::as_str))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            diags.push(doc.at(
+                &format!("on.events[{i}]"),
+                format!(
+                    "connector `{}` does not emit `{ev}`{hint}; it emits: {}",
+                    src.connector,
+                    src.def.events.join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+/// The steps of the list at `path`, each parsed on its own.
+fn parse_steps(doc: &Document, path: &str, scope: &Scope, diags: &mut Diagnostics) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for i in 0.. {
+        let spath = format!("{path}[{i}]");
+        if !doc.loc.has(&spath) {
+            break;
+        }
+        match doc.parse_at::<SingleKey<StepSpec>>(&spath) {
+            Ok(SingleKey(spec)) => {
+                if let Some(step) = check_step(doc, &spath, spec, scope, diags) {
+                    steps.push(step);
+                }
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+    steps
+}
+
+fn check_step(
+    doc: &Document,
+    path: &str,
+    spec: StepSpec,
+    scope: &Scope,
+    diags: &mut Diagnostics,
+) -> Option<Step> {
+    let before = diags.len();
+    let step = match spec {
+        StepSpec::When(expr) => {
+            let p = join(path, "when");
+            if let Err(m) = scope.engine.check_condition(&expr) {
+                diags.push(doc.at(&p, m));
+            }
+            Step::When { path: p, expr }
+        }
+        StepSpec::Set(vars) => {
+            let mut out = IndexMap::new();
+            for (k, v) in vars {
+                let p = join(&join(path, "set"), &k);
+                if super::run::RESERVED.contains(&k.as_str()) {
+                    diags.push(doc.at_key(
+                        &p,
+                        format!("`{k}` is provided by every run and cannot be set"),
+                    ));
+                }
+                out.insert(k, compile_tree(doc, &p, &v, scope.engine, diags));
+            }
+            Step::Set {
+                path: join(path, "set"),
+                vars: out,
+            }
+        }
+        StepSpec::Switch(sw) => {
+            let spath = join(path, "switch");
+            let mut cases = Vec::new();
+            for (i, c) in sw.cases.iter().enumerate() {
+                let cpath = format!("{spath}.cases[{i}]");
+                if let Err(m) = scope.engine.check_condition(&c.when) {
+                    diags.push(doc.at(&join(&cpath, "when"), m));
+                }
+                let _ = &c.steps;
+                cases.push((
+                    c.when.clone(),
+                    parse_steps(doc, &join(&cpath, "steps"), scope, diags),
+                ));
+            }
+            let default = if sw.default.is_empty() {
+                Vec::new()
+            } else {
+                parse_steps(doc, &join(&spath, "default"), scope, diags)
+            };
+            Step::Switch {
+                path: spath,
+                cases,
+                default,
+            }
+        }
+        StepSpec::Deliver(d) => {
+            let dpath = join(path, "deliver");
+            let Some((sink, action)) = d.to.split_once('.') else {
+                diags.push(doc.at(
+                    &join(&dpath, "to"),
+                    format!("`{}`: write the target as `<sink>.<action>`", d.to),
+                ));
+                return None;
+            };
+            if !scope.sinks.contains_key(sink) {
+                let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                let known: Vec<&str> = scope.sinks.keys().map(String::as_str).collect();
+                diags.push(doc.at(
+                    &join(&dpath, "to"),
+                    format!(
+                        "unknown sink `{sink}`{hint}; sinks in the config: {}",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if let Some(w) = &d.when {
+                if let Err(m) = scope.engine.check_condition(w) {
+                    diags.push(doc.at(&join(&dpath, "when"), m));
+                }
+            }
+            let mut with = IndexMap::new();
+            for (k, v) in d.with {
+                let p = join(&join(&dpath, "with"), &k);
+                with.insert(k, compile_tree(doc, &p, &v, scope.engine, diags));
+            }
+            Step::Deliver {
+                path: dpath,
+                sink: sink.to_string(),
+                action: action.to_string(),
+                when: d.when,
+                with,
+            }
+        }
+    };
+    (diags.len() == before).then_some(step)
+}
+
+/// Compiles every string of a YAML value as a field (reporting at its own place).
+fn compile_tree(
+    doc: &Document,
+    path: &str,
+    v: &serde_yaml::Value,
+    engine: &Engine,
+    diags: &mut Diagnostics,
+) -> Tmpl {
+    match v {
+        serde_yaml::Value::String(s) => match engine.field(&crate::config::yaml::restore(s)) {
+            Ok(f) => Tmpl::Field(f),
+            Err(m) => {
+                diags.push(doc.at(path, m));
+                Tmpl::Literal(Json::Null)
+            }
+        },
+        serde_yaml::Value::Sequence(items) => Tmpl::List(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| compile_tree(doc, &format!("{path}[{i}]"), x, engine, diags))
+                .collect(),
+        ),
+        serde_yaml::Value::Mapping(m) => Tmpl::Map(
+            m.iter()
+                .map(|(k, x)| {
+                    let key = match k {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        other => serde_yaml::to_string(other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string(),
+                    };
+                    let t = compile_tree(doc, &join(path, &key), x, engine, diags);
+                    (key, t)
+                })
+                .collect(),
+        ),
+        other => Tmpl::Literal(serde_json::to_value(other).unwrap_or(Json::Null)),
+    }
+}

@@ -1,0 +1,105 @@
+//! Pipelines through the CLI: the shipped pipelines' tests, a failing test's diff, dry runs,
+//! and `check` errors in pipeline files with their exact places.
+
+use crate::helpers::*;
+use std::process::Command;
+
+fn perkflow(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_shipped_pipeline_passes_its_tests() {
+    let (code, out, err) = perkflow(&repo(""), &["test"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let summary = out.lines().last().unwrap_or_default();
+    assert!(summary.ends_with("passed, 0 failed"), "{out}");
+    let passed: usize = summary.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(passed >= 6, "{out}");
+}
+
+#[test]
+fn dry_run_shows_steps_and_deliveries_and_sends_nothing() {
+    let (code, out, err) = perkflow(
+        &repo(""),
+        &[
+            "run",
+            "shopify-order-points",
+            "--fixture",
+            "fixtures/shopify/orders-paid.json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("step  steps[1].set") && out.contains("\"points\":1255"),
+        "{out}"
+    );
+    assert!(out.contains("deliver sms.send_sms"), "{out}");
+    assert!(out.contains("\"outcome\":\"completed\""), "{out}");
+}
+
+const CONFIG: &str = "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b }\n";
+
+fn project(pipeline: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("perkflow.yaml"), CONFIG).unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(dir.path().join("pipelines/p.yaml"), pipeline).unwrap();
+    std::fs::create_dir_all(dir.path().join("fixtures")).unwrap();
+    for f in ["orders-paid.json", "orders-paid.headers.yaml"] {
+        std::fs::copy(
+            repo(&format!("fixtures/shopify/{f}")),
+            dir.path().join("fixtures").join(f),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+#[test]
+fn a_failing_test_shows_what_differs() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - set: { points: \"{{ 2 * 2 }}\" }\n  - deliver: { to: sms.send_sms, with: { body: \"{{ points }} points\" } }\ntests:\n  - name: wrong expectation\n    fixture: fixtures/orders-paid.json\n    expect:\n      values: { points: 5 }\n      deliveries: [{ to: sms.send_sms, with: { body: \"5 points\" } }]\n",
+    );
+    let (code, out, err) = perkflow(dir.path(), &["test"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("FAIL  p :: wrong expectation"), "{out}");
+    assert!(
+        out.contains("deliveries[0].with.body: expected \"5 points\", got \"4 points\""),
+        "{out}"
+    );
+    assert!(out.contains("values.points: expected 5, got 4"), "{out}");
+    assert!(out.trim_end().ends_with("0 passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn check_reports_pipeline_problems_at_their_place() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/payed] }\nsteps:\n  - wen: \"true\"\n  - set: { x: \"{{ 1 + }}\" }\n  - deliver: { to: smss.send_sms }\n  - deliver: { to: nodot }\n",
+    );
+    let (code, _out, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines[0].starts_with("pipelines/p.yaml:2:30: on.events[0]: connector `shopify` does not emit `orders/payed` (did you mean `orders/paid`?)"), "{err}");
+    assert!(
+        lines[1].starts_with("pipelines/p.yaml:4:5: steps[0]: unknown variant `wen`")
+            && lines[1].contains("(did you mean `when`?)"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with("pipelines/p.yaml:5:15: steps[1].set.x: syntax error"),
+        "{err}"
+    );
+    assert_eq!(lines[3], "pipelines/p.yaml:6:20: steps[2].deliver.to: unknown sink `smss` (did you mean `sms`?); sinks in the config: sms");
+    assert_eq!(lines[4], "pipelines/p.yaml:7:20: steps[3].deliver.to: `nodot`: write the target as `<sink>.<action>`");
+    assert_eq!(lines.last().copied(), Some("5 problems found"));
+}
