@@ -47,6 +47,7 @@ pub struct SinkRuntime {
 pub struct Runtime {
     pub sources: IndexMap<String, SourceRuntime>,
     pub sinks: IndexMap<String, SinkRuntime>,
+    pub pipelines: IndexMap<String, crate::pipeline::spec::Pipeline>,
 }
 
 /// Resolves secrets and builds every verifier; every problem is reported.
@@ -111,7 +112,11 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
         );
     }
     if diags.is_empty() {
-        Ok(Runtime { sources, sinks })
+        Ok(Runtime {
+            sources,
+            sinks,
+            pipelines: cfg.pipelines.clone(),
+        })
     } else {
         Err(diags)
     }
@@ -124,6 +129,8 @@ pub struct AppState {
     pub inbox: Arc<dyn Inbox>,
     pub metrics: Option<PrometheusHandle>,
     pub admin: AdminAccess,
+    /// Wakes the pipeline worker after an event is stored.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -138,6 +145,7 @@ impl AppState {
             inbox,
             metrics,
             admin,
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
     /// The current runtime (cheap: one `Arc` clone).
@@ -212,7 +220,20 @@ impl Prepared {
         let addr = listener.local_addr()?;
         let cfg = &self.cfg;
         tracing::info!(%addr, data_dir = %cfg.data_dir.display(), sources = cfg.sources.len(), durability = ?cfg.durability, "perkflow is serving");
+        let worker_stop = CancellationToken::new();
+        let worker = {
+            let state = self.state.clone();
+            tokio::spawn(crate::worker::run_worker(
+                self.store.clone(),
+                move || state.runtime(),
+                self.state.wake.clone(),
+                worker_stop.clone(),
+            ))
+        };
         crate::http::serve(listener, router(self.state), shutdown).await?;
+        // Requests are drained; the worker finishes the event it is on.
+        worker_stop.cancel();
+        let _ = worker.await;
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
             .await?

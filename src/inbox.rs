@@ -96,6 +96,10 @@ pub trait Inbox: Send + Sync + 'static {
     fn list(&self, query: &EventQuery) -> Result<EventPage, StoreError>;
     /// One stored event and whether it still waits for processing.
     fn get(&self, id: &str) -> Result<Option<(StoredEvent, bool)>, StoreError>;
+    /// The pipeline runs recorded for an event.
+    fn trace(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
+    /// Outbox jobs, at most `limit`.
+    fn jobs(&self, limit: usize) -> Result<Vec<crate::outbox::Job>, StoreError>;
 }
 
 /// Filters for [`Inbox::list`].
@@ -355,6 +359,14 @@ impl Store {
             .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode(&v)))
     }
 
+    /// Ids whose first write is not confirmed yet.
+    pub(crate) fn in_flight_ids(&self) -> std::collections::HashSet<u64> {
+        self.reserved
+            .lock()
+            .map(|r| r.values().map(|(id, _)| *id).collect())
+            .unwrap_or_default()
+    }
+
     /// How many events wait for processing.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
@@ -457,6 +469,14 @@ impl Inbox for Store {
             });
         }
         Ok(EventPage { events, next })
+    }
+
+    fn trace(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        Store::trace(self, id)
+    }
+
+    fn jobs(&self, limit: usize) -> Result<Vec<crate::outbox::Job>, StoreError> {
+        Store::jobs(self, limit)
     }
 
     fn get(&self, id: &str) -> Result<Option<(StoredEvent, bool)>, StoreError> {

@@ -203,9 +203,10 @@ fn check(path: Option<PathBuf>) -> ExitCode {
                 .map(|f| f.display().to_string())
                 .unwrap_or_else(|| "defaults".into());
             println!(
-                "{file}: ok ({} sources, {} sinks, {} connectors)",
+                "{file}: ok ({} sources, {} sinks, {} pipelines, {} connectors)",
                 cfg.sources.len(),
                 cfg.sinks.len(),
+                cfg.pipelines.len(),
                 cfg.connectors.defs.len()
             );
             ExitCode::SUCCESS

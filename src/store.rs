@@ -46,6 +46,10 @@ pub struct Store {
     pub(crate) events: sled::Tree,
     pub(crate) dedup: sled::Tree,
     pub(crate) pending: sled::Tree,
+    /// Sink actions to deliver, keyed by their idempotency key (`outbox`).
+    pub(crate) outbox: sled::Tree,
+    /// Pipeline runs per event id (`outbox`).
+    pub(crate) traces: sled::Tree,
     meta: sled::Tree,
     pub(crate) wal: Wal,
     pub(crate) durability: Durability,
@@ -94,6 +98,8 @@ impl Store {
         let store = Store {
             dedup: db.open_tree("dedup")?,
             pending: db.open_tree("pending")?,
+            outbox: db.open_tree("outbox")?,
+            traces: db.open_tree("traces")?,
             meta: db.open_tree("meta")?,
             events,
             wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())

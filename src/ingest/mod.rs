@@ -138,6 +138,9 @@ pub async fn hook(
     match app.inbox.append(events).await {
         Ok(done) => {
             let duplicate = done.iter().all(|a| a.duplicate);
+            if !duplicate {
+                app.wake.notify_one();
+            }
             count(
                 &name,
                 if duplicate { "duplicate" } else { "accepted" },

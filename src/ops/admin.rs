@@ -80,6 +80,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/api/events", get(list_events))
         .route("/api/events/{id}", get(show_event))
+        .route("/api/jobs", get(list_jobs))
         .route_layer(axum::middleware::from_fn_with_state(state, guard))
 }
 
@@ -112,6 +113,7 @@ async fn show_event(State(app): State<AppState>, Path(id): Path<String>) -> Resp
                         json!(base64::engine::general_purpose::STANDARD.encode(&ev.payload))
                 }
             }
+            out["trace"] = app.inbox.trace(&id).ok().flatten().unwrap_or(Value::Null);
             Json(out).into_response()
         }
         Ok(None) => (
@@ -119,6 +121,19 @@ async fn show_event(State(app): State<AppState>, Path(id): Path<String>) -> Resp
             Json(json!({ "error": "no such event" })),
         )
             .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct JobQuery {
+    limit: Option<usize>,
+}
+
+/// Outbox jobs (sink actions waiting for the delivery engine).
+async fn list_jobs(State(app): State<AppState>, Query(q): Query<JobQuery>) -> Response {
+    match app.inbox.jobs(q.limit.unwrap_or(100).clamp(1, 1000)) {
+        Ok(jobs) => Json(json!({ "jobs": jobs })).into_response(),
         Err(e) => store_error(e),
     }
 }

@@ -8,3 +8,4 @@ mod ingest;
 mod paypal_api;
 mod paypal_fetch;
 mod pipelines;
+mod worker;
