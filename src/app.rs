@@ -131,7 +131,12 @@ pub struct AppState {
     pub admin: AdminAccess,
     /// Wakes the pipeline worker after an event is stored.
     pub wake: Arc<tokio::sync::Notify>,
+    /// KiB of request bodies that may be in memory at once (unverified senders included).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// Request bodies held in memory at once, across all connections.
+pub const BODY_BUDGET_KIB: usize = 256 * 1024;
 
 impl AppState {
     pub fn new(
@@ -146,6 +151,7 @@ impl AppState {
             metrics,
             admin,
             wake: Arc::new(tokio::sync::Notify::new()),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_KIB)),
         }
     }
     /// The current runtime (cheap: one `Arc` clone).

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open connections at once; past it new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains.
 pub async fn serve(
@@ -22,6 +24,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let service = TowerToHyperService::new(app);
     loop {
         let (stream, peer) = tokio::select! {
@@ -36,6 +39,11 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many open connections; closing a new one");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -44,6 +52,7 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

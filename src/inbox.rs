@@ -233,17 +233,20 @@ impl Store {
                     }
                     continue;
                 }
-                if let Some(prior) = self.dedup.get(&key)?.as_deref().and_then(dedup_target) {
-                    // A dedup entry whose event is missing (a crash between unacknowledged
-                    // writes) does not count.
-                    if self.events.contains_key(prior.to_be_bytes())? {
-                        staged.answers.push(Appended {
-                            id: format_id(prior),
-                            duplicate: true,
-                        });
-                        staged.needs_barrier = true;
-                        continue;
+                let prior = match self.live_dedup(&key) {
+                    Ok(p) => p,
+                    Err(err) => {
+                        self.undo(&mut reserved, &staged.fresh, false);
+                        return Err(err);
                     }
+                };
+                if let Some(prior) = prior {
+                    staged.answers.push(Appended {
+                        id: format_id(prior),
+                        duplicate: true,
+                    });
+                    staged.needs_barrier = true;
+                    continue;
                 }
                 // Reserved (duplicates now wait for this one) and queued in log order.
                 staged.writes.push(match self.durability {
@@ -290,13 +293,14 @@ impl Store {
     ) {
         for f in fresh {
             if !ok {
-                let _ = self.events.remove(f.id.to_be_bytes());
-                let _ = self.pending.remove(f.id.to_be_bytes());
+                // Dedup entry first: it must never point at a removed event.
                 if let Ok(Some(v)) = self.dedup.get(&f.key) {
                     if dedup_target(&v) == Some(f.id) {
                         let _ = self.dedup.remove(&f.key);
                     }
                 }
+                let _ = self.events.remove(f.id.to_be_bytes());
+                let _ = self.pending.remove(f.id.to_be_bytes());
             }
             if reserved.get(&f.key).is_some_and(|(id, _)| *id == f.id) {
                 reserved.remove(&f.key);
@@ -327,18 +331,42 @@ impl Store {
         let id = parse_id(&ev.meta.id)
             .ok_or_else(|| StoreError::Corrupt(format!("logged event id {}", ev.meta.id)))?;
         self.observe_id(id);
-        if self.events.contains_key(id.to_be_bytes())? {
-            return Ok(false);
-        }
         let key = dedup_key(&ev.meta.source, &ev.meta.vendor_id);
-        // Never a second event for one vendor id.
-        if let Some(prior) = self.dedup.get(&key)?.as_deref().and_then(dedup_target) {
-            if self.events.contains_key(prior.to_be_bytes())? {
+        let idb = id.to_be_bytes();
+        let mut repaired = false;
+        if !self.events.contains_key(idb)? {
+            // Never a second event for one vendor id.
+            if self.live_dedup(&key)?.is_some_and(|prior| prior != id) {
                 return Ok(false);
             }
+            self.events.insert(idb, record)?;
+            repaired = true;
         }
-        self.insert_event(id, &key, ev.meta.received_at_ms, record)?;
-        Ok(true)
+        // An append's three sled writes are not atomic: complete what a crash cut short.
+        if !self.pending.contains_key(idb)? && !self.traces.contains_key(idb)? {
+            self.pending.insert(idb, &[])?;
+            repaired = true;
+        }
+        if self.live_dedup(&key)?.is_none() {
+            let mut val = id.to_be_bytes().to_vec();
+            val.extend_from_slice(&ev.meta.received_at_ms.to_be_bytes());
+            self.dedup.insert(key, val)?;
+            repaired = true;
+        }
+        Ok(repaired)
+    }
+
+    /// The stored event a dedup key points at, if that event exists and really is the one
+    /// for this key (a stale entry, or one pointing at a reused id, does not count).
+    fn live_dedup(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let Some(target) = self.dedup.get(key)?.as_deref().and_then(dedup_target) else {
+            return Ok(None);
+        };
+        let Some(raw) = self.events.get(target.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let ev = decode(&raw)?;
+        Ok((dedup_key(&ev.meta.source, &ev.meta.vendor_id) == key).then_some(target))
     }
 
     /// One stored event by id.
@@ -390,46 +418,58 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The rest of an append once its records are queued: wait for the log, settle the
+    /// reservations, and wait for in-flight originals of duplicates.
+    async fn append_settled(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        let mut staged = self.append_now(&events)?;
+        let mut result = Ok(());
+        for w in staged.writes.drain(..) {
+            let r = match w.await {
+                Ok(r) => r.map_err(StoreError::Io),
+                Err(_) => Err(StoreError::Closed),
+            };
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        {
+            let mut reserved = self
+                .reserved
+                .lock()
+                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+            self.undo(&mut reserved, &staged.fresh, result.is_ok());
+        }
+        for mut original in staged.in_flight.drain(..) {
+            let ok = matches!(
+                original.wait_for(|v| v.is_some()).await.as_deref(),
+                Ok(Some(true))
+            );
+            if !ok && result.is_ok() {
+                result = Err(StoreError::Io(
+                    "the first delivery of this event could not be stored".into(),
+                ));
+            }
+        }
+        result.map(|_| staged.answers)
+    }
+}
+
 impl Inbox for Store {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>> {
+        // A task of its own: if the client goes away, the request future is dropped, but the
+        // append still finishes and settles its reservations.
+        let this = self.clone();
         Box::pin(async move {
-            let mut staged = self.append_now(&events)?;
-            let mut result = Ok(());
-            for w in staged.writes.drain(..) {
-                let r = match w.await {
-                    Ok(r) => r.map_err(StoreError::Io),
-                    Err(_) => Err(StoreError::Closed),
-                };
-                if result.is_ok() {
-                    result = r;
-                }
-            }
-            {
-                let mut reserved = self
-                    .reserved
-                    .lock()
-                    .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-                self.undo(&mut reserved, &staged.fresh, result.is_ok());
-            }
-            for mut original in staged.in_flight.drain(..) {
-                let ok = matches!(
-                    original.wait_for(|v| v.is_some()).await.as_deref(),
-                    Ok(Some(true))
-                );
-                if !ok && result.is_ok() {
-                    result = Err(StoreError::Io(
-                        "the first delivery of this event could not be stored".into(),
-                    ));
-                }
-            }
-            result.map(|_| staged.answers)
+            tokio::spawn(async move { this.append_settled(events).await })
+                .await
+                .map_err(|_| StoreError::Closed)?
         })
     }
 
     fn ready(&self) -> Result<(), StoreError> {
         Store::ready(self)
     }
-
     fn list(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
         const MAX: usize = 500;
         let limit = q.limit.unwrap_or(50).clamp(1, MAX);
@@ -653,6 +693,70 @@ mod tests {
             .map(|(_, f)| crate::wal::read_records(f).unwrap().len())
             .sum();
         assert_eq!(records, 1);
+    }
+
+    /// kill -9 can leave only some of an append's sled writes behind; the log replay
+    /// completes them (else the event is never processed and a re-delivery is stored again).
+    #[tokio::test]
+    async fn replay_completes_a_half_written_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = EventMeta {
+            id: format_id(7),
+            source: "shop".into(),
+            connector: "shopify".into(),
+            vendor_id: "half".into(),
+            event_type: "orders/paid".into(),
+            event_time: None,
+            received_at_ms: 5,
+            headers: vec![],
+        };
+        let record = encode(&meta, b"{}");
+        {
+            let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+            s.events
+                .insert(7u64.to_be_bytes(), record.as_slice())
+                .unwrap(); // events only
+            tokio::task::spawn_blocking(move || s.close())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let wal =
+            crate::wal::Wal::start(&dir.path().join("inbox-wal"), 100, None, Default::default())
+                .unwrap();
+        wal.append(record.clone().into()).await.unwrap().unwrap();
+        drop(wal);
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        assert_eq!(s.pending_len(), 1, "the event must still be processed");
+        let again = s.append(vec![ev("shop", "half")]).await.unwrap();
+        assert_eq!(
+            again[0],
+            Appended {
+                id: format_id(7),
+                duplicate: true
+            }
+        );
+    }
+
+    /// A client that goes away mid-append does not leave its vendor id stuck.
+    #[tokio::test]
+    async fn an_abandoned_append_still_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        let _ =
+            tokio::time::timeout(Duration::from_nanos(1), s.append(vec![ev("shop", "gone")])).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match s.append(vec![ev("shop", "gone")]).await {
+                Ok(a) => {
+                    assert!(a[0].duplicate);
+                    break;
+                }
+                Err(e) => assert!(std::time::Instant::now() < deadline, "still failing: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(s.events().count(), 1);
     }
 
     /// A crash after the log record was synced but before sled wrote anything: opening the

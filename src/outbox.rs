@@ -91,29 +91,49 @@ impl Store {
         Ok(out)
     }
 
-    /// Marks `event` processed, records its runs and writes its jobs, atomically. A job whose
-    /// key exists already is kept as it is (re-processing never duplicates an action).
-    pub fn complete(
-        &self,
-        event: &StoredEvent,
-        runs: &[Run],
-        jobs: &[Job],
-    ) -> Result<(), StoreError> {
-        let id = parse_id(&event.meta.id)
-            .ok_or_else(|| StoreError::Corrupt(format!("event id {}", event.meta.id)))?;
-        let trace = serde_json::to_vec(runs).map_err(|e| StoreError::Io(e.to_string()))?;
-        let encoded: Vec<(String, Vec<u8>)> = jobs
-            .iter()
-            .map(|j| serde_json::to_vec(j).map(|v| (j.key.clone(), v)))
-            .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::Io(e.to_string()))?;
+    /// Marks a batch of events processed, records their runs and writes their jobs, in one
+    /// transaction. A job whose key exists already is kept as it is (re-processing never
+    /// duplicates an action). Events no pipeline listened to leave no trace.
+    pub fn complete(&self, done: &[(&StoredEvent, Vec<Run>, Vec<Job>)]) -> Result<(), StoreError> {
+        struct Row {
+            id: u64,
+            trace: Option<Vec<u8>>,
+            jobs: Vec<(String, Vec<u8>)>,
+        }
+        let mut rows = Vec::with_capacity(done.len());
+        for (event, runs, jobs) in done {
+            let id = parse_id(&event.meta.id)
+                .ok_or_else(|| StoreError::Corrupt(format!("event id {}", event.meta.id)))?;
+            let trace = if runs.is_empty() {
+                None
+            } else {
+                Some(serde_json::to_vec(runs).map_err(|e| StoreError::Io(e.to_string()))?)
+            };
+            let jobs = jobs
+                .iter()
+                .map(|j| serde_json::to_vec(j).map(|v| (j.key.clone(), v)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| StoreError::Io(e.to_string()))?;
+            rows.push(Row { id, trace, jobs });
+        }
+        if rows.iter().all(|r| r.trace.is_none() && r.jobs.is_empty()) {
+            // Nothing to record: clearing the marks needs no transaction.
+            for r in &rows {
+                self.pending.remove(r.id.to_be_bytes())?;
+            }
+            return Ok(());
+        }
         let result =
             (&self.pending, &self.outbox, &self.traces).transaction(|(pending, outbox, traces)| {
-                pending.remove(&id.to_be_bytes())?;
-                traces.insert(&id.to_be_bytes(), trace.as_slice())?;
-                for (key, value) in &encoded {
-                    if outbox.get(key.as_bytes())?.is_none() {
-                        outbox.insert(key.as_bytes(), value.as_slice())?;
+                for r in &rows {
+                    pending.remove(&r.id.to_be_bytes())?;
+                    if let Some(t) = &r.trace {
+                        traces.insert(&r.id.to_be_bytes(), t.as_slice())?;
+                    }
+                    for (key, value) in &r.jobs {
+                        if outbox.get(key.as_bytes())?.is_none() {
+                            outbox.insert(key.as_bytes(), value.as_slice())?;
+                        }
                     }
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())

@@ -116,8 +116,16 @@ impl Store {
         let mut replayed = 0usize;
         for (_, file) in &leftover {
             for record in wal::read_records(file).map_err(|e| io("reading the log", e))? {
-                if store.apply_logged(&record)? {
-                    replayed += 1;
+                match store.apply_logged(&record) {
+                    Ok(true) => replayed += 1,
+                    Ok(false) => {}
+                    // A record that passed its checksum but does not decode was never
+                    // acknowledged as anything usable: stop this file there, keep starting.
+                    Err(StoreError::Corrupt(what)) => {
+                        tracing::warn!(file = %file.display(), %what, "undecodable inbox log record; the rest of this file is skipped");
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }

@@ -85,6 +85,10 @@ pub fn read_records(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
     while at + 8 <= data.len() {
         let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().expect("4 bytes"));
+        // The writer never writes an empty record: zeros are a pre-allocated or torn tail.
+        if len == 0 {
+            break;
+        }
         let Some(payload) = data.get(at + 8..at + 8 + len) else {
             break;
         };
@@ -194,6 +198,8 @@ struct Writer {
     file: File,
     /// Bytes of the current file known to hold whole records.
     good_len: u64,
+    /// Bytes of the current file known to be synced.
+    synced_len: u64,
     lazy_sync: Option<Duration>,
     healthy: Arc<AtomicBool>,
 }
@@ -217,15 +223,15 @@ impl Writer {
     /// Syncs. On failure with fsync durability, the unsynced tail (whose waiters are told
     /// it failed, and whose events are rolled back) is discarded so replay cannot resurrect
     /// it; with batch durability it was already acknowledged and stays.
-    fn sync(&mut self, synced_len: &mut u64) -> std::io::Result<()> {
+    fn sync(&mut self) -> std::io::Result<()> {
         match self.file.sync_data() {
             Ok(()) => {
-                *synced_len = self.good_len;
+                self.synced_len = self.good_len;
                 Ok(())
             }
             Err(e) => {
                 if self.lazy_sync.is_none() {
-                    self.good_len = *synced_len;
+                    self.good_len = self.synced_len;
                     self.discard_tail();
                 }
                 Err(e)
@@ -244,6 +250,7 @@ impl Writer {
                     self.file = f;
                     self.seq += 1;
                     self.good_len = 0;
+                    self.synced_len = 0;
                 }
                 Err(e) => tracing::error!(error = %e, "cannot start a new inbox log file"),
             }
@@ -257,6 +264,7 @@ impl Writer {
         self.file = f;
         self.seq += 1;
         self.good_len = 0;
+        self.synced_len = 0;
         Ok(sealed)
     }
 }
@@ -274,10 +282,10 @@ fn writer(
         seq,
         file,
         good_len: 0,
+        synced_len: 0,
         lazy_sync,
         healthy,
     };
-    let mut synced_len = 0u64;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut written_waiters: Vec<Reply> = Vec::new();
     let mut synced_waiters: Vec<Reply> = Vec::new();
@@ -345,7 +353,7 @@ fn writer(
             }
         };
         if result.is_ok() && due {
-            result = w.sync(&mut synced_len);
+            result = w.sync();
             unsynced_since = None;
         }
         let result = result.map_err(|e| e.to_string());
@@ -357,7 +365,6 @@ fn writer(
         reply_all(&mut synced_waiters, &result);
         for r in rotations.drain(..) {
             let _ = r.send(w.rotate());
-            synced_len = 0;
         }
     }
 }
@@ -423,18 +430,31 @@ mod tests {
             seq: 4,
             file: full,
             good_len: 0,
+            synced_len: 0,
             lazy_sync: None,
             healthy: Arc::new(AtomicBool::new(true)),
         };
         assert!(w.write(b"record").is_err());
         assert_eq!(w.seq, 5);
         w.write(b"next").unwrap();
-        let mut synced = 0;
-        w.sync(&mut synced).unwrap();
+        w.sync().unwrap();
         assert_eq!(
             std::fs::read(dir.path().join(file_name(5))).unwrap(),
             b"next"
         );
+    }
+
+    #[test]
+    fn a_zero_filled_tail_ends_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1));
+        let mut data = Vec::new();
+        data.extend_from_slice(&3u32.to_le_bytes());
+        data.extend_from_slice(&crc32fast::hash(b"one").to_le_bytes());
+        data.extend_from_slice(b"one");
+        data.extend_from_slice(&[0u8; 64]);
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(read_records(&path).unwrap(), [b"one".to_vec()]);
     }
 
     #[test]

@@ -34,43 +34,53 @@ pub fn input(ev: &StoredEvent) -> EventInput {
     }
 }
 
-/// Runs the subscribed pipelines on one event and completes it in the store.
+/// Runs the subscribed pipelines on a batch of events and completes them in the store in
+/// one transaction. Returns the number of jobs written.
 pub fn process(
     store: &Store,
     runtime: &Runtime,
     engine: &Engine,
-    ev: &StoredEvent,
+    batch: &[StoredEvent],
 ) -> Result<usize, crate::store::StoreError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let input = input(ev);
-    let mut runs = Vec::new();
-    let mut jobs = Vec::new();
-    for p in runtime.pipelines.values() {
-        if p.on.source != ev.meta.source || !p.on.events.contains(&ev.meta.event_type) {
-            continue;
-        }
-        let r = run(p, engine, &input);
-        match &r.outcome {
-            Outcome::Failed { error, .. } => {
-                tracing::warn!(event = %ev.meta.id, pipeline = %p.name, %error, "pipeline run failed; the event is kept with its trace")
+    let mut done = Vec::with_capacity(batch.len());
+    let mut n = 0;
+    for ev in batch {
+        let mut runs = Vec::new();
+        let mut jobs = Vec::new();
+        let subscribed: Vec<_> = runtime
+            .pipelines
+            .values()
+            .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
+            .collect();
+        if !subscribed.is_empty() {
+            let input = input(ev);
+            for p in subscribed {
+                let r = run(p, engine, &input);
+                match &r.outcome {
+                    Outcome::Failed { error, .. } => {
+                        tracing::warn!(event = %ev.meta.id, pipeline = %p.name, %error, "pipeline run failed; the event is kept with its trace")
+                    }
+                    Outcome::Filtered { step } => {
+                        tracing::debug!(event = %ev.meta.id, pipeline = %p.name, %step, "filtered")
+                    }
+                    Outcome::Completed => {}
+                }
+                jobs.extend(
+                    r.deliveries
+                        .iter()
+                        .map(|d| Job::from_delivery(ev, &p.name, d, now_ms)),
+                );
+                runs.push(r);
             }
-            Outcome::Filtered { step } => {
-                tracing::debug!(event = %ev.meta.id, pipeline = %p.name, %step, "filtered")
-            }
-            Outcome::Completed => {}
         }
-        jobs.extend(
-            r.deliveries
-                .iter()
-                .map(|d| Job::from_delivery(ev, &p.name, d, now_ms)),
-        );
-        runs.push(r);
+        n += jobs.len();
+        done.push((ev, runs, jobs));
     }
-    let n = jobs.len();
-    store.complete(ev, &runs, &jobs)?;
+    store.complete(&done)?;
     Ok(n)
 }
 
@@ -88,8 +98,8 @@ pub async fn run_worker(
         let done =
             tokio::task::spawn_blocking(move || -> Result<usize, crate::store::StoreError> {
                 let batch = s.pending_events(BATCH)?;
-                for ev in &batch {
-                    process(&s, &rt, &e, ev)?;
+                if !batch.is_empty() {
+                    process(&s, &rt, &e, &batch)?;
                 }
                 Ok(batch.len())
             })

@@ -52,6 +52,25 @@ pub async fn hook(
         count(&name, "rejected", "too_large");
         return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
+    // Reserve the memory this body may take before reading it: many slow senders cannot
+    // hold more than the budget between them.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(src.max_body);
+    let kib = (declared.min(src.max_body) / 1024 + 1) as u32;
+    let Ok(_budget) = app.body_budget.clone().try_acquire_many_owned(kib) else {
+        count(&name, "unavailable", "busy");
+        return (
+            [(header::RETRY_AFTER, "5")],
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests in progress, retry later",
+            ),
+        )
+            .into_response();
+    };
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, src.max_body)).await {
             Ok(Ok(b)) => b,

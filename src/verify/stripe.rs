@@ -27,6 +27,9 @@ impl std::fmt::Debug for StripeVerifier {
 }
 
 /// The parsed header: timestamp and every `v1` signature.
+/// More `v1` values than any rotation produces is an attack, not a rotation.
+const MAX_SIGNATURES: usize = 8;
+
 fn parse(value: &str) -> Result<(i64, Vec<Vec<u8>>), Rejection> {
     let mut t = None;
     let mut v1 = Vec::new();
@@ -45,8 +48,14 @@ fn parse(value: &str) -> Result<(i64, Vec<Vec<u8>>), Rejection> {
                 );
             }
             "v1" => {
+                // Only well-formed SHA-256 tags count; Stripe sends one per active secret.
                 if let Ok(sig) = hex::decode(v) {
-                    v1.push(sig);
+                    if sig.len() == 32 {
+                        v1.push(sig);
+                    }
+                }
+                if v1.len() > MAX_SIGNATURES {
+                    return Err(Rejection::Malformed("too many v1 signatures".into()));
                 }
             }
             _ => {}
@@ -72,13 +81,18 @@ impl StripeVerifier {
         let value = header(&req.headers, &self.headers)
             .ok_or_else(|| Rejection::MissingHeader(self.headers[0].clone()))?;
         let (t, sigs) = parse(value)?;
+        // One MAC per configured key, compared in constant time with every v1 value.
         let matched = self.keys.iter().any(|key| {
+            let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
+            mac.update(t.to_string().as_bytes());
+            mac.update(b".");
+            mac.update(&req.body);
+            let tag = mac.finalize().into_bytes();
             sigs.iter().any(|sig| {
-                let mut mac = HmacSha256::new_from_slice(key).expect("any key length");
-                mac.update(t.to_string().as_bytes());
-                mac.update(b".");
-                mac.update(&req.body);
-                mac.verify_slice(sig).is_ok()
+                bool::from(subtle::ConstantTimeEq::ct_eq(
+                    tag.as_slice(),
+                    sig.as_slice(),
+                ))
             })
         });
         if !matched {
@@ -185,6 +199,20 @@ mod tests {
         ));
         assert!(matches!(
             v.verify(&req("v1=abcd", BODY), at(1_700_000_000)),
+            Err(Rejection::Malformed(_))
+        ));
+        // Thousands of empty or bogus v1 values cost nothing and are refused.
+        let flood = format!("t=1700000000{}", ",v1=".repeat(5000));
+        assert!(matches!(
+            v.verify(&req(&flood, BODY), at(1_700_000_000)),
+            Err(Rejection::Malformed(_))
+        ));
+        let many = format!(
+            "t=1700000000{}",
+            format!(",v1={}", "ab".repeat(32)).repeat(9)
+        );
+        assert!(matches!(
+            v.verify(&req(&many, BODY), at(1_700_000_000)),
             Err(Rejection::Malformed(_))
         ));
         let v = StripeVerifier::new(&def(), &["whsec_test"], Some(Duration::from_secs(600)));
