@@ -2,7 +2,7 @@
 //! connectors dir. A definition only picks closed kinds (see `verify`) and fills their
 //! parameters; no Rust code branches on a connector id.
 
-use crate::config::diagnostic::{Diagnostic, Diagnostics};
+use crate::config::diagnostic::Diagnostics;
 use crate::config::scalar::{DurationSpec, Names};
 use crate::config::yaml::Document;
 use indexmap::IndexMap;
@@ -252,35 +252,10 @@ impl Registry {
         for (file, text) in BUILTIN {
             reg.add(Path::new(file), text, diags);
         }
-        for dir in dirs {
-            let entries = match std::fs::read_dir(dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    diags.push(Diagnostic::new(
-                        dir,
-                        0,
-                        0,
-                        "",
-                        format!("cannot read connectors dir: {e}"),
-                    ));
-                    continue;
-                }
-            };
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-                .collect();
-            files.sort();
-            for f in files {
-                match std::fs::read_to_string(&f) {
-                    // The shipped connectors dir holds the built-in files themselves.
-                    Ok(text) if BUILTIN.iter().any(|(_, b)| *b == text) => {}
-                    Ok(text) => reg.add(&f, &text, diags),
-                    Err(e) => {
-                        diags.push(Diagnostic::new(&f, 0, 0, "", format!("cannot read: {e}")))
-                    }
-                }
+        for (f, text) in crate::config::yaml_files(dirs, "connectors", diags) {
+            // The shipped connectors dir holds the built-in files themselves.
+            if !BUILTIN.iter().any(|(_, b)| *b == text) {
+                reg.add(&f, &text, diags);
             }
         }
         reg

@@ -350,6 +350,40 @@ impl TopSpec {
     }
 }
 
+/// Every `*.yaml`/`*.yml` file in `dirs` (sorted per dir) with its text; a missing dir is
+/// no problem (the defaults name dirs that may not exist), an unreadable one is.
+pub fn yaml_files(dirs: &[PathBuf], what: &str, diags: &mut Diagnostics) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                diags.push(Diagnostic::new(
+                    dir,
+                    0,
+                    0,
+                    "",
+                    format!("cannot read {what} dir: {e}"),
+                ));
+                continue;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for f in files {
+            match std::fs::read_to_string(&f) {
+                Ok(text) => out.push((f, text)),
+                Err(e) => diags.push(Diagnostic::new(&f, 0, 0, "", format!("cannot read: {e}"))),
+            }
+        }
+    }
+    out
+}
+
 fn valid_source_name(name: &str) -> bool {
     !name.is_empty()
         && name

@@ -171,52 +171,20 @@ pub fn load_dirs(
     diags: &mut Diagnostics,
 ) -> IndexMap<String, Pipeline> {
     let mut out: IndexMap<String, Pipeline> = IndexMap::new();
-    for dir in dirs {
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                diags.push(Diagnostic::new(
-                    dir,
-                    0,
-                    0,
-                    "",
-                    format!("cannot read pipelines dir: {e}"),
-                ));
-                continue;
-            }
+    for (f, text) in crate::config::yaml_files(dirs, "pipelines", diags) {
+        let Some(p) = load_one(&f, &text, scope, diags) else {
+            continue;
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .collect();
-        files.sort();
-        for f in files {
-            let text = match std::fs::read_to_string(&f) {
-                Ok(t) => t,
-                Err(e) => {
-                    diags.push(Diagnostic::new(&f, 0, 0, "", format!("cannot read: {e}")));
-                    continue;
-                }
-            };
-            if let Some(p) = load_one(&f, &text, scope, diags) {
-                if let Some(prev) = out.get(&p.name) {
-                    diags.push(Diagnostic::new(
-                        &f,
-                        1,
-                        1,
-                        "pipeline",
-                        format!(
-                            "pipeline `{}` is also defined in {}",
-                            p.name,
-                            prev.file.display()
-                        ),
-                    ));
-                    continue;
-                }
-                out.insert(p.name.clone(), p);
-            }
+        if let Some(prev) = out.get(&p.name) {
+            let msg = format!(
+                "pipeline `{}` is also defined in {}",
+                p.name,
+                prev.file.display()
+            );
+            diags.push(Diagnostic::new(&f, 1, 1, "pipeline", msg));
+            continue;
         }
+        out.insert(p.name.clone(), p);
     }
     out
 }
