@@ -92,6 +92,16 @@ pub struct ConnectorDef {
 #[serde(deny_unknown_fields)]
 pub struct SinkDef {
     pub params: IndexMap<String, ParamDef>,
+    /// What a pipeline may ask of the sink (`deliver: { to: <sink>.<action> }`).
+    pub actions: IndexMap<String, ActionDef>,
+}
+
+/// One sink action. Its request, auth and response kinds join it with the delivery engine.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionDef {
+    #[serde(default)]
+    pub doc: Option<String>,
 }
 
 /// One sink parameter.

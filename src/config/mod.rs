@@ -252,6 +252,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
     let scope = crate::pipeline::spec::Scope {
         sources: &sources,
         sinks: &sinks,
+        connectors: &connectors,
         engine: &engine,
     };
     let pipelines = crate::pipeline::spec::load_dirs(&pipeline_dirs, &scope, &mut diags);

@@ -273,6 +273,7 @@ mod tests {
         let scope = Scope {
             sources: &cfg.sources,
             sinks: &cfg.sinks,
+            connectors: &cfg.connectors,
             engine: &engine,
         };
         let text =

@@ -161,6 +161,7 @@ pub struct Pipeline {
 pub struct Scope<'a> {
     pub sources: &'a IndexMap<String, Source>,
     pub sinks: &'a IndexMap<String, Sink>,
+    pub connectors: &'a crate::connector::Registry,
     pub engine: &'a Engine,
 }
 
@@ -366,6 +367,24 @@ fn check_step(
                         }
                     ),
                 ));
+            }
+            let actions = scope
+                .sinks
+                .get(sink)
+                .and_then(|k| scope.connectors.get(&k.connector))
+                .and_then(|c| c.sink.as_ref())
+                .map(|d| (&d.actions, scope.sinks[sink].connector.as_str()));
+            if let Some((actions, connector)) = actions {
+                if !actions.contains_key(action) {
+                    let hint = did_you_mean(action, actions.keys().map(String::as_str))
+                        .map(|s| format!(" (did you mean `{s}`?)"))
+                        .unwrap_or_default();
+                    let known: Vec<&str> = actions.keys().map(String::as_str).collect();
+                    diags.push(doc.at(
+                        &join(&dpath, "to"),
+                        format!("sink connector `{connector}` has no action `{action}`{hint}; actions: {}", known.join(", ")),
+                    ));
+                }
             }
             if let Some(w) = &d.when {
                 if let Err(m) = scope.engine.check_condition(w) {
