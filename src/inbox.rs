@@ -317,8 +317,11 @@ impl Store {
         received_at_ms: u64,
         record: &[u8],
     ) -> Result<(), StoreError> {
-        self.events.insert(id.to_be_bytes(), record)?;
+        // Pending mark first, dedup entry last (sled recovers its log in order): an event
+        // without a pending mark was processed; a mark without an event is dropped; a dedup
+        // entry always points at a written event.
         self.pending.insert(id.to_be_bytes(), &[])?;
+        self.events.insert(id.to_be_bytes(), record)?;
         let mut val = id.to_be_bytes().to_vec();
         val.extend_from_slice(&received_at_ms.to_be_bytes());
         self.dedup.insert(dedup_key, val)?;
@@ -339,14 +342,12 @@ impl Store {
             if self.live_dedup(&key)?.is_some_and(|prior| prior != id) {
                 return Ok(false);
             }
+            self.pending.insert(idb, &[])?;
             self.events.insert(idb, record)?;
             repaired = true;
         }
-        // An append's three sled writes are not atomic: complete what a crash cut short.
-        if !self.pending.contains_key(idb)? && !self.traces.contains_key(idb)? {
-            self.pending.insert(idb, &[])?;
-            repaired = true;
-        }
+        // (An event present without a pending mark was processed: its mark was written first.)
+        // The dedup entry comes last in an append: complete it if a crash cut it off.
         if self.live_dedup(&key)?.is_none() {
             let mut val = id.to_be_bytes().to_vec();
             val.extend_from_slice(&ev.meta.received_at_ms.to_be_bytes());
@@ -713,9 +714,11 @@ mod tests {
         let record = encode(&meta, b"{}");
         {
             let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+            // An append cut short before its dedup entry.
+            s.pending.insert(7u64.to_be_bytes(), &[]).unwrap();
             s.events
                 .insert(7u64.to_be_bytes(), record.as_slice())
-                .unwrap(); // events only
+                .unwrap();
             tokio::task::spawn_blocking(move || s.close())
                 .await
                 .unwrap()

@@ -1,7 +1,7 @@
 //! (5) The outbox: sink actions produced by pipeline runs, written in the same sled
 //! transaction that marks their event processed, so a crash at any point neither loses nor
 //! duplicates a job. Each job's key is its idempotency key, derived from (source, vendor
-//! event id, pipeline, step): the same for every run of the same vendor event, whatever
+//! event id, pipeline, deliver id): the same for every run of the same vendor event, whatever
 //! re-deliveries, restarts or replays happen.
 
 use crate::inbox::{parse_id, StoredEvent};
@@ -34,10 +34,11 @@ pub enum JobState {
     Pending,
 }
 
-/// The idempotency key of one action of one vendor event.
-pub fn job_key(source: &str, vendor_id: &str, pipeline: &str, step: &str) -> String {
+/// The idempotency key of one action of one vendor event: (source, vendor event id,
+/// pipeline, deliver id).
+pub fn job_key(source: &str, vendor_id: &str, pipeline: &str, deliver: &str) -> String {
     let mut h = Sha256::new();
-    for part in [source, vendor_id, pipeline, step] {
+    for part in [source, vendor_id, pipeline, deliver] {
         h.update(part.as_bytes());
         h.update([0u8]);
     }
@@ -47,7 +48,7 @@ pub fn job_key(source: &str, vendor_id: &str, pipeline: &str, step: &str) -> Str
 impl Job {
     pub fn from_delivery(ev: &StoredEvent, pipeline: &str, d: &Delivery, now_ms: u64) -> Job {
         Job {
-            key: job_key(&ev.meta.source, &ev.meta.vendor_id, pipeline, &d.step),
+            key: job_key(&ev.meta.source, &ev.meta.vendor_id, pipeline, &d.id),
             event_id: ev.meta.id.clone(),
             pipeline: pipeline.to_string(),
             step: d.step.clone(),

@@ -60,6 +60,13 @@ pub fn process(
             let input = input(ev);
             for p in subscribed {
                 let r = run(p, engine, &input);
+                let outcome = match &r.outcome {
+                    Outcome::Completed => "completed",
+                    Outcome::Filtered { .. } => "filtered",
+                    Outcome::Failed { .. } => "failed",
+                };
+                metrics::counter!("perkflow_pipeline_runs_total", "pipeline" => p.name.clone(), "outcome" => outcome)
+                    .increment(1);
                 match &r.outcome {
                     Outcome::Failed { error, .. } => {
                         tracing::warn!(event = %ev.meta.id, pipeline = %p.name, %error, "pipeline run failed; the event is kept with its trace")
@@ -78,6 +85,7 @@ pub fn process(
             }
         }
         n += jobs.len();
+        metrics::counter!("perkflow_outbox_jobs_created_total").increment(jobs.len() as u64);
         done.push((ev, runs, jobs));
     }
     store.complete(&done)?;

@@ -254,6 +254,9 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         sinks: &sinks,
         connectors: &connectors,
         engine: &engine,
+        deliver_count: Default::default(),
+        deliver_ids: Default::default(),
+        known: Default::default(),
     };
     let pipelines = crate::pipeline::spec::load_dirs(&pipeline_dirs, &scope, &mut diags);
 

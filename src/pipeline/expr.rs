@@ -42,6 +42,9 @@ fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
 /// `{{ x }}` alone (ignoring surrounding spaces) -> `Some("x")`.
 fn single_expression(src: &str) -> Option<&str> {
     let inner = src.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    // Whitespace control (`{{- x -}}`) means nothing for a lone expression.
+    let inner = inner.strip_prefix(['-', '+']).unwrap_or(inner);
+    let inner = inner.strip_suffix(['-', '+']).unwrap_or(inner);
     (!inner.contains("{{") && !inner.contains("}}") && !inner.contains("{%"))
         .then_some(inner.trim())
 }
@@ -98,6 +101,45 @@ impl Engine {
                 tmpl.render(ctx).map(Json::String).map_err(|e| describe(&e))
             }
         }
+    }
+
+    /// Top-level names a field or condition reads that are neither given to it nor globals
+    /// of the engine (`range`, `dict`, …): almost always a typo.
+    pub fn unknown_names(
+        &self,
+        src: &str,
+        condition: bool,
+        known: &std::collections::HashSet<String>,
+    ) -> Vec<String> {
+        let env = if condition {
+            &self.lenient
+        } else {
+            &self.strict
+        };
+        let used = if condition {
+            env.compile_expression(strip_braces(src))
+                .map(|e| e.undeclared_variables(false))
+                .unwrap_or_default()
+        } else {
+            match self.field(src) {
+                Ok(Field::Expr(e)) => env
+                    .compile_expression(&e)
+                    .map(|x| x.undeclared_variables(false))
+                    .unwrap_or_default(),
+                Ok(Field::Template(t)) => env
+                    .template_from_str(&t)
+                    .map(|x| x.undeclared_variables(false))
+                    .unwrap_or_default(),
+                _ => Default::default(),
+            }
+        };
+        let globals: std::collections::HashSet<&str> = env.globals().map(|(n, _)| n).collect();
+        let mut out: Vec<String> = used
+            .into_iter()
+            .filter(|n| !known.contains(n) && !globals.contains(n.as_str()))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Checks that a condition compiles.
@@ -171,6 +213,7 @@ mod tests {
                 json!(1255),
             ),
             ("  {{ event.currency }}  ", json!("USD")),
+            ("{{- points -}}", json!(1255)),
             (
                 "You earned {{ points }} points!",
                 json!("You earned 1255 points!"),

@@ -62,32 +62,36 @@ fn field(map: &Value, key: &str) -> Option<Value> {
 /// - `{amount, currency}` (Square `amount_money`), `{value, currency_code}` (PayPal v2),
 ///   `{total, currency}` (PayPal v1), or a `money` result itself.
 fn money(v: Value, currency: Option<String>) -> Result<Value, Error> {
+    // Major units (a decimal string) -> exact minor units, without overflow.
+    let to_minor = |major: &Value, code: &str| -> Result<Decimal, Error> {
+        decimal(major)?
+            .checked_mul(Decimal::from(10i64.pow(exponent(code)?)))
+            .ok_or_else(|| bad(format!("`{major}` is out of range")))
+    };
     let (minor, code) = if v.kind() == ValueKind::Map {
-        if let (Some(amount), Some(c)) = (field(&v, "amount"), field(&v, "currency")) {
-            (decimal(&amount)?, c.to_string())
-        } else if let (Some(minor), Some(c)) = (field(&v, "minor"), field(&v, "currency")) {
-            (decimal(&minor)?, c.to_string())
+        let c = field(&v, "currency")
+            .or_else(|| field(&v, "currency_code"))
+            .map(|c| c.to_string());
+        if let (Some(minor), Some(c)) = (field(&v, "minor"), c.clone()) {
+            (decimal(&minor)?, c)
+        } else if let (Some(amount), Some(c)) = (field(&v, "amount"), c.clone()) {
+            // Square's integer `amount` is in minor units; a decimal string (Shopify's
+            // `{amount, currency_code}`) is in major units.
+            if amount.kind() == ValueKind::String {
+                (to_minor(&amount, &c)?, c)
+            } else {
+                (decimal(&amount)?, c)
+            }
         } else {
-            let major = field(&v, "value").or_else(|| field(&v, "total"));
-            let c = field(&v, "currency_code").or_else(|| field(&v, "currency"));
-            match (major, c) {
-                (Some(m), Some(c)) => {
-                    let code = c.to_string();
-                    (
-                        decimal(&m)? * Decimal::from(10i64.pow(exponent(&code)?)),
-                        code,
-                    )
-                }
+            match (field(&v, "value").or_else(|| field(&v, "total")), c) {
+                (Some(m), Some(c)) => (to_minor(&m, &c)?, c),
                 _ => return Err(bad(format!("`{v}` has no amount and currency"))),
             }
         }
     } else {
         let code = currency.ok_or_else(|| bad("money needs a currency: `x | money('USD')`"))?;
         match v.kind() {
-            ValueKind::String => (
-                decimal(&v)? * Decimal::from(10i64.pow(exponent(&code)?)),
-                code,
-            ),
+            ValueKind::String => (to_minor(&v, &code)?, code),
             ValueKind::Number if v.as_i64().is_some() => (decimal(&v)?, code),
             _ => {
                 return Err(bad(format!(
@@ -229,7 +233,11 @@ fn add_days(v: Value, n: i64, tz: Option<String>) -> Result<String, Error> {
     let tz = tz.unwrap_or_else(|| "UTC".into());
     let z = zoned(&v, &tz)?;
     let later = z
-        .checked_add(jiff::Span::new().days(n))
+        .checked_add(
+            jiff::Span::new()
+                .try_days(n)
+                .map_err(|e| bad(e.to_string()))?,
+        )
         .map_err(|e| bad(e.to_string()))?;
     Ok(later
         .timestamp()
@@ -240,7 +248,11 @@ fn add_days(v: Value, n: i64, tz: Option<String>) -> Result<String, Error> {
 fn add_hours(v: Value, n: i64) -> Result<String, Error> {
     let z = zoned(&v, "UTC")?;
     let later = z
-        .checked_add(jiff::Span::new().hours(n))
+        .checked_add(
+            jiff::Span::new()
+                .try_hours(n)
+                .map_err(|e| bad(e.to_string()))?,
+        )
         .map_err(|e| bad(e.to_string()))?;
     Ok(later.timestamp().to_string())
 }
@@ -290,6 +302,10 @@ mod tests {
             ("{{ (paypal2.amount | money).minor }}", json!(5900)),
             ("{{ (paypal2.amount | money).currency }}", json!("EUR")),
             ("{{ (paypal1.amount | money).minor }}", json!(1999)),
+            (
+                "{{ ({'amount': '12.30', 'currency_code': 'USD'} | money).minor }}",
+                json!(1230),
+            ),
             ("{{ (yen | money('JPY')).minor }}", json!(1200)),
             ("{{ (kwd | money('KWD')).minor }}", json!(1234)),
             (
@@ -310,6 +326,7 @@ mod tests {
             "{{ '1.00' | money('XXY') }}",
             "{{ '1.00' | money }}",
             "{{ 1.5 | money('USD') }}",
+            "{{ '79228162514264337593543950335' | money('KWD') }}",
         ] {
             assert!(eval(bad, json!({})).is_err(), "{bad} should fail");
         }
@@ -407,6 +424,8 @@ mod tests {
             );
         }
         assert!(eval("{{ t | datetime('Mars/Olympus') }}", ctx.clone()).is_err());
+        assert!(eval("{{ t | add_days(99999999999) }}", ctx.clone()).is_err());
+        assert!(eval("{{ t | add_hours(99999999999) }}", ctx.clone()).is_err());
         assert!(eval("{{ 'yesterday' | unix }}", ctx).is_err());
     }
 }

@@ -24,6 +24,9 @@ pub struct EventInput {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Delivery {
     pub step: String,
+    /// Stable name of the deliver step (its `id:`, or `<sink>.<action>#<n>`): part of the
+    /// job's idempotency key, unaffected by steps added elsewhere.
+    pub id: String,
     pub sink: String,
     pub action: String,
     pub with: Json,
@@ -82,6 +85,30 @@ enum Flow {
 
 /// Runs `p` on `input`. A failed run delivers nothing.
 pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
+    // A bug in a filter must fail this run, not the worker that runs every event.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_unguarded(p, engine, input)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Run {
+            pipeline: p.name.clone(),
+            outcome: Outcome::Failed {
+                step: "?".into(),
+                error: format!("pipeline `{}`: internal error: {what}", p.name),
+            },
+            steps: Vec::new(),
+            vars: IndexMap::new(),
+            deliveries: Vec::new(),
+        }
+    })
+}
+
+fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
     let mut ctx = Map::new();
     ctx.insert("event".into(), input.event.clone());
     ctx.insert("source".into(), json!(input.source));
@@ -193,6 +220,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
         }
         Step::Deliver {
             path,
+            id,
             sink,
             action,
             when,
@@ -222,6 +250,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             }
             let d = Delivery {
                 step: path.clone(),
+                id: id.clone(),
                 sink: sink.clone(),
                 action: action.clone(),
                 with: Json::Object(out),
@@ -275,6 +304,9 @@ mod tests {
             sinks: &cfg.sinks,
             connectors: &cfg.connectors,
             engine: &engine,
+            deliver_count: Default::default(),
+            deliver_ids: Default::default(),
+            known: Default::default(),
         };
         let text =
             format!("pipeline: t\non: {{ source: shop, events: [orders/paid] }}\nsteps:\n{steps}");
@@ -331,6 +363,22 @@ mod tests {
         );
         assert_eq!(r.deliveries.len(), 1, "deliveries before the filter stand");
         assert!(!r.vars.contains_key("done"));
+    }
+
+    #[test]
+    fn deliver_ids_do_not_move_when_other_steps_are_added() {
+        let e = Engine::new();
+        let ids = |steps: &str| -> Vec<String> {
+            run(&pipeline(steps), &e, &input("1.00", json!("+15555550123")))
+                .deliveries
+                .iter()
+                .map(|d| d.id.clone())
+                .collect()
+        };
+        let two = "  - deliver: { to: sms.send_sms, with: { body: a } }\n  - deliver: { to: sms.send_sms, id: thanks, with: { body: b } }\n";
+        assert_eq!(ids(two), ["sms.send_sms#0", "thanks"]);
+        let more = format!("  - set: {{ x: 1 }}\n  - when: \"x == 1\"\n{two}");
+        assert_eq!(ids(&more), ["sms.send_sms#0", "thanks"]);
     }
 
     #[test]

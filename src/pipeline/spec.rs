@@ -64,6 +64,9 @@ struct CaseSpec {
 #[serde(deny_unknown_fields)]
 struct DeliverSpec {
     to: String,
+    /// A stable name for this delivery (default `<sink>.<action>#<n>`).
+    #[serde(default)]
+    id: Option<String>,
     #[serde(default)]
     when: Option<String>,
     #[serde(default)]
@@ -106,6 +109,7 @@ pub enum Step {
     },
     Deliver {
         path: String,
+        id: String,
         sink: String,
         action: String,
         when: Option<String>,
@@ -163,6 +167,37 @@ pub struct Scope<'a> {
     pub sinks: &'a IndexMap<String, Sink>,
     pub connectors: &'a crate::connector::Registry,
     pub engine: &'a Engine,
+    /// Per pipeline file: deliver steps seen so far, and their ids.
+    pub deliver_count: std::cell::Cell<usize>,
+    pub deliver_ids: std::cell::RefCell<std::collections::HashSet<String>>,
+    /// Names a step may read: the run's own and the variables set before it.
+    pub known: std::cell::RefCell<std::collections::HashSet<String>>,
+}
+
+impl Scope<'_> {
+    /// Reports names `src` reads that nothing provides (with a did-you-mean).
+    fn check_names(
+        &self,
+        doc: &Document,
+        path: &str,
+        src: &str,
+        condition: bool,
+        diags: &mut Diagnostics,
+    ) {
+        let known = self.known.borrow();
+        for name in self.engine.unknown_names(src, condition, &known) {
+            let hint = did_you_mean(&name, known.iter().map(String::as_str))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            diags.push(doc.at(
+                path,
+                format!(
+                    "unknown variable `{name}`{hint}: only {} and earlier `set` variables exist",
+                    super::run::RESERVED.join(", ")
+                ),
+            ));
+        }
+    }
 }
 
 /// Loads every `*.yaml` in `dirs`; problems go to `diags`.
@@ -212,6 +247,9 @@ pub fn load_one(
         }
     };
     let before = diags.len();
+    scope.deliver_count.set(0);
+    scope.deliver_ids.borrow_mut().clear();
+    *scope.known.borrow_mut() = super::run::RESERVED.iter().map(|s| s.to_string()).collect();
     check_on(&doc, &spec.on, scope, diags);
     let steps = parse_steps(&doc, "steps", scope, diags);
     let mut tests = Vec::new();
@@ -295,8 +333,9 @@ fn check_step(
     let step = match spec {
         StepSpec::When(expr) => {
             let p = join(path, "when");
-            if let Err(m) = scope.engine.check_condition(&expr) {
-                diags.push(doc.at(&p, m));
+            match scope.engine.check_condition(&expr) {
+                Err(m) => diags.push(doc.at(&p, m)),
+                Ok(()) => scope.check_names(doc, &p, &expr, true, diags),
             }
             Step::When { path: p, expr }
         }
@@ -310,7 +349,8 @@ fn check_step(
                         format!("`{k}` is provided by every run and cannot be set"),
                     ));
                 }
-                out.insert(k, compile_tree(doc, &p, &v, scope.engine, diags));
+                out.insert(k.clone(), compile_tree(doc, &p, &v, scope, diags));
+                scope.known.borrow_mut().insert(k);
             }
             Step::Set {
                 path: join(path, "set"),
@@ -322,6 +362,7 @@ fn check_step(
             let mut cases = Vec::new();
             for (i, c) in sw.cases.iter().enumerate() {
                 let cpath = format!("{spath}.cases[{i}]");
+                scope.check_names(doc, &join(&cpath, "when"), &c.when, true, diags);
                 if let Err(m) = scope.engine.check_condition(&c.when) {
                     diags.push(doc.at(&join(&cpath, "when"), m));
                 }
@@ -387,6 +428,7 @@ fn check_step(
                 }
             }
             if let Some(w) = &d.when {
+                scope.check_names(doc, &join(&dpath, "when"), w, true, diags);
                 if let Err(m) = scope.engine.check_condition(w) {
                     diags.push(doc.at(&join(&dpath, "when"), m));
                 }
@@ -394,10 +436,20 @@ fn check_step(
             let mut with = IndexMap::new();
             for (k, v) in d.with {
                 let p = join(&join(&dpath, "with"), &k);
-                with.insert(k, compile_tree(doc, &p, &v, scope.engine, diags));
+                with.insert(k, compile_tree(doc, &p, &v, scope, diags));
+            }
+            let n = scope.deliver_count.get();
+            scope.deliver_count.set(n + 1);
+            let id = d.id.clone().unwrap_or_else(|| format!("{}#{n}", d.to));
+            if !scope.deliver_ids.borrow_mut().insert(id.clone()) {
+                diags.push(doc.at(
+                    &join(&dpath, "id"),
+                    format!("another deliver step of this pipeline is `{id}`"),
+                ));
             }
             Step::Deliver {
                 path: dpath,
+                id,
                 sink: sink.to_string(),
                 action: action.to_string(),
                 when: d.when,
@@ -413,12 +465,16 @@ fn compile_tree(
     doc: &Document,
     path: &str,
     v: &serde_yaml::Value,
-    engine: &Engine,
+    scope: &Scope,
     diags: &mut Diagnostics,
 ) -> Tmpl {
+    let engine = scope.engine;
     match v {
         serde_yaml::Value::String(s) => match engine.field(&crate::config::yaml::restore(s)) {
-            Ok(f) => Tmpl::Field(f),
+            Ok(f) => {
+                scope.check_names(doc, path, &crate::config::yaml::restore(s), false, diags);
+                Tmpl::Field(f)
+            }
             Err(m) => {
                 diags.push(doc.at(path, m));
                 Tmpl::Literal(Json::Null)
@@ -428,7 +484,7 @@ fn compile_tree(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, x)| compile_tree(doc, &format!("{path}[{i}]"), x, engine, diags))
+                .map(|(i, x)| compile_tree(doc, &format!("{path}[{i}]"), x, scope, diags))
                 .collect(),
         ),
         serde_yaml::Value::Mapping(m) => Tmpl::Map(
@@ -441,7 +497,7 @@ fn compile_tree(
                             .trim()
                             .to_string(),
                     };
-                    let t = compile_tree(doc, &join(path, &key), x, engine, diags);
+                    let t = compile_tree(doc, &join(path, &key), x, scope, diags);
                     (key, t)
                 })
                 .collect(),

@@ -84,7 +84,7 @@ fn a_failing_test_shows_what_differs() {
 #[test]
 fn check_reports_pipeline_problems_at_their_place() {
     let dir = project(
-        "pipeline: p\non: { source: shop, events: [orders/payed] }\nsteps:\n  - wen: \"true\"\n  - set: { x: \"{{ 1 + }}\" }\n  - deliver: { to: smss.send_sms }\n  - deliver: { to: nodot }\n  - deliver: { to: sms.send_smss }\n",
+        "pipeline: p\non: { source: shop, events: [orders/payed] }\nsteps:\n  - wen: \"true\"\n  - set: { x: \"{{ 1 + }}\" }\n  - deliver: { to: smss.send_sms }\n  - deliver: { to: nodot }\n  - deliver: { to: sms.send_smss }\n  - when: \"evnt.total_price > 1\"\n",
     );
     let (code, _out, err) = perkflow(dir.path(), &["check"]);
     assert_eq!(code, Some(1), "{err}");
@@ -102,5 +102,11 @@ fn check_reports_pipeline_problems_at_their_place() {
     assert_eq!(lines[3], "pipelines/p.yaml:6:20: steps[2].deliver.to: unknown sink `smss` (did you mean `sms`?); sinks in the config: sms");
     assert_eq!(lines[4], "pipelines/p.yaml:7:20: steps[3].deliver.to: `nodot`: write the target as `<sink>.<action>`");
     assert_eq!(lines[5], "pipelines/p.yaml:8:20: steps[4].deliver.to: sink connector `twilio_sms` has no action `send_smss` (did you mean `send_sms`?); actions: send_sms");
-    assert_eq!(lines.last().copied(), Some("6 problems found"));
+    assert!(
+        lines[6].starts_with(
+            "pipelines/p.yaml:9:11: steps[5].when: unknown variable `evnt` (did you mean `event`?)"
+        ),
+        "{err}"
+    );
+    assert_eq!(lines.last().copied(), Some("7 problems found"));
 }
