@@ -193,6 +193,14 @@ fn e164(v: Value, region: Option<String>) -> Result<String, Error> {
         .map_err(|_| bad(format!("`{raw}` is not a phone number")))?;
     // Formatting only: whether a number is assigned is the SMS provider's call (fictional
     // 555-01xx numbers, new ranges), but a number too short to dial is an error.
+    let e164 = n.format().mode(phonenumber::Mode::E164).to_string();
+    // An international number must keep every digit it was given.
+    if raw.trim().starts_with('+') {
+        let given: String = raw.chars().filter(char::is_ascii_digit).collect();
+        if e164.trim_start_matches('+') != given {
+            return Err(bad(format!("`{raw}` is not a well-formed phone number")));
+        }
+    }
     if n.national().value().to_string().len() < 7 {
         return Err(bad(format!("`{raw}` is too short to be a phone number")));
     }
@@ -387,6 +395,7 @@ mod tests {
             "{{ 'not-an-email' | email }}",
             "{{ 'a@b' | email }}",
             "{{ '123' | e164 }}",
+            "{{ '+800 1234 5678' | e164 }}",
             "{{ 'x' | e164('ZZ') }}",
         ] {
             assert!(eval(bad, json!({})).is_err(), "{bad} should fail");
