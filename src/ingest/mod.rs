@@ -23,6 +23,14 @@ pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30)
 /// Headers never stored with an event.
 const NEVER_STORED: &[&str] = &["authorization", "cookie", "proxy-authorization"];
 
+/// 503 with `Retry-After`: the sender should try again (nothing was stored).
+fn retry_later(secs: u32, msg: &str) -> Response {
+    let mut r = status(StatusCode::SERVICE_UNAVAILABLE, msg);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    r
+}
+
 fn status(code: StatusCode, msg: &str) -> Response {
     (code, Json(json!({ "error": msg }))).into_response()
 }
@@ -62,14 +70,7 @@ pub async fn hook(
     let kib = (declared.min(src.max_body) / 1024 + 1) as u32;
     let Ok(_budget) = app.body_budget.clone().try_acquire_many_owned(kib) else {
         count(&name, "unavailable", "busy");
-        return (
-            [(header::RETRY_AFTER, "5")],
-            status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many requests in progress, retry later",
-            ),
-        )
-            .into_response();
+        return retry_later(5, "too many requests in progress, retry later");
     };
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, src.max_body)).await {
@@ -107,14 +108,7 @@ pub async fn hook(
         Err(VerifyError::Unavailable(e)) => {
             tracing::warn!(source = %name, error = %e, "webhook could not be verified now; asked the sender to retry");
             count(&name, "unavailable", "verify_unavailable");
-            return (
-                [(header::RETRY_AFTER, "30")],
-                status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "verification unavailable, retry later",
-                ),
-            )
-                .into_response();
+            return retry_later(30, "verification unavailable, retry later");
         }
     };
     let found = match identify::identify(&src.def.identify, &verified) {
@@ -178,14 +172,7 @@ pub async fn hook(
         Err(e) => {
             tracing::error!(source = %name, error = %e, "cannot store webhook; answered 503 so the sender retries");
             count(&name, "unavailable", "store");
-            (
-                [(header::RETRY_AFTER, "5")],
-                status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store unavailable, retry later",
-                ),
-            )
-                .into_response()
+            retry_later(5, "store unavailable, retry later")
         }
     }
 }
