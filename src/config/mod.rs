@@ -104,6 +104,11 @@ pub struct Sink {
     pub base_url: Option<String>,
     /// Requests per second, overriding the connector's default.
     pub rate: Option<f64>,
+    /// Overrides of the connector's limits and retry policy.
+    pub concurrency: Option<usize>,
+    pub timeout: Option<Duration>,
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<Duration>,
 }
 
 /// A source that passed every check.
@@ -435,6 +440,7 @@ fn check_sink(
     };
     let mut params = IndexMap::new();
     let (mut base_url, mut rate) = (None, None);
+    let (mut concurrency, mut timeout, mut max_attempts, mut max_age) = (None, None, None, None);
     for (key, value) in &spec.params {
         let vpath = join(path, key);
         let text = match value {
@@ -462,6 +468,33 @@ fn check_sink(
                     format!("`{text}` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`"),
                 )),
             },
+            "concurrency" => match text.parse::<usize>() {
+                Ok(n) if n > 0 => concurrency = Some(n),
+                _ => diags.push(doc.at(&vpath, format!("`{text}` is not a positive number of requests"))),
+            },
+            "max_attempts" => match text.parse::<u32>() {
+                Ok(n) if n > 0 => max_attempts = Some(n),
+                _ => diags.push(doc.at(&vpath, format!("`{text}` is not a positive number of attempts"))),
+            },
+            "timeout" | "max_age" => match humantime::parse_duration(&text) {
+                Ok(d) if !d.is_zero() => {
+                    if key == "timeout" {
+                        if d >= def.limits.lease.0 {
+                            diags.push(doc.at(
+                                &vpath,
+                                format!(
+                                    "the timeout must be shorter than the connector's lease ({}): a job could otherwise be claimed twice",
+                                    humantime::format_duration(def.limits.lease.0)
+                                ),
+                            ));
+                        }
+                        timeout = Some(d);
+                    } else {
+                        max_age = Some(d);
+                    }
+                }
+                _ => diags.push(doc.at(&vpath, format!("`{text}` is not a duration such as `30s` or `24h`"))),
+            },
             _ if def.params.contains_key(key) => match Interpolated::parse(&text) {
                 Ok(v) => {
                     params.insert(key.clone(), v);
@@ -470,7 +503,7 @@ fn check_sink(
             },
             _ => {
                 let mut expected: Vec<&str> = def.params.keys().map(String::as_str).collect();
-                expected.extend(["base_url", "rate"]);
+                expected.extend(SINK_SETTINGS);
                 let hint = did_you_mean(key, expected.iter().copied())
                     .map(|s| format!(" (did you mean `{s}`?)"))
                     .unwrap_or_default();
@@ -499,11 +532,25 @@ fn check_sink(
         params,
         base_url,
         rate,
+        concurrency,
+        timeout,
+        max_attempts,
+        max_age,
     })
 }
 
+/// Settings every `sinks:` entry takes beside its connector's parameters.
+pub const SINK_SETTINGS: [&str; 6] = [
+    "base_url",
+    "rate",
+    "concurrency",
+    "timeout",
+    "max_attempts",
+    "max_age",
+];
+
 /// `10`, `10/s`, `600/min`, `100/10s` -> requests per second.
-fn parse_rate(text: &str) -> Option<f64> {
+pub fn parse_rate(text: &str) -> Option<f64> {
     let (n, per) = match text.split_once('/') {
         Some((n, per)) => (n.trim(), per.trim()),
         None => (text.trim(), "s"),
@@ -870,9 +917,9 @@ sinks:
         assert_eq!(
             out,
             "perkflow.yaml:3:5: sinks.sms: sink connector `twilio_sms` needs `auth_token:`\n\
-perkflow.yaml:5:5: sinks.sms.auth_tokn: unknown parameter `auth_tokn` for sink connector `twilio_sms` (did you mean `auth_token`?); expected one of `account_sid`, `auth_token`, `from`, `messaging_service_sid`, `base_url`, `rate`\n\
+perkflow.yaml:5:5: sinks.sms.auth_tokn: unknown parameter `auth_tokn` for sink connector `twilio_sms` (did you mean `auth_token`?); expected one of `account_sid`, `auth_token`, `api_key_sid`, `from`, `messaging_service_sid`, `status_callback`, `base_url`, `rate`, `concurrency`, `timeout`, `max_attempts`, `max_age`\n\
 perkflow.yaml:6:11: sinks.sms.rate: `fast` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`\n\
-perkflow.yaml:7:19: sinks.x.connector: unknown sink connector `twilio` (did you mean `twilio_sms`?); known: giftcard, twilio_sms, sendgrid, klaviyo, slack, zendesk, hubspot, square_loyalty\n"
+perkflow.yaml:7:19: sinks.x.connector: unknown sink connector `twilio` (did you mean `twilio_sms`?); known: giftcard, twilio_sms, sendgrid, klaviyo, slack, zendesk, hubspot, square_loyalty, webhook\n"
         );
         assert_eq!(parse_rate("100/10s"), Some(10.0));
         assert_eq!(parse_rate("600/min"), Some(10.0));

@@ -142,6 +142,27 @@ impl Engine {
         out
     }
 
+    /// Variables a value field reads, with their attribute paths (`params.account_sid`).
+    pub fn variable_paths(&self, src: &str) -> Vec<String> {
+        let mut out: Vec<String> = match self.field(src) {
+            Ok(Field::Expr(e)) => self
+                .strict
+                .compile_expression(&e)
+                .map(|x| x.undeclared_variables(true))
+                .unwrap_or_default(),
+            Ok(Field::Template(t)) => self
+                .strict
+                .template_from_str(&t)
+                .map(|x| x.undeclared_variables(true))
+                .unwrap_or_default(),
+            _ => Default::default(),
+        }
+        .into_iter()
+        .collect();
+        out.sort();
+        out
+    }
+
     /// Checks that a condition compiles.
     pub fn check_condition(&self, src: &str) -> Result<(), String> {
         self.lenient

@@ -13,6 +13,8 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("money", money);
     env.add_filter("round_to", round_to);
     env.add_filter("sha256", sha256);
+    env.add_filter("b64encode", b64encode);
+    env.add_filter("stringify_values", stringify_values);
     env.add_filter("email", email);
     env.add_filter("e164", e164);
     env.add_filter("datetime", datetime);
@@ -160,6 +162,38 @@ fn sha256(v: Value) -> String {
         .map(str::to_string)
         .unwrap_or_else(|| v.to_string());
     hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// Standard base64 of the text (HTTP Basic credentials).
+fn b64encode(v: Value) -> String {
+    use base64::Engine;
+    let text = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
+    base64::engine::general_purpose::STANDARD.encode(text.as_bytes())
+}
+
+/// A map with every value as a string (HubSpot properties): numbers as decimals, booleans
+/// as `true`/`false`, none as "" (which clears the property).
+fn stringify_values(v: Value) -> Result<Value, Error> {
+    if v.kind() != ValueKind::Map {
+        return Err(bad(format!("`{v}` is not a map")));
+    }
+    let mut out = indexmap::IndexMap::new();
+    for key in v.try_iter()? {
+        let item = v.get_item(&key)?;
+        let text = match item.kind() {
+            ValueKind::None | ValueKind::Undefined => String::new(),
+            ValueKind::String => item.as_str().unwrap_or_default().to_string(),
+            ValueKind::Map | ValueKind::Seq => {
+                return Err(bad(format!("property `{key}` is not a single value")))
+            }
+            _ => item.to_string(),
+        };
+        out.insert(key.to_string(), text);
+    }
+    Ok(Value::from_iter(out))
 }
 
 /// Trimmed, lower-cased e-mail address; an error if it is not one.

@@ -9,63 +9,70 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+pub mod sink;
+pub use sink::{ActionDef, ParamDef, SinkDef};
+
 /// The built-in definitions, as shipped in `connectors/`.
 pub const BUILTIN: &[(&str, &str)] = &[
     (
         "connectors/shopify.yaml",
-        include_str!("../connectors/shopify.yaml"),
+        include_str!("../../connectors/shopify.yaml"),
     ),
     (
         "connectors/woocommerce.yaml",
-        include_str!("../connectors/woocommerce.yaml"),
+        include_str!("../../connectors/woocommerce.yaml"),
     ),
     (
         "connectors/stripe.yaml",
-        include_str!("../connectors/stripe.yaml"),
+        include_str!("../../connectors/stripe.yaml"),
     ),
     (
         "connectors/square.yaml",
-        include_str!("../connectors/square.yaml"),
+        include_str!("../../connectors/square.yaml"),
     ),
     (
         "connectors/paypal.yaml",
-        include_str!("../connectors/paypal.yaml"),
+        include_str!("../../connectors/paypal.yaml"),
     ),
     (
         "connectors/quickbooks.yaml",
-        include_str!("../connectors/quickbooks.yaml"),
+        include_str!("../../connectors/quickbooks.yaml"),
     ),
     (
         "connectors/giftcard.yaml",
-        include_str!("../connectors/giftcard.yaml"),
+        include_str!("../../connectors/giftcard.yaml"),
     ),
     (
         "connectors/twilio_sms.yaml",
-        include_str!("../connectors/twilio_sms.yaml"),
+        include_str!("../../connectors/twilio_sms.yaml"),
     ),
     (
         "connectors/sendgrid.yaml",
-        include_str!("../connectors/sendgrid.yaml"),
+        include_str!("../../connectors/sendgrid.yaml"),
     ),
     (
         "connectors/klaviyo.yaml",
-        include_str!("../connectors/klaviyo.yaml"),
+        include_str!("../../connectors/klaviyo.yaml"),
     ),
     (
         "connectors/slack.yaml",
-        include_str!("../connectors/slack.yaml"),
+        include_str!("../../connectors/slack.yaml"),
     ),
     (
         "connectors/zendesk.yaml",
-        include_str!("../connectors/zendesk.yaml"),
+        include_str!("../../connectors/zendesk.yaml"),
     ),
     (
         "connectors/hubspot.yaml",
-        include_str!("../connectors/hubspot.yaml"),
+        include_str!("../../connectors/hubspot.yaml"),
     ),
     (
         "connectors/square_loyalty.yaml",
-        include_str!("../connectors/square_loyalty.yaml"),
+        include_str!("../../connectors/square_loyalty.yaml"),
+    ),
+    (
+        "connectors/webhook.yaml",
+        include_str!("../../connectors/webhook.yaml"),
     ),
 ];
 
@@ -84,37 +91,6 @@ pub struct ConnectorDef {
     /// Filled in by the loader: where the definition came from.
     #[serde(skip)]
     pub file: PathBuf,
-}
-
-/// A sink's side of a connector. For now: the parameters a `sinks:` entry takes (the request,
-/// auth and response kinds join it with the delivery engine).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkDef {
-    pub params: IndexMap<String, ParamDef>,
-    /// What a pipeline may ask of the sink (`deliver: { to: <sink>.<action> }`).
-    pub actions: IndexMap<String, ActionDef>,
-}
-
-/// One sink action. Its request, auth and response kinds join it with the delivery engine.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActionDef {
-    #[serde(default)]
-    pub doc: Option<String>,
-}
-
-/// One sink parameter.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParamDef {
-    #[serde(default)]
-    pub required: bool,
-    /// A credential: resolved from `${ENV}`/`${file:…}` like any value, never printed.
-    #[serde(default)]
-    pub secret: bool,
-    #[serde(default)]
-    pub doc: Option<String>,
 }
 
 /// How a source's webhooks are verified and identified.
@@ -284,7 +260,9 @@ impl Registry {
                 }
                 if let Some(sink) = &def.sink {
                     for name in sink.params.keys() {
-                        if matches!(name.as_str(), "connector" | "base_url" | "rate") {
+                        if name == "connector"
+                            || crate::config::SINK_SETTINGS.contains(&name.as_str())
+                        {
                             diags.push(doc.at_key(
                                 &format!("sink.params.{name}"),
                                 format!("`{name}` is taken by every sink; choose another parameter name"),
@@ -294,6 +272,9 @@ impl Registry {
                 }
                 if let Some(src) = &def.source {
                     check_source_def(&doc, src, diags);
+                }
+                if let Some(sink) = &def.sink {
+                    check_sink_def(&doc, sink, diags);
                 }
                 self.defs.insert(def.id.clone(), def);
             }
@@ -323,6 +304,65 @@ impl Registry {
             .values()
             .filter(|d| d.sink.is_some())
             .map(|d| d.id.as_str())
+    }
+}
+
+/// Templates compile and name only `params`, `with` and `job`; the lease outlives the
+/// timeout; the rate parses.
+fn check_sink_def(doc: &Document, sink: &SinkDef, diags: &mut Diagnostics) {
+    let engine = crate::pipeline::expr::Engine::new();
+    let known = ["params", "with", "job"];
+    for (path, src) in sink.templates() {
+        if let Err(m) = engine.field(&src) {
+            diags.push(doc.at(&path, m));
+            continue;
+        }
+        let globals = ["range", "dict", "namespace", "debug"];
+        for var in engine.variable_paths(&src) {
+            let mut parts = var.splitn(2, '.');
+            let top = parts.next().unwrap_or_default();
+            if !known.contains(&top) && !globals.contains(&top) {
+                diags.push(doc.at(
+                    &path,
+                    format!("`{top}` is not known here; connector templates see `params`, `with` and `job`"),
+                ));
+            } else if top == "params" {
+                if let Some(p) = parts.next() {
+                    let p = p.split('.').next().unwrap_or(p);
+                    if !sink.params.contains_key(p) {
+                        diags.push(doc.at(
+                            &path,
+                            format!("`params.{p}` is not a parameter of this sink"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let l = &sink.limits;
+    if l.lease.0 <= l.timeout.0 {
+        diags.push(doc.at(
+            "sink.limits.lease",
+            format!(
+                "the lease ({}) must be longer than the timeout ({}): otherwise a job could be claimed again while its request is still running",
+                humantime::format_duration(l.lease.0),
+                humantime::format_duration(l.timeout.0)
+            ),
+        ));
+    }
+    if l.concurrency == 0 {
+        diags.push(doc.at("sink.limits.concurrency", "must be at least 1"));
+    }
+    if let Some(r) = &l.rate {
+        if crate::config::parse_rate(r).is_none() {
+            diags.push(doc.at(
+                "sink.limits.rate",
+                format!("`{r}` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`"),
+            ));
+        }
+    }
+    if sink.retry.max_attempts == 0 {
+        diags.push(doc.at("sink.retry.max_attempts", "must be at least 1"));
     }
 }
 
@@ -392,7 +432,8 @@ mod tests {
                 "slack",
                 "zendesk",
                 "hubspot",
-                "square_loyalty"
+                "square_loyalty",
+                "webhook"
             ]
         );
     }
