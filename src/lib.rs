@@ -14,6 +14,7 @@ pub mod ops;
 pub mod outbox;
 pub mod pipeline;
 pub mod sign;
+pub mod sink;
 pub mod store;
 pub mod verify;
 pub mod wal;

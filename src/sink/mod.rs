@@ -1,0 +1,445 @@
+//! (7) Sinks: a connector's sink definition plus a configured sink's parameters become a
+//! [`SinkClient`] that renders a job into its request, authenticates, sends it, and turns
+//! the answer into an [`Outcome`] (`classify`). No code here knows a vendor by name.
+
+pub mod auth;
+pub mod classify;
+pub mod request;
+
+use crate::connector::sink::{ActionDef, SinkDef};
+use crate::pipeline::expr::Engine;
+use auth::TokenCache;
+pub use classify::{Failure, Outcome};
+use request::Request;
+use serde_json::{Map, Value as Json};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Bytes of a vendor answer kept in the trace.
+const EXCERPT: usize = 512;
+/// Bytes of a vendor answer read at most.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// What one send did.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub latency: Duration,
+    /// The answer's start, secrets redacted.
+    pub excerpt: Option<String>,
+    /// The attempt was settled by looking up an earlier attempt's effect.
+    pub reconciled: bool,
+}
+
+/// A configured sink, ready to send.
+pub struct SinkClient {
+    pub name: String,
+    pub connector: String,
+    pub def: Arc<SinkDef>,
+    params: Map<String, Json>,
+    /// Values never to show (credentials), longest first.
+    secrets: Vec<String>,
+    base_url: Option<String>,
+    http: reqwest::Client,
+    token: TokenCache,
+    engine: Engine,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SinkClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkClient")
+            .field("name", &self.name)
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl SinkClient {
+    /// `params` are the resolved values; `secret` names the ones never to show.
+    pub fn build(
+        name: &str,
+        connector: &str,
+        def: Arc<SinkDef>,
+        params: Map<String, Json>,
+        base_url_override: Option<&str>,
+        timeout: Duration,
+    ) -> Result<SinkClient, String> {
+        let engine = Engine::new();
+        let mut secrets: Vec<String> = def
+            .params
+            .iter()
+            .filter(|(_, p)| p.secret)
+            .filter_map(|(k, _)| params.get(k).and_then(Json::as_str))
+            .filter(|s| s.len() >= 4)
+            .map(str::to_string)
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let ctx = request::context(&params, &Json::Null, "", "", 0);
+        let base_url = match (base_url_override, &def.base_url) {
+            (Some(b), _) => Some(b.to_string()),
+            (None, Some(t)) => match request::render_str(&engine, t, &ctx)? {
+                Json::String(s) => Some(s),
+                _ => return Err("base_url does not render to a URL".into()),
+            },
+            (None, None) => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(def.limits.concurrency.max(1))
+            .user_agent(concat!("perkflow/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(SinkClient {
+            name: name.to_string(),
+            connector: connector.to_string(),
+            def,
+            params,
+            secrets,
+            base_url,
+            http,
+            token: TokenCache::default(),
+            engine,
+            timeout,
+        })
+    }
+
+    pub fn action(&self, name: &str) -> Option<&ActionDef> {
+        self.def.actions.get(name)
+    }
+
+    /// The request a job would send (auth headers shown redacted).
+    pub fn render(
+        &self,
+        action: &str,
+        with: &Json,
+        key: &str,
+        event_id: &str,
+        attempt: u32,
+    ) -> Result<Request, String> {
+        let act = self
+            .action(action)
+            .ok_or_else(|| format!("sink `{}` has no action `{action}`", self.name))?;
+        let ctx = request::context(&self.params, with, key, event_id, attempt);
+        let mut req =
+            request::render(&self.engine, &self.def, self.base_url.as_deref(), act, &ctx)?;
+        if let Some((name, _)) = auth::static_header(&self.engine, &self.def.auth, &ctx)? {
+            req.headers.push((name, "[redacted]".into()));
+        } else if auth::is_token_exchange(&self.def.auth) {
+            req.headers
+                .push(("Authorization".into(), "Bearer [redacted]".into()));
+        }
+        Ok(req)
+    }
+
+    /// Replaces every credential value in `text`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            out = out.replace(s.as_str(), "[redacted]");
+        }
+        out
+    }
+
+    /// One attempt of a job: reconcile first when an earlier attempt's outcome is unknown
+    /// and the action can look it up; then send (once more with a fresh token on a 401 when
+    /// the token is minted by a call).
+    pub async fn attempt(
+        &self,
+        action: &str,
+        with: &Json,
+        key: &str,
+        event_id: &str,
+        attempt: u32,
+        uncertain: bool,
+    ) -> Sent {
+        let started = Instant::now();
+        let Some(act) = self.action(action) else {
+            return self.settled(
+                started,
+                Outcome::Reject {
+                    reason: format!(
+                        "sink `{}` has no action `{action}` (the connector changed?)",
+                        self.name
+                    ),
+                },
+                None,
+                None,
+                false,
+            );
+        };
+        let ctx = request::context(&self.params, with, key, event_id, attempt);
+        if uncertain {
+            if let Some(rec) = &act.reconcile {
+                match self.reconcile(rec, &ctx).await {
+                    Ok(Some(vendor_id)) => {
+                        return self.settled(
+                            started,
+                            Outcome::Delivered {
+                                vendor_id: Some(vendor_id),
+                            },
+                            None,
+                            None,
+                            true,
+                        );
+                    }
+                    Ok(None) => {} // not there: the earlier attempt did not land; send.
+                    Err(why) => {
+                        return self.settled(
+                            started,
+                            Outcome::Retry {
+                                after: None,
+                                reason: format!("reconciling an earlier attempt: {why}"),
+                                uncertain: true,
+                            },
+                            None,
+                            None,
+                            false,
+                        );
+                    }
+                }
+            } else if !act.idempotent {
+                return self.settled(started, Outcome::Reject {
+                    reason: "an earlier attempt's outcome is unknown (timeout or restart after the request was sent) and this action has no idempotency key or lookup: not resent, to avoid a duplicate".into(),
+                }, None, None, false);
+            }
+        }
+        let req =
+            match request::render(&self.engine, &self.def, self.base_url.as_deref(), act, &ctx) {
+                Ok(r) => r,
+                Err(e) => {
+                    return self.settled(
+                        started,
+                        Outcome::Reject {
+                            reason: format!("cannot build the request: {}", self.redact(&e)),
+                        },
+                        None,
+                        None,
+                        false,
+                    )
+                }
+            };
+        let mut refreshed = false;
+        loop {
+            let auth = match auth::header(
+                &self.engine,
+                &self.def.auth,
+                &ctx,
+                &self.token,
+                &self.http,
+                self.base_url.as_deref(),
+            )
+            .await
+            {
+                Ok(h) => h,
+                Err(auth::AuthError::Failure(f)) => {
+                    return self.settled(started, classify::classify_failure(&f), None, None, false)
+                }
+                Err(auth::AuthError::Refused { status, excerpt }) => {
+                    let outcome = if status == 401 || status == 403 {
+                        Outcome::Reject { reason: format!("the vendor refused the credentials (HTTP {status} when minting a token)") }
+                    } else {
+                        Outcome::Retry {
+                            after: None,
+                            reason: format!("minting a token: HTTP {status}"),
+                            uncertain: false,
+                        }
+                    };
+                    return self.settled(started, outcome, Some(status), Some(excerpt), false);
+                }
+            };
+            match self.send(&req, auth).await {
+                Err(f) => {
+                    return self.settled(started, classify::classify_failure(&f), None, None, false)
+                }
+                Ok((status, headers, body)) => {
+                    if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
+                        self.token.invalidate();
+                        refreshed = true;
+                        continue;
+                    }
+                    let outcome = classify::classify(
+                        &self.def.classify,
+                        act,
+                        &classify::Answer {
+                            status,
+                            headers: &headers,
+                            body: &body,
+                        },
+                        now_unix(),
+                    );
+                    let excerpt =
+                        String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]).into_owned();
+                    return self.settled(started, outcome, Some(status), Some(excerpt), false);
+                }
+            }
+        }
+    }
+
+    fn settled(
+        &self,
+        started: Instant,
+        outcome: Outcome,
+        status: Option<u16>,
+        excerpt: Option<String>,
+        reconciled: bool,
+    ) -> Sent {
+        let outcome = match outcome {
+            Outcome::Retry {
+                after,
+                reason,
+                uncertain,
+            } => Outcome::Retry {
+                after,
+                reason: self.redact(&reason),
+                uncertain,
+            },
+            Outcome::Reject { reason } => Outcome::Reject {
+                reason: self.redact(&reason),
+            },
+            d => d,
+        };
+        Sent {
+            outcome,
+            status,
+            latency: started.elapsed(),
+            excerpt: excerpt.filter(|e| !e.is_empty()).map(|e| self.redact(&e)),
+            reconciled,
+        }
+    }
+
+    async fn send(
+        &self,
+        req: &Request,
+        auth: Option<(String, String)>,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), Failure> {
+        let method = reqwest::Method::from_bytes(req.method.as_bytes())
+            .map_err(|e| Failure::NotSent(e.to_string()))?;
+        let mut rb = self.http.request(method, &req.url);
+        for (k, v) in &req.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        if let Some((k, v)) = auth {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        if let Some(b) = &req.body {
+            rb = rb.body(b.clone());
+        }
+        let resp = rb.send().await.map_err(|e| describe(&e))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = read_capped(resp).await.map_err(|e| describe(&e))?;
+        Ok((status, headers, body))
+    }
+
+    /// Looks up whether an earlier attempt took effect: `Some(vendor id)` if it did.
+    async fn reconcile(
+        &self,
+        rec: &crate::connector::sink::ReconcileDef,
+        ctx: &Json,
+    ) -> Result<Option<String>, String> {
+        let url = request::url(
+            &self.engine,
+            self.base_url.as_deref(),
+            &rec.path,
+            &rec.query,
+            ctx,
+        )?;
+        let auth = auth::header(
+            &self.engine,
+            &self.def.auth,
+            ctx,
+            &self.token,
+            &self.http,
+            self.base_url.as_deref(),
+        )
+        .await
+        .map_err(|e| match e {
+            auth::AuthError::Failure(f) => format!("{f:?}"),
+            auth::AuthError::Refused { status, .. } => format!("token: HTTP {status}"),
+        })?;
+        let req = Request {
+            method: rec.method.to_ascii_uppercase(),
+            url,
+            headers: Vec::new(),
+            body: None,
+            body_text: None,
+        };
+        let (status, _, body) = self.send(&req, auth).await.map_err(|f| format!("{f:?}"))?;
+        if status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) {
+            return Err(format!("lookup answered HTTP {status}"));
+        }
+        let json: Json =
+            serde_json::from_slice(&body).map_err(|_| "lookup answer is not JSON".to_string())?;
+        let scalar = |v: &Json| match v {
+            Json::String(s) if !s.is_empty() => Some(s.clone()),
+            Json::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let Some(items) = &rec.items else {
+            return Ok(json.pointer(&rec.found).and_then(scalar));
+        };
+        let list = json
+            .pointer(items)
+            .and_then(Json::as_array)
+            .ok_or("lookup answer has no list")?;
+        let want = match &rec.match_value {
+            Some(t) => request::render_str(&self.engine, t, ctx)?,
+            None => Json::Null,
+        };
+        let field = rec.match_field.as_deref().unwrap_or_default();
+        Ok(list
+            .iter()
+            .find(|item| {
+                item.get(field)
+                    .is_some_and(|v| v == &want || scalar(v) == scalar(&want))
+            })
+            .and_then(|item| item.pointer(&rec.found).and_then(scalar)))
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = MAX_ANSWER.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if room <= chunk.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a failed request may have reached the vendor.
+fn describe(e: &reqwest::Error) -> Failure {
+    let text = {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(inner) = src {
+            s.push_str(": ");
+            s.push_str(&inner.to_string());
+            src = inner.source();
+        }
+        s
+    };
+    if e.is_connect() || e.is_builder() {
+        Failure::NotSent(text)
+    } else if e.is_timeout() {
+        Failure::Unknown(format!("timed out: {text}"))
+    } else {
+        Failure::Unknown(text)
+    }
+}
