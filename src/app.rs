@@ -37,9 +37,41 @@ pub struct SourceRuntime {
 pub struct SinkRuntime {
     pub name: String,
     pub connector: String,
+    pub def: Arc<crate::connector::SinkDef>,
     pub params: IndexMap<String, Secret>,
     pub base_url: Option<String>,
     pub rate: Option<f64>,
+    pub concurrency: Option<usize>,
+    pub timeout: Option<std::time::Duration>,
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl SinkRuntime {
+    /// The parameters as template values (credentials included: templates need them;
+    /// everything shown to people goes through `SinkClient::redact`).
+    pub fn param_values(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
+            .collect()
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout.unwrap_or(self.def.limits.timeout.0)
+    }
+
+    /// The HTTP client of this sink.
+    pub fn client(&self) -> Result<crate::sink::SinkClient, String> {
+        crate::sink::SinkClient::build(
+            &self.name,
+            &self.connector,
+            self.def.clone(),
+            self.param_values(),
+            self.base_url.as_deref(),
+            self.timeout(),
+        )
+    }
 }
 
 /// Everything built from one config; replaced as a whole on reload.
@@ -100,14 +132,30 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
                 Err(m) => diags.push(cfg.diag(&format!("sinks.{}.{key}", sink.name), m)),
             }
         }
+        let Some(def) = cfg
+            .connectors
+            .get(&sink.connector)
+            .and_then(|c| c.sink.clone())
+        else {
+            diags.push(cfg.diag(
+                &format!("sinks.{}.connector", sink.name),
+                format!("unknown sink connector `{}`", sink.connector),
+            ));
+            continue;
+        };
         sinks.insert(
             sink.name.clone(),
             SinkRuntime {
                 name: sink.name.clone(),
                 connector: sink.connector.clone(),
+                def: Arc::new(def),
                 params,
                 base_url: sink.base_url.clone(),
                 rate: sink.rate,
+                concurrency: sink.concurrency,
+                timeout: sink.timeout,
+                max_attempts: sink.max_attempts,
+                max_age: sink.max_age,
             },
         );
     }
@@ -127,10 +175,15 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
 pub struct AppState {
     runtime: Arc<RwLock<Arc<Runtime>>>,
     pub inbox: Arc<dyn Inbox>,
+    pub outbox: Arc<dyn crate::outbox::Outbox>,
     pub metrics: Option<PrometheusHandle>,
     pub admin: AdminAccess,
     /// Wakes the pipeline worker after an event is stored.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Wakes the delivery engine when jobs are written or replayed.
+    pub jobs_ready: Arc<tokio::sync::Notify>,
+    /// The delivery engine's sinks (limits, breakers), for health and status.
+    pub lanes: crate::delivery::Lanes,
     /// KiB of request bodies that may be in memory at once (unverified senders included).
     pub body_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -142,15 +195,19 @@ impl AppState {
     pub fn new(
         runtime: Runtime,
         inbox: Arc<dyn Inbox>,
+        outbox: Arc<dyn crate::outbox::Outbox>,
         metrics: Option<PrometheusHandle>,
         admin: AdminAccess,
     ) -> Self {
         AppState {
             runtime: Arc::new(RwLock::new(Arc::new(runtime))),
             inbox,
+            outbox,
             metrics,
             admin,
             wake: Arc::new(tokio::sync::Notify::new()),
+            jobs_ready: Arc::new(tokio::sync::Notify::new()),
+            lanes: Default::default(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_KIB)),
         }
     }
@@ -207,7 +264,13 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
     if matches!(admin, AdminAccess::Disabled) {
         tracing::info!("no admin_token configured: the admin API (/api) answers 403");
     }
-    let state = AppState::new(runtime, Arc::new(store.clone()), metrics_handle(), admin);
+    let state = AppState::new(
+        runtime,
+        Arc::new(store.clone()),
+        Arc::new(store.clone()),
+        metrics_handle(),
+        admin,
+    );
     Ok(Prepared { cfg, state, store })
 }
 
@@ -233,13 +296,28 @@ impl Prepared {
                 self.store.clone(),
                 move || state.runtime(),
                 self.state.wake.clone(),
+                self.state.jobs_ready.clone(),
                 worker_stop.clone(),
             ))
         };
+        let delivery_stop = CancellationToken::new();
+        let delivery = {
+            let state = self.state.clone();
+            tokio::spawn(crate::delivery::run(
+                self.store.clone(),
+                move || state.runtime(),
+                self.state.jobs_ready.clone(),
+                self.state.lanes.clone(),
+                delivery_stop.clone(),
+            ))
+        };
         crate::http::serve(listener, router(self.state), shutdown).await?;
-        // Requests are drained; the worker finishes the event it is on.
+        // Requests are drained; the worker finishes the event it is on; attempts in flight
+        // finish (each bounded by its sink's timeout) and are recorded.
         worker_stop.cancel();
         let _ = worker.await;
+        delivery_stop.cancel();
+        let _ = delivery.await;
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
             .await?

@@ -98,8 +98,6 @@ pub trait Inbox: Send + Sync + 'static {
     fn get(&self, id: &str) -> Result<Option<(StoredEvent, bool)>, StoreError>;
     /// The pipeline runs recorded for an event.
     fn trace(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
-    /// Outbox jobs, at most `limit`.
-    fn jobs(&self, limit: usize) -> Result<Vec<crate::outbox::Job>, StoreError>;
 }
 
 /// Filters for [`Inbox::list`].
@@ -514,10 +512,6 @@ impl Inbox for Store {
 
     fn trace(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
         Store::trace(self, id)
-    }
-
-    fn jobs(&self, limit: usize) -> Result<Vec<crate::outbox::Job>, StoreError> {
-        Store::jobs(self, limit)
     }
 
     fn get(&self, id: &str) -> Result<Option<(StoredEvent, bool)>, StoreError> {

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod connector;
+pub mod delivery;
 pub mod http;
 pub mod inbox;
 pub mod ingest;

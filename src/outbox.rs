@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-/// A sink action waiting to be delivered.
+/// A sink action and its delivery state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Job {
     /// Idempotency key (also the outbox key).
@@ -24,14 +24,118 @@ pub struct Job {
     pub action: String,
     pub with: serde_json::Value,
     pub created_at_ms: u64,
+    /// Attempts started.
     pub attempts: u32,
     pub state: JobState,
+    /// Pending: when it is due. In flight: when its lease ends.
+    #[serde(default)]
+    pub next_at_ms: u64,
+    /// The last attempt may have taken effect without us knowing (timeout after sending, or
+    /// the daemon stopped mid-request): reconcile, or resend only if the action is
+    /// idempotent.
+    #[serde(default)]
+    pub uncertain: bool,
+    /// Why it is waiting again or dead.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The vendor's id of what was created.
+    #[serde(default)]
+    pub vendor_id: Option<String>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    #[serde(default)]
+    pub replays: u32,
+    /// The latest attempts, oldest first (at most `ATTEMPTS_KEPT`).
+    #[serde(default)]
+    pub log: Vec<AttemptLog>,
+}
+
+/// Attempts kept on a job.
+pub const ATTEMPTS_KEPT: usize = 20;
+
+/// One attempt, for the trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptLog {
+    pub at_ms: u64,
+    pub latency_ms: u64,
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// delivered | retry | rejected | dead
+    pub outcome: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The start of the vendor's answer, secrets redacted.
+    #[serde(default)]
+    pub excerpt: Option<String>,
+    #[serde(default)]
+    pub reconciled: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Pending,
+    InFlight,
+    Delivered,
+    /// In the dead-letter queue.
+    Dead,
+    /// Dropped from the dead-letter queue by an operator.
+    Dropped,
+}
+
+impl JobState {
+    /// Waiting for (or in) an attempt: indexed by due time.
+    fn scheduled(self) -> bool {
+        matches!(self, JobState::Pending | JobState::InFlight)
+    }
+}
+
+/// Which dead letters to list, replay or drop.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DeadFilter {
+    pub sink: Option<String>,
+    /// A substring of the reason.
+    pub reason: Option<String>,
+    /// Dead-lettered at or after (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Dead-lettered before (Unix ms).
+    pub until_ms: Option<u64>,
+}
+
+impl DeadFilter {
+    pub fn matches(&self, j: &Job) -> bool {
+        let at = j.finished_at_ms.unwrap_or(0);
+        self.sink.as_ref().is_none_or(|s| &j.sink == s)
+            && self
+                .reason
+                .as_ref()
+                .is_none_or(|r| j.reason.as_deref().unwrap_or("").contains(r.as_str()))
+            && self.since_ms.is_none_or(|t| at >= t)
+            && self.until_ms.is_none_or(|t| at < t)
+    }
+}
+
+fn due_key(sink: &str, at_ms: u64, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(sink.len() + 9 + key.len());
+    k.extend_from_slice(sink.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn event_job_key(event: u64, key: &str) -> Vec<u8> {
+    let mut k = event.to_be_bytes().to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn decode(v: &[u8]) -> Result<Job, StoreError> {
+    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("outbox job".into()))
 }
 
 /// The idempotency key of one action of one vendor event: (source, vendor event id,
@@ -58,11 +162,119 @@ impl Job {
             created_at_ms: now_ms,
             attempts: 0,
             state: JobState::Pending,
+            next_at_ms: now_ms,
+            uncertain: false,
+            reason: None,
+            vendor_id: None,
+            finished_at_ms: None,
+            replays: 0,
+            log: Vec::new(),
         }
     }
 }
 
+/// The outbox as the admin API and the delivery engine's operators see it: a narrow
+/// interface, so another backend can stand in for sled.
+pub trait Outbox: Send + Sync {
+    fn job(&self, key: &str) -> Result<Option<Job>, StoreError>;
+    /// Outbox jobs in key order, at most `limit`.
+    fn jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
+    fn dead_letters(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<Job>, StoreError>;
+    /// Puts dead letters back in the queue (due now, attempts reset, same idempotency key).
+    fn replay_dead(&self, keys: &[String], now_ms: u64) -> Result<usize, StoreError>;
+    /// Removes dead letters from the queue (kept, marked dropped).
+    fn drop_dead(&self, keys: &[String], now_ms: u64) -> Result<usize, StoreError>;
+    fn event_jobs(&self, event_id: &str) -> Result<Vec<Job>, StoreError>;
+    /// Queues these jobs (new, or replacing the job with the same key) due now.
+    fn requeue(&self, jobs: &[Job], now_ms: u64) -> Result<usize, StoreError>;
+}
+
+impl Outbox for Store {
+    fn job(&self, key: &str) -> Result<Option<Job>, StoreError> {
+        Store::job(self, key)
+    }
+    fn jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        Store::jobs(self, limit)
+    }
+    fn dead_letters(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<Job>, StoreError> {
+        Store::dead_letters(self, filter, limit)
+    }
+    fn replay_dead(&self, keys: &[String], now_ms: u64) -> Result<usize, StoreError> {
+        self.transition_dead(keys, |j| {
+            j.state = JobState::Pending;
+            j.attempts = 0;
+            j.uncertain = false;
+            j.next_at_ms = now_ms;
+            j.finished_at_ms = None;
+            j.replays += 1;
+        })
+    }
+    fn drop_dead(&self, keys: &[String], now_ms: u64) -> Result<usize, StoreError> {
+        self.transition_dead(keys, |j| {
+            j.state = JobState::Dropped;
+            j.finished_at_ms = Some(now_ms);
+        })
+    }
+    fn event_jobs(&self, event_id: &str) -> Result<Vec<Job>, StoreError> {
+        Store::event_jobs(self, event_id)
+    }
+    fn requeue(&self, jobs: &[Job], now_ms: u64) -> Result<usize, StoreError> {
+        let mut changes = Vec::with_capacity(jobs.len());
+        for new in jobs {
+            let before = Store::job(self, &new.key)?;
+            let mut after = new.clone();
+            after.state = JobState::Pending;
+            after.attempts = 0;
+            after.uncertain = false;
+            after.next_at_ms = now_ms;
+            after.finished_at_ms = None;
+            after.reason = None;
+            let before = match before {
+                Some(b) if b.state == JobState::InFlight => {
+                    return Err(StoreError::Io(format!(
+                        "job {} is being delivered right now; try again in a moment",
+                        b.key
+                    )))
+                }
+                Some(b) => {
+                    after.log = b.log.clone();
+                    after.replays = b.replays + 1;
+                    after.created_at_ms = b.created_at_ms.min(now_ms);
+                    b
+                }
+                None => {
+                    let mut phantom = new.clone();
+                    phantom.state = JobState::Dropped;
+                    phantom
+                }
+            };
+            changes.push((before, after));
+        }
+        self.write_jobs(&changes)?;
+        self.flush_jobs()?;
+        Ok(changes.len())
+    }
+}
+
 impl Store {
+    fn transition_dead(&self, keys: &[String], f: impl Fn(&mut Job)) -> Result<usize, StoreError> {
+        let mut changes = Vec::new();
+        for key in keys {
+            if let Some(j) = Store::job(self, key)? {
+                if j.state == JobState::Dead {
+                    let mut after = j.clone();
+                    f(&mut after);
+                    changes.push((j, after));
+                }
+            }
+        }
+        if !changes.is_empty() {
+            self.write_jobs(&changes)?;
+            self.flush_jobs()?;
+        }
+        Ok(changes.len())
+    }
+
     /// Up to `limit` events waiting for processing, oldest first, skipping those whose
     /// acknowledgement is still in flight (their write may yet be undone).
     pub fn pending_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
@@ -99,7 +311,7 @@ impl Store {
         struct Row {
             id: u64,
             trace: Option<Vec<u8>>,
-            jobs: Vec<(String, Vec<u8>)>,
+            jobs: Vec<(String, Vec<u8>, Vec<u8>)>,
         }
         let mut rows = Vec::with_capacity(done.len());
         for (event, runs, jobs) in done {
@@ -112,7 +324,10 @@ impl Store {
             };
             let jobs = jobs
                 .iter()
-                .map(|j| serde_json::to_vec(j).map(|v| (j.key.clone(), v)))
+                .map(|j| {
+                    serde_json::to_vec(j)
+                        .map(|v| (j.key.clone(), v, due_key(&j.sink, j.next_at_ms, &j.key)))
+                })
                 .collect::<Result<_, _>>()
                 .map_err(|e| StoreError::Io(e.to_string()))?;
             rows.push(Row { id, trace, jobs });
@@ -124,17 +339,25 @@ impl Store {
             }
             return Ok(());
         }
-        let result =
-            (&self.pending, &self.outbox, &self.traces).transaction(|(pending, outbox, traces)| {
+        let result = (
+            &self.pending,
+            &self.outbox,
+            &self.traces,
+            &self.due,
+            &self.event_jobs,
+        )
+            .transaction(|(pending, outbox, traces, due, event_jobs)| {
                 for r in &rows {
                     pending.remove(&r.id.to_be_bytes())?;
                     if let Some(t) = &r.trace {
                         traces.insert(&r.id.to_be_bytes(), t.as_slice())?;
                     }
-                    for (key, value) in &r.jobs {
+                    for (key, value, due_at) in &r.jobs {
                         if outbox.get(key.as_bytes())?.is_none() {
                             outbox.insert(key.as_bytes(), value.as_slice())?;
+                            due.insert(due_at.as_slice(), &[])?;
                         }
+                        event_jobs.insert(event_job_key(r.id, key), &[])?;
                     }
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
@@ -160,6 +383,181 @@ impl Store {
 
     pub fn jobs_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    pub fn job(&self, key: &str) -> Result<Option<Job>, StoreError> {
+        self.outbox
+            .get(key.as_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Up to `limit` jobs of `sink` due at `now_ms`, oldest first, skipping `busy` keys (in
+    /// flight in this process). Also says when the next one is due.
+    pub fn due_jobs(
+        &self,
+        sink: &str,
+        now_ms: u64,
+        limit: usize,
+        busy: &std::collections::HashSet<String>,
+    ) -> Result<(Vec<Job>, Option<u64>), StoreError> {
+        let mut prefix = sink.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let mut next = None;
+        for item in self.due.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let rest = &k[prefix.len()..];
+            if rest.len() < 8 {
+                continue;
+            }
+            let at = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+            let key = String::from_utf8_lossy(&rest[8..]).into_owned();
+            if busy.contains(&key) {
+                continue;
+            }
+            if at > now_ms {
+                next = Some(at);
+                break;
+            }
+            if out.len() >= limit {
+                next = Some(at);
+                break;
+            }
+            match self.job(&key)? {
+                Some(j) if j.state.scheduled() => out.push(j),
+                // A stale index entry (should not happen): drop it.
+                _ => {
+                    self.due.remove(&k)?;
+                }
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Writes job transitions `(before, after)` and their index entries in one transaction.
+    pub fn write_jobs(&self, changes: &[(Job, Job)]) -> Result<(), StoreError> {
+        let rows = changes
+            .iter()
+            .map(|(before, after)| {
+                serde_json::to_vec(after).map(|v| {
+                    (
+                        after.key.clone(),
+                        v,
+                        before
+                            .state
+                            .scheduled()
+                            .then(|| due_key(&before.sink, before.next_at_ms, &before.key)),
+                        after
+                            .state
+                            .scheduled()
+                            .then(|| due_key(&after.sink, after.next_at_ms, &after.key)),
+                        after.state == JobState::Dead,
+                        after.state == JobState::InFlight,
+                        parse_id(&after.event_id).map(|id| event_job_key(id, &after.key)),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
+        let result = (
+            &self.outbox,
+            &self.due,
+            &self.dlq,
+            &self.leases,
+            &self.event_jobs,
+        )
+            .transaction(|(outbox, due, dlq, leases, event_jobs)| {
+                for (key, value, old_due, new_due, dead, leased, event_key) in &rows {
+                    if let Some(k) = event_key {
+                        event_jobs.insert(k.as_slice(), &[])?;
+                    }
+                    if *leased {
+                        leases.insert(key.as_bytes(), &[])?;
+                    } else {
+                        leases.remove(key.as_bytes())?;
+                    }
+                    outbox.insert(key.as_bytes(), value.as_slice())?;
+                    if let Some(k) = old_due {
+                        due.remove(k.as_slice())?;
+                    }
+                    if let Some(k) = new_due {
+                        due.insert(k.as_slice(), &[])?;
+                    }
+                    if *dead {
+                        dlq.insert(key.as_bytes(), &[])?;
+                    } else {
+                        dlq.remove(key.as_bytes())?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(())) => Err(StoreError::Io("transaction aborted".into())),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Jobs left in flight by a process that is gone (this one just started).
+    pub fn leased_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.leases.iter() {
+            let (k, _) = item?;
+            match self.job(&String::from_utf8_lossy(&k))? {
+                Some(j) if j.state == JobState::InFlight => out.push(j),
+                _ => {
+                    self.leases.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes every write so far durable (sled's log fsynced).
+    pub fn flush_jobs(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Dead letters matching `filter`, newest first, at most `limit`.
+    pub fn dead_letters(&self, filter: &DeadFilter, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.dlq.iter() {
+            let (k, _) = item?;
+            if let Some(j) = self.job(&String::from_utf8_lossy(&k))? {
+                if j.state == JobState::Dead && filter.matches(&j) {
+                    out.push(j);
+                }
+            }
+        }
+        out.sort_by_key(|j| std::cmp::Reverse(j.finished_at_ms));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    pub fn dead_letter_count(&self) -> usize {
+        self.dlq.len()
+    }
+
+    /// Jobs of one event, in key order.
+    pub fn event_jobs(&self, event_id: &str) -> Result<Vec<Job>, StoreError> {
+        let Some(id) = parse_id(event_id) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in self.event_jobs.scan_prefix(id.to_be_bytes()) {
+            let (k, _) = item?;
+            if let Some(j) = self.job(&String::from_utf8_lossy(&k[8..]))? {
+                out.push(j);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Scheduled jobs (pending or in flight).
+    pub fn scheduled_len(&self) -> usize {
+        self.due.len()
     }
 
     /// The pipeline runs recorded for an event.

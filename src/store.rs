@@ -50,6 +50,14 @@ pub struct Store {
     pub(crate) outbox: sled::Tree,
     /// Pipeline runs per event id (`outbox`).
     pub(crate) traces: sled::Tree,
+    /// Scheduled jobs by (sink, due time, key) (`outbox`).
+    pub(crate) due: sled::Tree,
+    /// Dead-lettered job keys (`outbox`).
+    pub(crate) dlq: sled::Tree,
+    /// (event id, job key) pairs (`outbox`).
+    pub(crate) event_jobs: sled::Tree,
+    /// Keys of jobs in flight (`outbox`): after a restart, their outcome is unknown.
+    pub(crate) leases: sled::Tree,
     meta: sled::Tree,
     pub(crate) wal: Wal,
     pub(crate) durability: Durability,
@@ -100,6 +108,10 @@ impl Store {
             pending: db.open_tree("pending")?,
             outbox: db.open_tree("outbox")?,
             traces: db.open_tree("traces")?,
+            due: db.open_tree("due")?,
+            dlq: db.open_tree("dlq")?,
+            event_jobs: db.open_tree("event_jobs")?,
+            leases: db.open_tree("leases")?,
             meta: db.open_tree("meta")?,
             events,
             wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())

@@ -97,23 +97,32 @@ pub async fn run_worker(
     store: Store,
     runtime: impl Fn() -> Arc<Runtime> + Send + 'static,
     wake: Arc<Notify>,
+    jobs_ready: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let engine = Arc::new(Engine::new());
     loop {
         let rt = runtime();
         let (s, e) = (store.clone(), engine.clone());
-        let done =
-            tokio::task::spawn_blocking(move || -> Result<usize, crate::store::StoreError> {
+        let done = tokio::task::spawn_blocking(
+            move || -> Result<(usize, usize), crate::store::StoreError> {
                 let batch = s.pending_events(BATCH)?;
-                if !batch.is_empty() {
-                    process(&s, &rt, &e, &batch)?;
-                }
-                Ok(batch.len())
-            })
-            .await;
+                let jobs = if batch.is_empty() {
+                    0
+                } else {
+                    process(&s, &rt, &e, &batch)?
+                };
+                Ok((batch.len(), jobs))
+            },
+        )
+        .await;
         let busy = match done {
-            Ok(Ok(n)) => n == BATCH,
+            Ok(Ok((n, jobs))) => {
+                if jobs > 0 {
+                    jobs_ready.notify_one();
+                }
+                n == BATCH
+            }
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "processing stored events failed; retrying shortly");
                 false
@@ -134,4 +143,88 @@ pub async fn run_worker(
             }
         }
     }
+}
+
+/// What replaying one event from its trigger would change, job by job.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayItem {
+    pub key: String,
+    pub pipeline: String,
+    pub to: String,
+    /// new | changed | unchanged | dropped (no longer produced)
+    pub change: &'static str,
+    /// The existing job's state, if there is one.
+    pub state: Option<crate::outbox::JobState>,
+    pub with_before: Option<Json>,
+    pub with_after: Option<Json>,
+    /// Whether a confirmed replay sends it.
+    pub sends: bool,
+}
+
+/// Re-runs `ev` through the current pipelines and compares the actions with the event's
+/// existing jobs. New and changed actions are sent on confirmation, as are unchanged ones
+/// that never got through (dead, dropped); unchanged delivered or queued ones only with
+/// `resend_delivered`. Every job keeps its idempotency key.
+pub fn plan_replay(
+    runtime: &Runtime,
+    engine: &Engine,
+    ev: &StoredEvent,
+    existing: &[Job],
+    resend_delivered: bool,
+) -> (Vec<crate::pipeline::run::Run>, Vec<ReplayItem>, Vec<Job>) {
+    use crate::outbox::JobState;
+    let now_ms = crate::delivery::now_ms();
+    let input = input(ev);
+    let mut runs = Vec::new();
+    let mut items = Vec::new();
+    let mut to_send = Vec::new();
+    let mut produced = std::collections::HashSet::new();
+    for p in runtime
+        .pipelines
+        .values()
+        .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
+    {
+        let r = run(p, engine, &input);
+        for d in &r.deliveries {
+            let job = Job::from_delivery(ev, &p.name, d, now_ms);
+            produced.insert(job.key.clone());
+            let old = existing.iter().find(|j| j.key == job.key);
+            let (change, sends) = match old {
+                None => ("new", true),
+                Some(o) if o.with != job.with => ("changed", true),
+                Some(o) => (
+                    "unchanged",
+                    matches!(o.state, JobState::Dead | JobState::Dropped)
+                        || (resend_delivered && o.state != JobState::InFlight),
+                ),
+            };
+            items.push(ReplayItem {
+                key: job.key.clone(),
+                pipeline: p.name.clone(),
+                to: d.to(),
+                change,
+                state: old.map(|o| o.state),
+                with_before: old.map(|o| o.with.clone()),
+                with_after: Some(job.with.clone()),
+                sends,
+            });
+            if sends {
+                to_send.push(job);
+            }
+        }
+        runs.push(r);
+    }
+    for o in existing.iter().filter(|o| !produced.contains(&o.key)) {
+        items.push(ReplayItem {
+            key: o.key.clone(),
+            pipeline: o.pipeline.clone(),
+            to: format!("{}.{}", o.sink, o.action),
+            change: "dropped",
+            state: Some(o.state),
+            with_before: Some(o.with.clone()),
+            with_after: None,
+            sends: false,
+        });
+    }
+    (runs, items, to_send)
 }

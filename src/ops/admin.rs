@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
@@ -81,6 +81,14 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/events", get(list_events))
         .route("/api/events/{id}", get(show_event))
         .route("/api/jobs", get(list_jobs))
+        .route("/api/jobs/{key}", get(show_job))
+        .route("/api/events/{id}/replay", post(replay_event))
+        .route("/api/dlq", get(list_dlq))
+        .route("/api/dlq/replay", post(replay_dlq))
+        .route("/api/dlq/drop", post(drop_dlq))
+        .route("/api/dlq/{key}", get(show_job).delete(drop_one))
+        .route("/api/dlq/{key}/replay", post(replay_one))
+        .route("/api/dlq/{key}/drop", post(drop_one))
         .route_layer(axum::middleware::from_fn_with_state(state, guard))
 }
 
@@ -114,6 +122,7 @@ async fn show_event(State(app): State<AppState>, Path(id): Path<String>) -> Resp
                 }
             }
             out["trace"] = app.inbox.trace(&id).ok().flatten().unwrap_or(Value::Null);
+            out["jobs"] = json!(app.outbox.event_jobs(&id).unwrap_or_default());
             Json(out).into_response()
         }
         Ok(None) => (
@@ -132,10 +141,216 @@ struct JobQuery {
 
 /// Outbox jobs (sink actions waiting for the delivery engine).
 async fn list_jobs(State(app): State<AppState>, Query(q): Query<JobQuery>) -> Response {
-    match app.inbox.jobs(q.limit.unwrap_or(100).clamp(1, 1000)) {
+    match app.outbox.jobs(q.limit.unwrap_or(100).clamp(1, 1000)) {
         Ok(jobs) => Json(json!({ "jobs": jobs })).into_response(),
         Err(e) => store_error(e),
     }
+}
+
+fn not_found(what: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": format!("no such {what}") })),
+    )
+        .into_response()
+}
+
+fn bad_request(msg: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": msg.into() })),
+    )
+        .into_response()
+}
+
+/// One job with its attempts.
+async fn show_job(State(app): State<AppState>, Path(key): Path<String>) -> Response {
+    match app.outbox.job(&key) {
+        Ok(Some(j)) => Json(j).into_response(),
+        Ok(None) => not_found("job"),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Filter of the dead-letter queue, from a query string or a JSON body. Times are RFC 3339
+/// or a duration ago (`2h`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqQuery {
+    pub sink: Option<String>,
+    pub reason: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub limit: Option<usize>,
+    /// Bulk operations need a filter, or `all: true`.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// `2026-11-22T10:00:00Z` or `2h` (ago) -> Unix ms.
+pub fn parse_time(text: &str, now_ms: u64) -> Result<u64, String> {
+    if let Ok(ts) = text.parse::<jiff::Timestamp>() {
+        return Ok(ts.as_millisecond().max(0) as u64);
+    }
+    humantime::parse_duration(text)
+        .map(|d| now_ms.saturating_sub(d.as_millis() as u64))
+        .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration such as `2h`"))
+}
+
+impl DlqQuery {
+    fn filter(&self) -> Result<crate::outbox::DeadFilter, String> {
+        let now = crate::delivery::now_ms();
+        Ok(crate::outbox::DeadFilter {
+            sink: self.sink.clone(),
+            reason: self.reason.clone(),
+            since_ms: self
+                .since
+                .as_deref()
+                .map(|t| parse_time(t, now))
+                .transpose()?,
+            until_ms: self
+                .until
+                .as_deref()
+                .map(|t| parse_time(t, now))
+                .transpose()?,
+        })
+    }
+    fn is_unfiltered(&self) -> bool {
+        self.sink.is_none() && self.reason.is_none() && self.since.is_none() && self.until.is_none()
+    }
+}
+
+async fn list_dlq(State(app): State<AppState>, Query(q): Query<DlqQuery>) -> Response {
+    let f = match q.filter() {
+        Ok(f) => f,
+        Err(m) => return bad_request(m),
+    };
+    match app
+        .outbox
+        .dead_letters(&f, q.limit.unwrap_or(100).clamp(1, 10_000))
+    {
+        Ok(jobs) => Json(json!({ "dead_letters": jobs })).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn bulk(app: &AppState, q: Option<Json<DlqQuery>>, replay: bool) -> Response {
+    let q = q.map(|Json(q)| q).unwrap_or_default();
+    if q.is_unfiltered() && !q.all {
+        return bad_request("name a filter (sink, reason, since, until) or send \"all\": true");
+    }
+    let f = match q.filter() {
+        Ok(f) => f,
+        Err(m) => return bad_request(m),
+    };
+    let keys: Vec<String> = match app.outbox.dead_letters(&f, usize::MAX) {
+        Ok(jobs) => jobs.into_iter().map(|j| j.key).collect(),
+        Err(e) => return store_error(e),
+    };
+    change(app, &keys, replay)
+}
+
+fn change(app: &AppState, keys: &[String], replay: bool) -> Response {
+    let now = crate::delivery::now_ms();
+    let done = if replay {
+        app.outbox.replay_dead(keys, now)
+    } else {
+        app.outbox.drop_dead(keys, now)
+    };
+    match done {
+        Ok(n) => {
+            if replay && n > 0 {
+                app.jobs_ready.notify_one();
+            }
+            let verb = if replay { "replayed" } else { "dropped" };
+            tracing::info!(jobs = n, "{verb} dead letters");
+            Json(json!({ verb: n })).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn replay_dlq(State(app): State<AppState>, q: Option<Json<DlqQuery>>) -> Response {
+    bulk(&app, q, true).await
+}
+
+async fn drop_dlq(State(app): State<AppState>, q: Option<Json<DlqQuery>>) -> Response {
+    bulk(&app, q, false).await
+}
+
+async fn one(app: &AppState, key: &str, replay: bool) -> Response {
+    match app.outbox.job(key) {
+        Ok(Some(j)) if j.state == crate::outbox::JobState::Dead => change(app, &[j.key], replay),
+        Ok(Some(j)) => (
+            StatusCode::CONFLICT,
+            Json(
+                json!({ "error": format!("job {key} is not a dead letter (it is {:?})", j.state) }),
+            ),
+        )
+            .into_response(),
+        Ok(None) => not_found("job"),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn replay_one(State(app): State<AppState>, Path(key): Path<String>) -> Response {
+    one(&app, &key, true).await
+}
+
+async fn drop_one(State(app): State<AppState>, Path(key): Path<String>) -> Response {
+    one(&app, &key, false).await
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    /// Without it, nothing is sent: the answer shows what would change.
+    #[serde(default)]
+    confirm: bool,
+    /// Also resend unchanged actions that were delivered (same idempotency key).
+    #[serde(default)]
+    resend_delivered: bool,
+}
+
+/// Re-runs an event through the current pipelines: shows what would change; sends on
+/// `confirm`.
+async fn replay_event(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<Json<ReplayRequest>>,
+) -> Response {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let ev = match app.inbox.get(&id) {
+        Ok(Some((ev, _))) => ev,
+        Ok(None) => return not_found("event"),
+        Err(e) => return store_error(e),
+    };
+    let existing = match app.outbox.event_jobs(&id) {
+        Ok(j) => j,
+        Err(e) => return store_error(e),
+    };
+    let rt = app.runtime();
+    let engine = crate::pipeline::expr::Engine::new();
+    let (runs, items, to_send) =
+        crate::worker::plan_replay(&rt, &engine, &ev, &existing, req.resend_delivered);
+    let mut sent = 0;
+    if req.confirm && !to_send.is_empty() {
+        match app.outbox.requeue(&to_send, crate::delivery::now_ms()) {
+            Ok(n) => {
+                sent = n;
+                app.jobs_ready.notify_one();
+            }
+            Err(e) => return store_error(e),
+        }
+    }
+    Json(json!({
+        "event": id,
+        "confirmed": req.confirm,
+        "queued": sent,
+        "changes": items,
+        "runs": runs,
+    }))
+    .into_response()
 }
 
 #[cfg(test)]

@@ -217,8 +217,8 @@ mod tests {
             out,
             [
                 "w.a: expected 2, got 1",
-                "w.l: expected [1,2], got [1]",
-                "w.z: expected 1, missing"
+                "w.z: expected 1, missing",
+                "w.l: expected [1,2], got [1]"
             ]
         );
     }

@@ -89,6 +89,21 @@ pub fn render_tree(
     })
 }
 
+/// Drops null map entries at every depth (an optional field left out, also inside values a
+/// single expression built).
+fn prune(v: Json) -> Json {
+    match v {
+        Json::Object(m) => Json::Object(
+            m.into_iter()
+                .filter(|(_, x)| !x.is_null())
+                .map(|(k, x)| (k, prune(x)))
+                .collect(),
+        ),
+        Json::Array(a) => Json::Array(a.into_iter().map(prune).collect()),
+        other => other,
+    }
+}
+
 /// `base` + the rendered path, or the path itself when it renders an absolute URL.
 pub fn url(
     engine: &Engine,
@@ -134,7 +149,7 @@ pub fn render(
     }
     let body = match &action.body {
         None => None,
-        Some(tree) => Some(render_tree(engine, tree, ctx, "body")?),
+        Some(tree) => Some(prune(render_tree(engine, tree, ctx, "body")?)),
     };
     let (body, content_type) = match (body, action.encoding) {
         (None, _) => (None, None),

@@ -3,6 +3,8 @@
 mod admin;
 mod config_check;
 mod crash;
+mod delivery;
+mod fake_vendor;
 mod helpers;
 mod ingest;
 mod paypal_api;

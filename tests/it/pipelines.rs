@@ -47,7 +47,7 @@ fn dry_run_shows_steps_and_deliveries_and_sends_nothing() {
     assert!(out.contains("\"outcome\":\"completed\""), "{out}");
 }
 
-const CONFIG: &str = "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b }\n";
+const CONFIG: &str = "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b, base_url: \"http://127.0.0.1:9\" }\n";
 
 fn project(pipeline: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

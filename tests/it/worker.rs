@@ -6,7 +6,7 @@ use crate::helpers::*;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "worker-admin-token";
-const CONFIG: &str = "admin_token: worker-admin-token\nsources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b }\n  team: { connector: slack, webhook_url: \"https://hooks.slack.invalid/x\" }\n";
+const CONFIG: &str = "admin_token: worker-admin-token\nsources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b, base_url: \"http://127.0.0.1:9\" }\n  team: { connector: slack, webhook_url: \"http://127.0.0.1:9/x\" }\n";
 
 const SMS: &str = "pipeline: sms\non: { source: shop, events: [orders/paid] }\nsteps:\n  - set: { points: \"{{ (event.total_price | money(event.currency)).minor // 10 }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"{{ event.customer.phone }}\", body: \"{{ points }} points\" } }\n";
 const SLACK: &str = "pipeline: slack\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: team.post, with: { text: \"order {{ event.id }}\" } }\n";

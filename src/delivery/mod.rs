@@ -1,0 +1,474 @@
+//! (6) Delivery: claim due jobs from the outbox, send them through their sink within its
+//! limits, record the outcome. The outbox is the only retry state: a failed attempt writes
+//! its next due time and returns; no task sleeps holding a delivery, and a restart loses
+//! nothing.
+//!
+//! One dispatcher claims jobs (a lease written, made durable before a request whose
+//! duplicate could not be recognised goes out), one task per attempt sends, one recorder
+//! writes outcomes in batches with one flush (group commit).
+
+pub mod breaker;
+pub mod schedule;
+
+use crate::app::{Runtime, SinkRuntime};
+use crate::outbox::{AttemptLog, Job, JobState, ATTEMPTS_KEPT};
+use crate::sink::{Outcome, Sent, SinkClient};
+use crate::store::Store;
+use breaker::{Breaker, Signal};
+use governor::{Quota, RateLimiter};
+use schedule::Schedule;
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Jobs claimed per sink per round at most.
+const CLAIM_BATCH: usize = 256;
+/// Longest sleep of an idle dispatcher.
+const IDLE: Duration = Duration::from_secs(1);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// When to give up on a job.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub schedule: Schedule,
+    pub max_attempts: u32,
+    pub max_age: Duration,
+}
+
+/// One sink's client, limits and breaker.
+pub struct Lane {
+    pub client: SinkClient,
+    limiter: governor::DefaultDirectRateLimiter,
+    permits: Arc<Semaphore>,
+    pub concurrency: usize,
+    pub breaker: Mutex<Breaker>,
+    pub policy: Policy,
+    lease: Duration,
+}
+
+impl Lane {
+    pub fn build(s: &SinkRuntime) -> Result<Lane, String> {
+        let def = &s.def;
+        let rate = s
+            .rate
+            .or_else(|| {
+                def.limits
+                    .rate
+                    .as_deref()
+                    .and_then(crate::config::parse_rate)
+            })
+            .unwrap_or(100.0);
+        let burst = def
+            .limits
+            .burst
+            .unwrap_or_else(|| rate.ceil().clamp(1.0, 10_000.0) as u32)
+            .max(1);
+        let period = Duration::from_secs_f64(1.0 / rate.max(1e-6));
+        let quota = Quota::with_period(period)
+            .ok_or("rate too high")?
+            .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"));
+        let concurrency = s.concurrency.unwrap_or(def.limits.concurrency).max(1);
+        let retry = &def.retry;
+        Ok(Lane {
+            client: s.client()?,
+            limiter: RateLimiter::direct(quota),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            concurrency,
+            breaker: Mutex::new(Breaker::new(
+                retry.breaker_failures,
+                retry.breaker_cooldown.0,
+            )),
+            policy: Policy {
+                schedule: Schedule {
+                    initial: retry.initial.0,
+                    max_delay: retry.max_delay.0,
+                    max_retry_after: retry.max_retry_after.0,
+                },
+                max_attempts: s.max_attempts.unwrap_or(retry.max_attempts),
+                max_age: s.max_age.unwrap_or(retry.max_age.0),
+            },
+            lease: def.limits.lease.0.max(s.timeout() + Duration::from_secs(5)),
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.concurrency - self.permits.available_permits()
+    }
+}
+
+/// What the breaker learns from an attempt.
+fn signal(sent: &Sent) -> Signal {
+    match &sent.outcome {
+        Outcome::Delivered { .. } | Outcome::Reject { .. } => Signal::Healthy,
+        Outcome::Retry { .. } if matches!(sent.status, Some(429)) => Signal::Neutral,
+        Outcome::Retry { .. } if sent.status.is_some_and(|s| s < 500) => Signal::Neutral,
+        Outcome::Retry { .. } => Signal::Failing,
+    }
+}
+
+/// The job after an attempt: delivered, due again, or dead. `unit` is a uniform sample in
+/// [0, 1) for the jitter.
+pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -> Job {
+    let mut j = job.clone();
+    j.log.push(AttemptLog {
+        at_ms: now_ms.saturating_sub(sent.latency.as_millis() as u64),
+        latency_ms: sent.latency.as_millis() as u64,
+        status: sent.status,
+        outcome: sent.outcome.label().to_string(),
+        reason: match &sent.outcome {
+            Outcome::Retry { reason, .. } | Outcome::Reject { reason } => Some(reason.clone()),
+            Outcome::Delivered { .. } => None,
+        },
+        excerpt: sent.excerpt.clone(),
+        reconciled: sent.reconciled,
+    });
+    if j.log.len() > ATTEMPTS_KEPT {
+        let extra = j.log.len() - ATTEMPTS_KEPT;
+        j.log.drain(..extra);
+    }
+    match &sent.outcome {
+        Outcome::Delivered { vendor_id } => {
+            j.state = JobState::Delivered;
+            j.vendor_id = vendor_id.clone().or(j.vendor_id);
+            j.uncertain = false;
+            j.reason = None;
+            j.finished_at_ms = Some(now_ms);
+        }
+        Outcome::Reject { reason } => {
+            j.state = JobState::Dead;
+            j.reason = Some(reason.clone());
+            j.finished_at_ms = Some(now_ms);
+        }
+        Outcome::Retry {
+            after,
+            reason,
+            uncertain,
+        } => {
+            j.uncertain |= *uncertain;
+            let age = Duration::from_millis(now_ms.saturating_sub(j.created_at_ms));
+            if j.attempts >= policy.max_attempts {
+                j.state = JobState::Dead;
+                j.reason = Some(format!("gave up after {} attempts: {reason}", j.attempts));
+                j.finished_at_ms = Some(now_ms);
+            } else if age >= policy.max_age {
+                j.state = JobState::Dead;
+                j.reason = Some(format!(
+                    "older than max_age ({}): {reason}",
+                    humantime::format_duration(policy.max_age)
+                ));
+                j.finished_at_ms = Some(now_ms);
+            } else {
+                let wait = policy.schedule.delay(j.attempts, *after, unit);
+                j.state = JobState::Pending;
+                j.next_at_ms = now_ms + wait.as_millis() as u64;
+                j.reason = Some(reason.clone());
+            }
+        }
+    }
+    j
+}
+
+/// An attempt that finished, on its way to the recorder.
+struct Done {
+    lane: Arc<Lane>,
+    job: Job,
+    sent: Sent,
+}
+
+/// Lanes built from one runtime.
+fn lanes(rt: &Runtime) -> HashMap<String, Arc<Lane>> {
+    let mut out = HashMap::new();
+    for s in rt.sinks.values() {
+        match Lane::build(s) {
+            Ok(l) => {
+                out.insert(s.name.clone(), Arc::new(l));
+            }
+            Err(e) => {
+                tracing::error!(sink = %s.name, error = %e, "sink cannot be built; its jobs wait")
+            }
+        }
+    }
+    out
+}
+
+/// Shared view of the delivery engine (health, status).
+#[derive(Clone, Default)]
+pub struct Lanes(pub Arc<Mutex<HashMap<String, Arc<Lane>>>>);
+
+/// Runs the delivery engine until `shutdown`; then lets in-flight attempts finish and
+/// records them. `wake` is notified when new jobs are written.
+pub async fn run(
+    store: Store,
+    runtime: impl Fn() -> Arc<Runtime> + Send + 'static,
+    wake: Arc<Notify>,
+    shared: Lanes,
+    shutdown: CancellationToken,
+) {
+    let mut current_rt = runtime();
+    let mut lanes_by_sink = lanes(&current_rt);
+    *shared.0.lock().expect("lanes lock") = lanes_by_sink.clone();
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
+    let recorder = tokio::spawn(record(store.clone(), done_rx, busy.clone(), wake.clone()));
+    let attempts = TaskTracker::new();
+    recover(&store).await;
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let rt = runtime();
+        if !Arc::ptr_eq(&rt, &current_rt) {
+            current_rt = rt;
+            lanes_by_sink = lanes(&current_rt);
+            *shared.0.lock().expect("lanes lock") = lanes_by_sink.clone();
+        }
+        let now = now_ms();
+        let mut next_wake = now + IDLE.as_millis() as u64;
+        let mut claims: Vec<(Arc<Lane>, Job, Job, OwnedSemaphorePermit)> = Vec::new();
+        let busy_now = busy.lock().expect("busy lock").clone();
+        for (name, lane) in &lanes_by_sink {
+            let free = lane.permits.available_permits().min(CLAIM_BATCH);
+            if free == 0 {
+                continue;
+            }
+            if let Some(until) = lane.breaker.lock().expect("breaker lock").blocked_until() {
+                if until > now {
+                    next_wake = next_wake.min(until);
+                    continue;
+                }
+            }
+            let (jobs, next) = match store.due_jobs(name, now, free, &busy_now) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(sink = %name, error = %e, "reading due jobs failed; retrying shortly");
+                    continue;
+                }
+            };
+            if let Some(n) = next {
+                next_wake = next_wake.min(n);
+            }
+            for job in jobs {
+                if let Err(not_until) = lane.limiter.check() {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ));
+                    next_wake = next_wake.min(now + wait.as_millis() as u64 + 1);
+                    metrics::counter!("perkflow_delivery_rate_limited_total", "sink" => name.clone())
+                        .increment(1);
+                    break;
+                }
+                if !lane.breaker.lock().expect("breaker lock").admit(now) {
+                    break;
+                }
+                let Ok(permit) = lane.permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                let mut claimed = job.clone();
+                claimed.state = JobState::InFlight;
+                claimed.attempts += 1;
+                claimed.next_at_ms = now + lane.lease.as_millis() as u64;
+                claims.push((lane.clone(), job, claimed, permit));
+            }
+        }
+        if !claims.is_empty() {
+            {
+                let mut b = busy.lock().expect("busy lock");
+                for (_, j, _, _) in &claims {
+                    b.insert(j.key.clone());
+                }
+            }
+            // A lease must be durable before a request whose duplicate the vendor could not
+            // recognise goes out: after a crash we then know its outcome is unknown.
+            let must_flush = claims.iter().any(|(lane, j, _, _)| {
+                lane.client
+                    .action(&j.action)
+                    .is_none_or(|a| !a.idempotent || a.reconcile.is_some())
+            });
+            let changes: Vec<(Job, Job)> = claims
+                .iter()
+                .map(|(_, before, after, _)| (before.clone(), after.clone()))
+                .collect();
+            let s = store.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                s.write_jobs(&changes)?;
+                if must_flush {
+                    s.flush_jobs()?;
+                }
+                Ok::<(), crate::store::StoreError>(())
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                tracing::warn!(error = ?written, "claiming jobs failed; retrying shortly");
+                {
+                    let mut b = busy.lock().expect("busy lock");
+                    for (_, j, _, _) in &claims {
+                        b.remove(&j.key);
+                    }
+                }
+                drop(claims);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            for (lane, _, claimed, permit) in claims {
+                let tx = done_tx.clone();
+                attempts.spawn(async move {
+                    let sent = lane
+                        .client
+                        .attempt(
+                            &claimed.action,
+                            &claimed.with,
+                            &claimed.key,
+                            &claimed.event_id,
+                            claimed.attempts,
+                            claimed.uncertain,
+                        )
+                        .await;
+                    lane.breaker
+                        .lock()
+                        .expect("breaker lock")
+                        .record(signal(&sent), now_ms());
+                    let name = lane.client.name.clone();
+                    metrics::counter!("perkflow_deliveries_total", "sink" => name.clone(), "outcome" => sent.outcome.label())
+                        .increment(1);
+                    metrics::histogram!("perkflow_delivery_duration_seconds", "sink" => name)
+                        .record(sent.latency.as_secs_f64());
+                    drop(permit);
+                    let _ = tx.send(Done {
+                        lane,
+                        job: claimed,
+                        sent,
+                    });
+                });
+            }
+            continue; // claim more right away if more are due
+        }
+        let wait = Duration::from_millis(next_wake.saturating_sub(now_ms()).max(1));
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    // Let in-flight attempts finish (each is bounded by its sink's timeout) and record them.
+    attempts.close();
+    attempts.wait().await;
+    drop(done_tx);
+    let _ = recorder.await;
+}
+
+/// Jobs a previous process left in flight: their outcome is unknown. They are due now and
+/// marked uncertain, so the next attempt reconciles (or resends only if idempotent).
+async fn recover(store: &Store) {
+    let s = store.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let leased = s.leased_jobs()?;
+        let now = now_ms();
+        let changes: Vec<(Job, Job)> = leased
+            .into_iter()
+            .map(|j| {
+                let mut after = j.clone();
+                after.state = JobState::Pending;
+                after.uncertain = true;
+                after.next_at_ms = now;
+                after.reason = Some("the daemon stopped during an attempt: outcome unknown".into());
+                (j, after)
+            })
+            .collect();
+        let n = changes.len();
+        if n > 0 {
+            s.write_jobs(&changes)?;
+            s.flush_jobs()?;
+        }
+        Ok::<usize, crate::store::StoreError>(n)
+    })
+    .await;
+    match done {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::warn!(
+            jobs = n,
+            "jobs were in flight when the daemon stopped; each is reconciled before any resend"
+        ),
+        other => tracing::error!(result = ?other, "recovering in-flight jobs failed"),
+    }
+}
+
+/// Writes outcomes in batches, one flush per batch; frees the jobs for the dispatcher.
+async fn record(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<Done>,
+    busy: Arc<Mutex<HashSet<String>>>,
+    wake: Arc<Notify>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        let now = now_ms();
+        let changes: Vec<(Job, Job)> = batch
+            .iter()
+            .map(|d| {
+                let after = settle(&d.job, &d.sent, &d.lane.policy, now, rand::random::<f64>());
+                log_outcome(&d.lane, &after, &d.sent);
+                (d.job.clone(), after)
+            })
+            .collect();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let s = store.clone();
+            let c = changes.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                s.write_jobs(&c)?;
+                s.flush_jobs()
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => break,
+                other => {
+                    tracing::error!(result = ?other, "recording delivery outcomes failed; retrying (the jobs stay claimed)");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        {
+            let mut b = busy.lock().expect("busy lock");
+            for (j, _) in &changes {
+                b.remove(&j.key);
+            }
+        }
+        wake.notify_one();
+    }
+}
+
+fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
+    let sink = &lane.client.name;
+    match job.state {
+        JobState::Dead => {
+            metrics::counter!("perkflow_dead_letters_total", "sink" => sink.clone()).increment(1);
+            tracing::error!(%sink, job = %job.key, event = %job.event_id, attempts = job.attempts, reason = job.reason.as_deref().unwrap_or(""), "dead-lettered: replay it once the cause is fixed");
+        }
+        JobState::Pending => {
+            tracing::warn!(%sink, job = %job.key, attempts = job.attempts, due_in_ms = job.next_at_ms.saturating_sub(now_ms()), reason = job.reason.as_deref().unwrap_or(""), "delivery failed; retry scheduled")
+        }
+        _ => {
+            tracing::debug!(%sink, job = %job.key, latency_ms = sent.latency.as_millis() as u64, "delivered")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
