@@ -73,10 +73,15 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Inspect stored events through a running daemon's admin API.
+    /// Inspect and replay stored events through a running daemon's admin API.
     Events {
         #[command(subcommand)]
-        command: EventsCommand,
+        command: perkflow::ops::client::EventsCommand,
+    },
+    /// The dead-letter queue of a running daemon: list, show, replay, drop.
+    Dlq {
+        #[command(subcommand)]
+        command: perkflow::ops::client::DlqCommand,
     },
     /// Print a correctly signed request (a curl command) for a fixture, to test a deployment.
     ///
@@ -104,46 +109,6 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
-struct AdminClient {
-    /// Config file, for the daemon's address and admin token.
-    #[arg(short, long)]
-    config: Option<PathBuf>,
-    /// Base URL of the daemon (default: http://<listen> from the config).
-    #[arg(long)]
-    url: Option<String>,
-    /// Admin bearer token (default: the config's admin_token).
-    #[arg(long, env = "PERKFLOW_ADMIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-}
-
-#[derive(Subcommand)]
-enum EventsCommand {
-    /// List stored events, newest first.
-    List {
-        #[command(flatten)]
-        admin: AdminClient,
-        /// Only this source.
-        #[arg(long)]
-        source: Option<String>,
-        /// Only this event type.
-        #[arg(long = "type")]
-        event_type: Option<String>,
-        /// How many (at most 500).
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        /// Only events older than this id (continue a listing).
-        #[arg(long)]
-        before: Option<String>,
-    },
-    /// Show one event: metadata, headers and payload.
-    Show {
-        id: String,
-        #[command(flatten)]
-        admin: AdminClient,
-    },
-}
-
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PERKFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -168,7 +133,8 @@ fn main() -> ExitCode {
             listen,
             data_dir,
         } => serve(config, listen, data_dir),
-        Command::Events { command } => events(command),
+        Command::Events { command } => perkflow::ops::client::events(command),
+        Command::Dlq { command } => perkflow::ops::client::dlq(command),
         Command::Test { pipelines, config } => return test_pipelines(config, pipelines),
         Command::Run {
             pipeline,
@@ -367,110 +333,6 @@ fn dry_run(path: Option<PathBuf>, name: String, fixture: PathBuf) -> anyhow::Res
     }
     println!("(dry run: nothing was sent; the sinks' HTTP requests are rendered once sink request kinds exist)");
     Ok(())
-}
-
-impl AdminClient {
-    /// GET `path` from the daemon's admin API and return its JSON.
-    fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
-        let cfg = config::load(self.config.as_deref())
-            .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
-        let base = self
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", cfg.listen));
-        let token = match &self.token {
-            Some(t) => Some(t.clone()),
-            None => match &cfg.admin_token {
-                Some(t) => Some(
-                    t.resolve(&cfg.base_dir)
-                        .map_err(anyhow::Error::msg)?
-                        .expose()
-                        .to_string(),
-                ),
-                None => None,
-            },
-        };
-        let url = format!("{}{path}", base.trim_end_matches('/'));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let client = reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(30))
-                .build()?;
-            let mut req = client.get(&url).query(query);
-            if let Some(t) = &token {
-                req = req.bearer_auth(t);
-            }
-            let resp = req
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the daemon at {base}"))?;
-            let status = resp.status();
-            let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-            if !status.is_success() {
-                let msg = body["error"].as_str().unwrap_or("");
-                anyhow::bail!("{url}: HTTP {status} {msg}");
-            }
-            Ok(body)
-        })
-    }
-}
-
-fn events(command: EventsCommand) -> anyhow::Result<()> {
-    match command {
-        EventsCommand::List {
-            admin,
-            source,
-            event_type,
-            limit,
-            before,
-        } => {
-            let mut q = vec![("limit", limit.to_string())];
-            q.extend(source.map(|s| ("source", s)));
-            q.extend(event_type.map(|t| ("type", t)));
-            q.extend(before.map(|b| ("before", b)));
-            let page = admin.get("/api/events", &q)?;
-            let rows = page["events"].as_array().cloned().unwrap_or_default();
-            println!(
-                "{:<20} {:<20} {:<14} {:<28} {:<9} VENDOR ID",
-                "ID", "RECEIVED", "SOURCE", "TYPE", "STATE"
-            );
-            for e in &rows {
-                let received = e["received_at_ms"]
-                    .as_u64()
-                    .map(|ms| perkflow::sign::rfc3339((ms / 1000) as i64))
-                    .unwrap_or_default();
-                let state = if e["pending"].as_bool().unwrap_or(false) {
-                    "pending"
-                } else {
-                    "processed"
-                };
-                println!(
-                    "{:<20} {:<20} {:<14} {:<28} {:<9} {}",
-                    e["id"].as_str().unwrap_or(""),
-                    received,
-                    e["source"].as_str().unwrap_or(""),
-                    e["event_type"].as_str().unwrap_or(""),
-                    state,
-                    e["vendor_id"].as_str().unwrap_or("")
-                );
-            }
-            match page["next"].as_str() {
-                Some(next) => println!(
-                    "{} events shown; more: perkflow events list --before {next}",
-                    rows.len()
-                ),
-                None => println!("{} events", rows.len()),
-            }
-            Ok(())
-        }
-        EventsCommand::Show { id, admin } => {
-            let ev = admin.get(&format!("/api/events/{id}"), &[])?;
-            println!("{}", serde_json::to_string_pretty(&ev)?);
-            Ok(())
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

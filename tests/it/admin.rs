@@ -98,7 +98,7 @@ async fn events_are_listed_and_shown_only_with_the_token() {
             && (text.contains("pending") || text.contains("processed")),
         "{text}"
     );
-    let out = cli(&["events", "show", &id]);
+    let out = cli(&["events", "show", &id, "--json"]);
     assert!(out.status.success());
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["id"], id.as_str());

@@ -446,3 +446,91 @@ async fn replaying_an_event_shows_the_changes_then_resends_with_the_same_key() {
         404
     );
 }
+
+fn cli(d: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(args)
+        .args(["--url", &d.base, "--token", TOKEN])
+        .current_dir(&d.dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `perkflow dlq list/show/replay/drop` and `perkflow events show/replay` against a live
+/// daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_shows_replays_and_drops_dead_letters() {
+    let fake = FakeVendor::start(|_: &[Seen]| Reply::new(404, "no_service")).await;
+    let (dir, config) = project(
+        &format!(
+            "  team: {{ connector: slack, webhook_url: \"{}/hook\" }}\n",
+            fake.base
+        ),
+        "{ to: team.post, with: { text: \"order {{ event_id }}\" } }",
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let first = ingest(&c, &d, 8).await;
+    let second = ingest(&c, &d, 9).await;
+    let a = settled_jobs(&c, &d, &first, 1, Duration::from_secs(30)).await;
+    let b = settled_jobs(&c, &d, &second, 1, Duration::from_secs(30)).await;
+    let (ka, kb) = (
+        a[0]["key"].as_str().unwrap().to_string(),
+        b[0]["key"].as_str().unwrap().to_string(),
+    );
+
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| cli(&d, &["dlq", "list", "--sink", "team"]));
+    assert!(ok, "{err}");
+    assert!(out.contains(&ka) && out.contains(&kb), "{out}");
+    assert!(out.contains("HTTP 404 no_service"), "{out}");
+    assert!(out.ends_with("2 dead letters\n"), "{out}");
+
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&d, &["events", "show", &first]));
+    assert!(ok);
+    assert!(out.contains("team.post  dead  attempts 1"), "{out}");
+    assert!(out.contains("rejected    404"), "{out}");
+
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&d, &["dlq", "drop", &kb]));
+    assert!(ok);
+    assert_eq!(out, "1 dead letters dropped\n");
+    let (ok, _, err) = tokio::task::block_in_place(|| cli(&d, &["dlq", "replay"]));
+    assert!(
+        !ok && err.contains("--all"),
+        "a bulk replay needs a filter: {err}"
+    );
+
+    fake.set_script(|_: &[Seen]| Reply::new(200, "ok"));
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&d, &["dlq", "replay", "--all"]));
+    assert!(ok);
+    assert_eq!(
+        out, "1 dead letters replayed\n",
+        "the dropped one stays dropped"
+    );
+    let a = settled_jobs(&c, &d, &first, 1, Duration::from_secs(30)).await;
+    assert_eq!(a[0]["state"], "delivered");
+    let ev = api(&c, &d, "GET", &format!("/api/events/{second}"), None)
+        .await
+        .json();
+    assert_eq!(ev["jobs"][0]["state"], "dropped");
+
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&d, &["events", "replay", &second]));
+    assert!(ok);
+    assert!(
+        out.contains("yes      unchanged  team.post"),
+        "a dropped action is sent again on replay: {out}"
+    );
+    assert!(out.contains("dry run: nothing sent"), "{out}");
+    let (ok, out, _) =
+        tokio::task::block_in_place(|| cli(&d, &["events", "replay", &second, "--yes"]));
+    assert!(ok);
+    assert!(out.ends_with("1 actions queued\n"), "{out}");
+    let b = settled_jobs(&c, &d, &second, 1, Duration::from_secs(30)).await;
+    assert_eq!(b[0]["state"], "delivered");
+    assert_eq!(b[0]["key"], kb.as_str());
+}
