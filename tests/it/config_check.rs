@@ -29,6 +29,7 @@ const CASES: &[&str] = &[
     "bad_reference",
     "sink_unknown_connector",
     "sink_params",
+    "sink_limits",
     "several_problems",
     "top_level_and_sources",
     "user_connectors",
