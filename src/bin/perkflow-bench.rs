@@ -2,8 +2,14 @@
 //! measured in the same run, alternating.
 //!
 //! ```text
-//! cargo run --release --bin perkflow-bench -- [--rounds 3] [--duration 10] [--concurrency 32] [--size 2048]
+//! cargo run --release --bin perkflow-bench -- [--suite ingest|e2e|all] [--rounds 3] [--duration 10] [--concurrency 32] [--size 2048]
 //! ```
+//!
+//! `--suite e2e` measures webhook -> sink latency instead: open-loop load at 200/s and
+//! 1,000/s, the fast `sink` of the bench tools recording the time from the load generator's
+//! send to its receipt; perkflow (fsync, one pipeline delivering every order to the sink
+//! through the `webhook` connector) beside `baseline --durable --forward` (persist with group
+//! commit, then forward), alternating. It also reports lost and duplicated deliveries.
 //!
 //! Each round runs, in turn: `baseline` (verify only: this machine's HTTP+HMAC ceiling),
 //! `baseline --durable` (group-commit fdatasync reference) and `perkflow serve` (release, one
@@ -21,6 +27,7 @@ use std::time::{Duration, Instant};
 const SECRET: &str = "bench-secret";
 
 struct Opts {
+    suite: String,
     rounds: usize,
     duration: u64,
     concurrency: usize,
@@ -30,7 +37,7 @@ struct Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: perkflow-bench [--rounds N (3)] [--duration SECS (10)] [--concurrency C (32)] [--size BYTES (2048)] \
+        "usage: perkflow-bench [--suite ingest|e2e|all (ingest)] [--rounds N (3)] [--duration SECS (10)] [--concurrency C (32)] [--size BYTES (2048)] \
          [--tools DIR (../shared/bench-tools)]"
     );
     std::process::exit(2)
@@ -38,6 +45,7 @@ fn usage() -> ! {
 
 fn opts() -> Opts {
     let mut o = Opts {
+        suite: "ingest".into(),
         rounds: 3,
         duration: 10,
         concurrency: 32,
@@ -48,6 +56,7 @@ fn opts() -> Opts {
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
+            "--suite" => o.suite = v(),
             "--rounds" => o.rounds = v().parse().unwrap_or_else(|_| usage()),
             "--duration" => o.duration = v().parse().unwrap_or_else(|_| usage()),
             "--concurrency" => o.concurrency = v().parse().unwrap_or_else(|_| usage()),
@@ -56,6 +65,9 @@ fn opts() -> Opts {
             "-h" | "--help" => usage(),
             _ => usage(),
         }
+    }
+    if !matches!(o.suite.as_str(), "ingest" | "e2e" | "all") {
+        usage()
     }
     o.rounds = o.rounds.clamp(1, 20);
     o.duration = o.duration.clamp(1, 120);
@@ -154,20 +166,26 @@ struct Sample {
 }
 
 fn loadgen(bin: &Path, url: &str, o: &Opts) -> Result<Sample, String> {
+    loadgen_with(bin, url, o, None, &format!("r{}", free_port()))
+}
+
+/// Closed loop at `o.concurrency`, or open loop at `rate` per second.
+fn loadgen_with(
+    bin: &Path,
+    url: &str,
+    o: &Opts,
+    rate: Option<u32>,
+    run_id: &str,
+) -> Result<Sample, String> {
+    let load = match rate {
+        Some(r) => ["--rate".to_string(), r.to_string()],
+        None => ["--concurrency".to_string(), o.concurrency.to_string()],
+    };
     let out = Command::new(bin.join("loadgen"))
         .args(["--url", url, "--secret", SECRET, "--quiet"])
-        .args([
-            "--concurrency",
-            &o.concurrency.to_string(),
-            "--duration",
-            &o.duration.to_string(),
-        ])
-        .args([
-            "--size",
-            &o.size.to_string(),
-            "--run-id",
-            &format!("r{}", free_port()),
-        ])
+        .args(&load)
+        .args(["--duration", &o.duration.to_string()])
+        .args(["--size", &o.size.to_string(), "--run-id", run_id])
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("loadgen: {e}"))?;
@@ -254,6 +272,220 @@ fn bench_perkflow(
     })
 }
 
+/// What the fast sink saw of one run.
+struct E2e {
+    acked: u64,
+    delivered: u64,
+    duplicates: u64,
+    p50: f64,
+    p99: f64,
+}
+
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// Waits (bounded) until the sink has seen `acked` ids of `run_id`, then reads its stats.
+fn sink_stats(port: u16, run_id: &str, acked: u64) -> Result<E2e, String> {
+    let t0 = Instant::now();
+    loop {
+        let body = http_get(port, &format!("/stats?prefix={run_id}-"))?;
+        let v: Value =
+            serde_json::from_str(body.trim()).map_err(|e| format!("sink stats {body:?}: {e}"))?;
+        let unique = v["unique_ids"].as_u64().unwrap_or(0);
+        if unique >= acked || t0.elapsed() > Duration::from_secs(30) {
+            return Ok(E2e {
+                acked,
+                delivered: unique,
+                duplicates: v["duplicates"].as_u64().unwrap_or(0),
+                p50: v["p50_ms"].as_f64().unwrap_or(0.0),
+                p99: v["p99_ms"].as_f64().unwrap_or(0.0),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn e2e_baseline(tools: &Path, o: &Opts, rate: u32, sink: u16, wal: &Path) -> Result<E2e, String> {
+    let port = free_port();
+    let _ = std::fs::remove_file(wal);
+    let child = Command::new(tools.join("baseline"))
+        .args(["--addr", &format!("127.0.0.1:{port}"), "--secret", SECRET])
+        .arg("--durable")
+        .arg(wal)
+        .args(["--forward", &format!("http://127.0.0.1:{sink}/ingest")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("baseline: {e}"))?;
+    let run_id = format!("b{}", free_port());
+    let r = wait_port(port, Duration::from_secs(10)).and_then(|_| {
+        loadgen_with(
+            tools,
+            &format!("http://127.0.0.1:{port}/webhook"),
+            o,
+            Some(rate),
+            &run_id,
+        )
+    });
+    let r = r.and_then(|s| sink_stats(sink, &run_id, s.ok));
+    stop(child);
+    r
+}
+
+fn e2e_perkflow(
+    perkflow: &Path,
+    tools: &Path,
+    o: &Opts,
+    rate: u32,
+    sink: u16,
+    dir: &Path,
+) -> Result<E2e, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("pipelines")).map_err(|e| e.to_string())?;
+    let cfg = dir.join("perkflow.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "durability: fsync\nsources:\n  shop: {{ connector: shopify, secret: {SECRET} }}\nsinks:\n  fwd: {{ connector: webhook, url: \"http://127.0.0.1:{sink}/ingest\" }}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("pipelines/forward.yaml"),
+        "pipeline: forward\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: fwd.post, with: { id: \"{{ event.id }}\", sent_us: \"{{ event.sent_us }}\" } }\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let mut child = Command::new(perkflow)
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("PERKFLOW_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("perkflow: {e}"))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    std::thread::spawn(move || for _ in lines {});
+    let Some(base) = first.strip_prefix("perkflow listening on ") else {
+        stop(child);
+        return Err(format!("perkflow did not start: {first:?}"));
+    };
+    let run_id = format!("p{}", free_port());
+    let r = loadgen_with(
+        tools,
+        &format!("{}/hooks/shop", base.trim()),
+        o,
+        Some(rate),
+        &run_id,
+    )
+    .and_then(|s| sink_stats(sink, &run_id, s.ok));
+    stop(child);
+    r
+}
+
+fn suite_e2e(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) {
+    let sink_port = free_port();
+    let sink = match Command::new(tools.join("sink"))
+        .args(["--addr", &format!("127.0.0.1:{sink_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sink: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = wait_port(sink_port, Duration::from_secs(10)) {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
+    println!(
+        "\nperkflow-bench e2e: webhook -> sink latency, open loop, {} s per run, {} rounds (alternating), {} B bodies",
+        o.duration, o.rounds, o.size
+    );
+    let mut failed = false;
+    for rate in [200u32, 1000] {
+        let mut rows: [Vec<E2e>; 2] = [Vec::new(), Vec::new()];
+        for round in 1..=o.rounds {
+            for (i, name) in [
+                "baseline --durable --forward",
+                "perkflow (fsync) -> webhook sink",
+            ]
+            .iter()
+            .enumerate()
+            {
+                let r = if i == 0 {
+                    e2e_baseline(tools, o, rate, sink_port, &scratch.join("baseline.wal"))
+                } else {
+                    e2e_perkflow(
+                        perkflow,
+                        tools,
+                        o,
+                        rate,
+                        sink_port,
+                        &scratch.join("perkflow-e2e"),
+                    )
+                };
+                match r {
+                    Ok(e) => {
+                        println!(
+                            "round {round} {rate:>5}/s {name:<34} e2e p50 {:>7.2} ms  p99 {:>8.2} ms  acked {} delivered {} lost {} duplicates {}",
+                            e.p50, e.p99, e.acked, e.delivered, e.acked.saturating_sub(e.delivered), e.duplicates
+                        );
+                        rows[i].push(e);
+                    }
+                    Err(e) => {
+                        eprintln!("round {round} {name}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+        }
+        let med = |v: &[E2e], f: fn(&E2e) -> f64| median(v.iter().map(f).collect());
+        let (bp50, bp99) = (med(&rows[0], |e| e.p50), med(&rows[0], |e| e.p99));
+        let (pp50, pp99) = (med(&rows[1], |e| e.p50), med(&rows[1], |e| e.p99));
+        let lost: u64 = rows[1]
+            .iter()
+            .map(|e| e.acked.saturating_sub(e.delivered))
+            .sum();
+        let dups: u64 = rows[1].iter().map(|e| e.duplicates).sum();
+        let limit = if rate == 200 { 3.0 } else { 10.0 };
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        println!("  medians at {rate}/s: baseline p50 {bp50:.2} ms p99 {bp99:.2} ms; perkflow p50 {pp50:.2} ms p99 {pp99:.2} ms");
+        println!("  target p50 < {limit} ms: {}", verdict(pp50 < limit));
+        println!(
+            "  target p99 <= 2x the durable baseline's ({:.2} ms): {}",
+            2.0 * bp99,
+            verdict(pp99 <= 2.0 * bp99)
+        );
+        println!(
+            "  lost {lost}, delivered twice {dups}: {}",
+            verdict(lost == 0 && dups == 0)
+        );
+    }
+    stop(sink);
+    if failed {
+        std::process::exit(1);
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -285,6 +517,13 @@ fn main() {
     };
     let scratch = target.join("bench-scratch");
     let _ = std::fs::create_dir_all(&scratch);
+    if o.suite == "e2e" || o.suite == "all" {
+        suite_e2e(&perkflow, &tools, &o, &scratch);
+        if o.suite == "e2e" {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return;
+        }
+    }
     println!(
         "perkflow-bench: signed Shopify webhooks of {} B, closed loop c={}, {} s per run, {} rounds (alternating)",
         o.size, o.concurrency, o.duration, o.rounds
