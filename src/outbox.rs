@@ -503,6 +503,8 @@ impl Store {
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
+        self.job_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(())) => Err(StoreError::Io("transaction aborted".into())),

@@ -68,6 +68,8 @@ pub struct Store {
     /// checkpoint holds it exclusively while it rotates the log.
     pub(crate) checkpoint_gate: Arc<std::sync::RwLock<()>>,
     next_id: Arc<AtomicU64>,
+    /// Bumped by every outbox write: the checkpointer makes them durable too.
+    pub(crate) job_writes: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     dir: PathBuf,
     checkpointer: Arc<Mutex<Option<Checkpointer>>>,
@@ -121,6 +123,7 @@ impl Store {
             reserved: Arc::new(Mutex::new(std::collections::HashMap::new())),
             checkpoint_gate: Arc::new(std::sync::RwLock::new(())),
             next_id: Arc::new(AtomicU64::new(next)),
+            job_writes: Arc::new(AtomicU64::new(0)),
             healthy,
             dir: dir.to_path_buf(),
             checkpointer: Arc::new(Mutex::new(None)),
@@ -212,9 +215,10 @@ impl Store {
         let (stop, stopped) = mpsc::channel::<()>();
         let store = self.clone();
         let handle = std::thread::Builder::new().name("perkflow-checkpoint".into()).spawn(move || {
-            let mut seen = store.next_id.load(Ordering::Relaxed);
+            let generation = || (store.next_id.load(Ordering::Relaxed), store.job_writes.load(Ordering::Relaxed));
+            let mut seen = generation();
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
-                let now = store.next_id.load(Ordering::Relaxed);
+                let now = generation();
                 if now == seen {
                     continue;
                 }

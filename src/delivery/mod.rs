@@ -181,6 +181,9 @@ pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -
 /// An attempt that finished, on its way to the recorder.
 struct Done {
     lane: Arc<Lane>,
+    /// The job as the store holds it.
+    stored: Job,
+    /// The job as claimed (attempt counted).
     job: Job,
     sent: Sent,
 }
@@ -287,26 +290,31 @@ pub async fn run(
                     b.insert(j.key.clone());
                 }
             }
-            // A lease must be durable before a request whose duplicate the vendor could not
-            // recognise goes out: after a crash we then know its outcome is unknown.
-            let must_flush = claims.iter().any(|(lane, j, _, _)| {
+            // A lease is written (and made durable) before a request whose duplicate the
+            // vendor could not recognise goes out, so that after a crash its outcome is known
+            // to be unknown. An idempotent action needs no stored lease: in this process the
+            // busy set is its lease, and after a crash it is simply due again (a resend with
+            // the same key is harmless), so its claim costs no write on the latency path.
+            let guarded = |lane: &Lane, j: &Job| {
                 lane.client
                     .action(&j.action)
                     .is_none_or(|a| !a.idempotent || a.reconcile.is_some())
-            });
+            };
             let changes: Vec<(Job, Job)> = claims
                 .iter()
+                .filter(|(lane, j, _, _)| guarded(lane, j))
                 .map(|(_, before, after, _)| (before.clone(), after.clone()))
                 .collect();
-            let s = store.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                s.write_jobs(&changes)?;
-                if must_flush {
-                    s.flush_jobs()?;
-                }
-                Ok::<(), crate::store::StoreError>(())
-            })
-            .await;
+            let written = if changes.is_empty() {
+                Ok(Ok(()))
+            } else {
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || {
+                    s.write_jobs(&changes)?;
+                    s.flush_jobs()
+                })
+                .await
+            };
             if !matches!(written, Ok(Ok(()))) {
                 tracing::warn!(error = ?written, "claiming jobs failed; retrying shortly");
                 {
@@ -319,7 +327,13 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            for (lane, _, claimed, permit) in claims {
+            for (lane, stored, claimed, permit) in claims {
+                // What the store holds now: the recorder replaces exactly that.
+                let stored = if guarded(&lane, &stored) {
+                    claimed.clone()
+                } else {
+                    stored
+                };
                 let tx = done_tx.clone();
                 attempts.spawn(async move {
                     let sent = lane
@@ -345,6 +359,7 @@ pub async fn run(
                     drop(permit);
                     let _ = tx.send(Done {
                         lane,
+                        stored,
                         job: claimed,
                         sent,
                     });
@@ -423,16 +438,28 @@ async fn record(
             .map(|d| {
                 let after = settle(&d.job, &d.sent, &d.lane.policy, now, rand::random::<f64>());
                 log_outcome(&d.lane, &after, &d.sent);
-                (d.job.clone(), after)
+                (d.stored.clone(), after)
             })
             .collect();
+        // Outcomes of idempotent actions are made durable by the next checkpoint (losing one
+        // to a crash means one harmless resend with the same key); any other outcome is
+        // flushed now, or a crash would turn a delivered message into an "unknown outcome".
+        let flush = batch.iter().any(|d| {
+            d.lane
+                .client
+                .action(&d.job.action)
+                .is_none_or(|a| !a.idempotent || a.reconcile.is_some())
+        });
         let mut delay = Duration::from_millis(100);
         loop {
             let s = store.clone();
             let c = changes.clone();
             let written = tokio::task::spawn_blocking(move || {
                 s.write_jobs(&c)?;
-                s.flush_jobs()
+                if flush {
+                    s.flush_jobs()?;
+                }
+                Ok::<(), crate::store::StoreError>(())
             })
             .await;
             match written {
