@@ -236,6 +236,16 @@ pub async fn run(
             *shared.0.lock().expect("lanes lock") = lanes_by_sink.clone();
         }
         let now = now_ms();
+        for (name, lane) in &lanes_by_sink {
+            let open = lane.breaker.lock().expect("breaker lock").label() != "closed";
+            metrics::gauge!("perkflow_circuit_open", "sink" => name.clone()).set(if open {
+                1.0
+            } else {
+                0.0
+            });
+            metrics::gauge!("perkflow_deliveries_in_flight", "sink" => name.clone())
+                .set(lane.in_flight() as f64);
+        }
         let mut next_wake = now + IDLE.as_millis() as u64;
         let mut claims: Vec<(Arc<Lane>, Job, Job, OwnedSemaphorePermit)> = Vec::new();
         let busy_now = busy.lock().expect("busy lock").clone();

@@ -534,3 +534,43 @@ async fn the_cli_lists_shows_replays_and_drops_dead_letters() {
     assert_eq!(b[0]["state"], "delivered");
     assert_eq!(b[0]["key"], kb.as_str());
 }
+
+/// A sink that hangs does not hold back another sink, nor ingest.
+#[tokio::test]
+async fn a_hanging_sink_does_not_slow_other_sinks_or_ingest() {
+    let slow =
+        FakeVendor::start(|_: &[Seen]| Reply::new(200, "ok").after(Duration::from_secs(20))).await;
+    let fast = FakeVendor::start(|_: &[Seen]| Reply::new(200, "ok")).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/p.yaml"),
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: slow.post, with: { text: \"{{ event_id }}\" } }\n  - deliver: { to: fast.post, with: { text: \"{{ event_id }}\" } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  slow: {{ connector: slack, webhook_url: \"{}/h\", timeout: 15s }}\n  fast: {{ connector: slack, webhook_url: \"{}/h\", rate: 100/s }}\n",
+        slow.base, fast.base
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let t0 = Instant::now();
+    for i in 0..20 {
+        let a = post(&c, &d.url("/hooks/shop"), &order(100 + i)).await;
+        assert_eq!(a.status, 200);
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "ingest was held back: {:?}",
+        t0.elapsed()
+    );
+    fast.wait_for("every fast delivery", Duration::from_secs(10), |s| {
+        s.len() == 20
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(
+        slow.seen().len() <= 1,
+        "the slow sink (concurrency 1) has one request out"
+    );
+}
