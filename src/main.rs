@@ -73,6 +73,29 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// The embedded default: the vendor sandbox, the daemon with the shipped pipelines (sled
+    /// in a temp dir), signed sample webhooks for every source, and what every sink received.
+    Demo {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Daemon address (default: the config's listen).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Vendor sandbox address.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        sandbox: String,
+        /// Exit once the deliveries are done instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Local emulators of every sink vendor (Twilio, SendGrid, Klaviyo, Slack, Zendesk,
+    /// HubSpot, Square Loyalty, gift cards) on one port, one path prefix per vendor; they
+    /// accept the shipped config's development credentials. `GET /_sandbox/received` lists
+    /// what they got; `POST /_sandbox/faults` injects failures.
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: String,
+    },
     /// Inspect and replay stored events through a running daemon's admin API.
     Events {
         #[command(subcommand)]
@@ -134,6 +157,18 @@ fn main() -> ExitCode {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::Events { command } => perkflow::ops::client::events(command),
+        Command::Demo {
+            config,
+            listen,
+            sandbox,
+            exit,
+        } => demo(perkflow::demo::Options {
+            config,
+            listen,
+            sandbox,
+            exit,
+        }),
+        Command::Sandbox { listen } => sandbox(listen),
         Command::Dlq { command } => perkflow::ops::client::dlq(command),
         Command::Test { pipelines, config } => return test_pipelines(config, pipelines),
         Command::Run {
@@ -240,6 +275,58 @@ fn serve(
     })
 }
 
+fn demo(opts: perkflow::demo::Options) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            token.cancel();
+        });
+        perkflow::demo::run(opts, shutdown).await
+    })
+}
+
+fn sandbox(listen: String) -> anyhow::Result<()> {
+    if !listen.starts_with("127.")
+        && !listen.starts_with("[::1]")
+        && !listen.starts_with("localhost")
+    {
+        anyhow::bail!("the sandbox binds to loopback only (got {listen})");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        println!("perkflow sandbox listening on http://{addr}");
+        let sb = perkflow::sandbox::Sandbox::new(perkflow::sandbox::Credentials::default());
+        let mut arrivals = sb.subscribe();
+        tokio::spawn(async move {
+            while let Ok(r) = arrivals.recv().await {
+                println!(
+                    "{:<9} {} {} {} {}",
+                    r.vendor, r.method, r.path, r.status, r.summary
+                );
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            token.cancel();
+        });
+        perkflow::sandbox::serve(sb, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -330,9 +417,73 @@ fn dry_run(path: Option<PathBuf>, name: String, fixture: PathBuf) -> anyhow::Res
             d.to(),
             serde_json::to_string_pretty(&d.with)?
         );
+        let key = perkflow::outbox::job_key(&input.source, &input.event_id, &p.name, &d.id);
+        match render_request(&cfg, &d.sink, &d.action, &d.with, &key) {
+            Ok(req) => {
+                println!("  {} {}", req.method, req.url);
+                for (k, v) in &req.headers {
+                    println!("  {k}: {v}");
+                }
+                if let Some(b) = &req.body_text {
+                    println!("  {b}");
+                }
+            }
+            Err(e) => println!("  cannot build the request: {e}"),
+        }
     }
-    println!("(dry run: nothing was sent; the sinks' HTTP requests are rendered once sink request kinds exist)");
+    println!("(dry run: nothing was sent; credentials are shown as [redacted])");
     Ok(())
+}
+
+/// The exact request a delivery would send (credentials that cannot be resolved here are
+/// left as their `${…}` reference; auth headers are redacted).
+fn render_request(
+    cfg: &config::Config,
+    sink: &str,
+    action: &str,
+    with: &serde_json::Value,
+    key: &str,
+) -> anyhow::Result<perkflow::sink::request::Request> {
+    let s = cfg.sinks.get(sink).context("unknown sink")?;
+    let def = cfg
+        .connectors
+        .get(&s.connector)
+        .and_then(|c| c.sink.clone())
+        .context("unknown sink connector")?;
+    let params = s
+        .params
+        .iter()
+        .map(|(k, v)| {
+            let value = v
+                .resolve(&cfg.base_dir)
+                .map(|x| x.expose().to_string())
+                .unwrap_or_else(|_| format!("{v:?}"));
+            (k.clone(), serde_json::Value::String(value))
+        })
+        .collect();
+    let client = perkflow::sink::SinkClient::build(
+        sink,
+        &s.connector,
+        std::sync::Arc::new(def),
+        params,
+        s.base_url.as_deref(),
+        std::time::Duration::from_secs(10),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let req = client
+        .render(action, with, key, "ev_dry_run", 1)
+        .map_err(anyhow::Error::msg)?;
+    let redact = |t: &str| client.redact(t);
+    Ok(perkflow::sink::request::Request {
+        url: redact(&req.url),
+        headers: req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), redact(v)))
+            .collect(),
+        body_text: req.body_text.as_deref().map(redact),
+        ..req
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

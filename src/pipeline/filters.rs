@@ -180,20 +180,21 @@ fn stringify_values(v: Value) -> Result<Value, Error> {
     if v.kind() != ValueKind::Map {
         return Err(bad(format!("`{v}` is not a map")));
     }
-    let mut out = indexmap::IndexMap::new();
+    let mut out: indexmap::IndexMap<Value, Value> = indexmap::IndexMap::new();
     for key in v.try_iter()? {
         let item = v.get_item(&key)?;
         let text = match item.kind() {
             ValueKind::None | ValueKind::Undefined => String::new(),
             ValueKind::String => item.as_str().unwrap_or_default().to_string(),
+            ValueKind::Bool => item.is_true().to_string(),
             ValueKind::Map | ValueKind::Seq => {
                 return Err(bad(format!("property `{key}` is not a single value")))
             }
             _ => item.to_string(),
         };
-        out.insert(key.to_string(), text);
+        out.insert(key.clone(), Value::from(text));
     }
-    Ok(Value::from_iter(out))
+    Ok(Value::from_object(out))
 }
 
 /// Trimmed, lower-cased e-mail address; an error if it is not one.

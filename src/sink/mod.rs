@@ -443,3 +443,6 @@ fn describe(e: &reqwest::Error) -> Failure {
         Failure::Unknown(text)
     }
 }
+
+#[cfg(test)]
+mod tests;

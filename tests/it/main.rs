@@ -4,6 +4,7 @@ mod admin;
 mod config_check;
 mod crash;
 mod delivery;
+mod demo;
 mod fake_vendor;
 mod helpers;
 mod ingest;

@@ -1,0 +1,53 @@
+//! `perkflow demo`, the README's main command: runs to completion and shows a delivery for
+//! every sink of the shipped config.
+
+use crate::helpers::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(["demo", "--exit", "--listen", "127.0.0.1:0", "--sandbox", "127.0.0.1:0"])
+        .current_dir(REPO)
+        .env("PERKFLOW_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(status.success(), "{stdout}\n{stderr}");
+    for (vendor, what) in [
+        ("twilio", "SMS to +15555550123"),
+        ("sendgrid", "email to zoe@example.com"),
+        ("klaviyo", "event `Placed Order` for ada@example.com"),
+        ("hubspot", "contact upsert: ada@example.com"),
+        ("slack", "Slack post"),
+        ("zendesk", "ticket #"),
+        ("giftcard", "gift-card order"),
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.contains(&format!("✓ {vendor}")) && l.contains(what)),
+            "no delivery to {vendor} ({what}) in:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("7 deliveries to 7 vendors"), "{stdout}");
+    assert!(!stdout.contains("✗"), "a vendor refused something:\n{stdout}");
+    assert!(stdout.trim_end().ends_with("demo stopped cleanly"), "{stdout}");
+    // Every sample webhook was accepted.
+    assert_eq!(stdout.matches("\"duplicate\":false").count(), 7, "{stdout}");
+}
