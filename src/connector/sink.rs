@@ -278,6 +278,10 @@ pub struct ActionDef {
     /// resend.
     #[serde(default)]
     pub reconcile: Option<ReconcileDef>,
+    /// Checks against the vendor's catalog before anything is sent (the gift-card product,
+    /// its denominations and delivery types): a failed check is a permanent error.
+    #[serde(default)]
+    pub catalog: Option<CatalogDef>,
     /// A 2xx answer is only a success when this JSON pointer is `true` (Slack's `ok`).
     #[serde(default)]
     pub ok_field: Option<String>,
@@ -321,6 +325,43 @@ pub struct ReconcileDef {
 
 fn get() -> String {
     "GET".into()
+}
+
+/// A catalog read once per `ttl` (a list of items), the item a job names, and what that item
+/// must allow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogDef {
+    pub path: String,
+    #[serde(default)]
+    pub query: IndexMap<String, String>,
+    /// JSON pointer to the list in the answer (`""`: the answer is the list).
+    #[serde(default)]
+    pub items: String,
+    /// The item field that identifies an item (`Id`).
+    pub key: String,
+    /// Template: the key the job asks for (`{{ with.product }}`).
+    pub find: String,
+    #[serde(default = "default_catalog_ttl")]
+    pub ttl: DurationSpec,
+    /// Each rule: the item's list at `field` must contain the rendered `value`.
+    #[serde(default)]
+    pub require: Vec<CatalogRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogRule {
+    /// JSON pointer into the item (`/Denominations`).
+    pub field: String,
+    /// Template: the value the job needs (`{{ with.value }}`).
+    pub value: String,
+    /// What the refusal says, e.g. "is not a denomination of".
+    pub message: String,
+}
+
+fn default_catalog_ttl() -> DurationSpec {
+    DurationSpec(Duration::from_secs(24 * 3600))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +409,13 @@ impl SinkDef {
             }
             if let Some(body) = &a.body {
                 strings(&format!("{p}.body"), body, &mut out);
+            }
+            if let Some(c) = &a.catalog {
+                out.push((format!("{p}.catalog.path"), c.path.clone()));
+                out.push((format!("{p}.catalog.find"), c.find.clone()));
+                for (i, r) in c.require.iter().enumerate() {
+                    out.push((format!("{p}.catalog.require[{i}].value"), r.value.clone()));
+                }
             }
             if let Some(r) = &a.reconcile {
                 out.push((format!("{p}.reconcile.path"), r.path.clone()));

@@ -8,7 +8,7 @@
 //!
 //! Control endpoints: `GET /_sandbox/received[?vendor=]`, `POST /_sandbox/faults`
 //! (`{"vendor", "status": [503, 429], "retry_after": 1, "delay_ms": 0}` — answered in order,
-//! before the real handling), `POST /_sandbox/reset`.
+//! before the real handling), `POST /_sandbox/reset`, `POST /_sandbox/giftcard/expire-tokens`.
 
 mod giftcard;
 mod vendors;
@@ -168,6 +168,7 @@ pub fn router(sandbox: Arc<Sandbox>) -> Router {
         .route("/_sandbox/received", get(list_received))
         .route("/_sandbox/faults", post(add_fault))
         .route("/_sandbox/reset", post(reset))
+        .route("/_sandbox/giftcard/expire-tokens", post(expire_tokens))
         .fallback(dispatch)
         .with_state(sandbox)
 }
@@ -202,6 +203,12 @@ async fn add_fault(State(sb): State<Arc<Sandbox>>, Json(f): Json<FaultSpec>) -> 
     if let Some(d) = f.delay_ms {
         faults.delay.insert(f.vendor, Duration::from_millis(d));
     }
+    StatusCode::NO_CONTENT
+}
+
+/// Every gift-card token stops working (as when the vendor rotates them early).
+async fn expire_tokens(State(sb): State<Arc<Sandbox>>) -> StatusCode {
+    sb.giftcard.lock().expect("sandbox lock").tokens.clear();
     StatusCode::NO_CONTENT
 }
 

@@ -43,6 +43,8 @@ pub struct SinkClient {
     base_url: Option<String>,
     http: reqwest::Client,
     token: TokenCache,
+    /// Catalogs by URL, with when they were read.
+    catalogs: std::sync::Mutex<std::collections::HashMap<String, (Instant, Arc<Json>)>>,
     engine: Engine,
     pub timeout: Duration,
 }
@@ -109,6 +111,7 @@ impl SinkClient {
             base_url,
             http,
             token: TokenCache::default(),
+            catalogs: Default::default(),
             engine,
             timeout,
         })
@@ -212,6 +215,27 @@ impl SinkClient {
                 return self.settled(started, Outcome::Reject {
                     reason: "an earlier attempt's outcome is unknown (timeout or restart after the request was sent) and this action has no idempotency key or lookup: not resent, to avoid a duplicate".into(),
                 }, None, None, false);
+            }
+        }
+        if let Some(cat) = &act.catalog {
+            match self.check_catalog(cat, &ctx).await {
+                Ok(()) => {}
+                Err(CatalogError::Refused(reason)) => {
+                    return self.settled(started, Outcome::Reject { reason }, None, None, false)
+                }
+                Err(CatalogError::Unavailable(why)) => {
+                    return self.settled(
+                        started,
+                        Outcome::Retry {
+                            after: None,
+                            reason: format!("reading the catalog: {why}"),
+                            uncertain: false,
+                        },
+                        None,
+                        None,
+                        false,
+                    )
+                }
             }
         }
         let req =
@@ -408,6 +432,134 @@ impl SinkClient {
                     .is_some_and(|v| v == &want || scalar(v) == scalar(&want))
             })
             .and_then(|item| item.pointer(&rec.found).and_then(scalar)))
+    }
+}
+
+/// Why a catalog check did not pass.
+enum CatalogError {
+    /// The job asks for something the catalog does not offer: permanent.
+    Refused(String),
+    /// The catalog could not be read: retry.
+    Unavailable(String),
+}
+
+impl SinkClient {
+    /// The catalog at `cat.path`, read at most once per `ttl`.
+    async fn catalog(
+        &self,
+        cat: &crate::connector::sink::CatalogDef,
+        ctx: &Json,
+    ) -> Result<Arc<Json>, CatalogError> {
+        let url = request::url(
+            &self.engine,
+            self.base_url.as_deref(),
+            &cat.path,
+            &cat.query,
+            ctx,
+        )
+        .map_err(CatalogError::Unavailable)?;
+        if let Some((at, json)) = self.catalogs.lock().expect("catalog lock").get(&url) {
+            if at.elapsed() < cat.ttl.0 {
+                return Ok(json.clone());
+            }
+        }
+        let mut refreshed = false;
+        loop {
+            let auth = auth::header(
+                &self.engine,
+                &self.def.auth,
+                ctx,
+                &self.token,
+                &self.http,
+                self.base_url.as_deref(),
+            )
+            .await
+            .map_err(|e| CatalogError::Unavailable(format!("{e:?}")))?;
+            let req = Request {
+                method: "GET".into(),
+                url: url.clone(),
+                headers: Vec::new(),
+                body: None,
+                body_text: None,
+            };
+            let (status, _, body) = self
+                .send(&req, auth)
+                .await
+                .map_err(|f| CatalogError::Unavailable(format!("{f:?}")))?;
+            if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
+                self.token.invalidate();
+                refreshed = true;
+                continue;
+            }
+            if !(200..300).contains(&status) {
+                return Err(CatalogError::Unavailable(format!("HTTP {status}")));
+            }
+            let json: Json = serde_json::from_slice(&body)
+                .map_err(|_| CatalogError::Unavailable("the catalog is not JSON".into()))?;
+            let json = Arc::new(json);
+            self.catalogs
+                .lock()
+                .expect("catalog lock")
+                .insert(url, (Instant::now(), json.clone()));
+            return Ok(json);
+        }
+    }
+
+    async fn check_catalog(
+        &self,
+        cat: &crate::connector::sink::CatalogDef,
+        ctx: &Json,
+    ) -> Result<(), CatalogError> {
+        let catalog = self.catalog(cat, ctx).await?;
+        let render = |t: &str| {
+            request::render_str(&self.engine, t, ctx)
+                .map_err(|e| CatalogError::Refused(format!("cannot check the catalog: {e}")))
+        };
+        let wanted = render(&cat.find)?;
+        let wanted_text = scalar_text(&wanted);
+        let items = catalog
+            .pointer(&cat.items)
+            .and_then(Json::as_array)
+            .ok_or_else(|| CatalogError::Unavailable("the catalog answer has no list".into()))?;
+        let Some(item) = items
+            .iter()
+            .find(|i| i.get(&cat.key).map(scalar_text) == Some(wanted_text.clone()))
+        else {
+            return Err(CatalogError::Refused(format!(
+                "`{wanted_text}` is not in the vendor's catalog; nothing was sent"
+            )));
+        };
+        for rule in &cat.require {
+            let value = render(&rule.value)?;
+            let allowed = item.pointer(&rule.field).and_then(Json::as_array);
+            let ok = allowed.is_some_and(|list| {
+                list.iter()
+                    .any(|x| x == &value || scalar_text(x) == scalar_text(&value))
+            });
+            if !ok {
+                let offered: Vec<String> = allowed.into_iter().flatten().map(scalar_text).collect();
+                return Err(CatalogError::Refused(format!(
+                    "`{}` {} `{wanted_text}` (offered: {}); nothing was sent",
+                    scalar_text(&value),
+                    rule.message,
+                    offered.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A JSON scalar as text (numbers compare by value: 20 and 20.0 are the same).
+fn scalar_text(v: &Json) -> String {
+    match v {
+        Json::String(s) => s.clone(),
+        Json::Number(n) => n
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
+            .map(|f| format!("{}", f as i64))
+            .unwrap_or_else(|| n.to_string()),
+        other => other.to_string(),
     }
 }
 

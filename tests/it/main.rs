@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod demo;
 mod fake_vendor;
+mod giftcard;
 mod helpers;
 mod ingest;
 mod paypal_api;

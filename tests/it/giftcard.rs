@@ -1,0 +1,122 @@
+//! The gift-card sink end to end against the vendor sandbox: token minted once and refreshed
+//! on 401, catalog checks before anything is sent, 409 on a repeated PONumber taken as
+//! success, the order's vendor id recorded.
+
+use crate::delivery::{api, order, settled_jobs, TOKEN};
+use crate::helpers::*;
+use perkflow::sandbox::{Credentials, Sandbox};
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn sandbox() -> (Arc<Sandbox>, String, tokio_util::sync::CancellationToken) {
+    let sb = Sandbox::new(Credentials::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(perkflow::sandbox::serve(sb.clone(), listener, stop.clone()));
+    (sb, url, stop)
+}
+
+/// A daemon whose pipeline orders `product`/`value` per paid order, PONumber from the
+/// event's `po` note attribute or the event id.
+fn project(sandbox: &str, product: &str, value: u32) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/gift.yaml"),
+        format!("pipeline: gift\non: {{ source: shop, events: [orders/paid] }}\nsteps:\n  - deliver: {{ to: rewards.order, with: {{ product: {product}, value: {value}, email: \"{{{{ event.email }}}}\", po_number: \"PO-{{{{ headers['x-po'] | default(event_id) }}}}\" }} }}\n"),
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  rewards: {{ connector: giftcard, email: dev@example.com, access_token: dev-giftcard-token, base_url: \"{sandbox}/giftcard\" }}\n"
+    );
+    (dir, config)
+}
+
+async fn ingest(c: &reqwest::Client, d: &Daemon, i: usize, po: Option<&str>) -> String {
+    let mut req = order(i);
+    if let Some(po) = po {
+        req = req.set("X-PO", po);
+    }
+    let a = post(c, &d.url("/hooks/shop"), &req).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn orders_reuse_the_token_refresh_it_on_401_and_treat_a_repeated_po_number_as_placed() {
+    let (sb, url, _stop) = sandbox().await;
+    let (dir, config) = project(&url, "CVS", 20);
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let first = ingest(&c, &d, 1, Some("A")).await;
+    let a = settled_jobs(&c, &d, &first, 1, Duration::from_secs(30)).await;
+    assert_eq!(a[0]["state"], "delivered", "{:#}", a[0]);
+    let order_id = a[0]["vendor_id"].as_str().unwrap().to_string();
+    assert!(order_id.starts_with("ord-"));
+
+    // The vendor drops every token: the next order gets a 401, mints a new one, succeeds.
+    let r = c
+        .post(format!("{url}/_sandbox/giftcard/expire-tokens"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let second = ingest(&c, &d, 2, Some("B")).await;
+    let b = settled_jobs(&c, &d, &second, 1, Duration::from_secs(30)).await;
+    assert_eq!(b[0]["state"], "delivered", "{:#}", b[0]);
+    assert_eq!(
+        b[0]["attempts"], 1,
+        "the refresh happens within the attempt"
+    );
+
+    // Another event with the same PONumber: the vendor answers 409 with the first order.
+    let third = ingest(&c, &d, 3, Some("A")).await;
+    let t = settled_jobs(&c, &d, &third, 1, Duration::from_secs(30)).await;
+    assert_eq!(t[0]["state"], "delivered");
+    assert_eq!(t[0]["vendor_id"], order_id.as_str());
+
+    let got = sb.received();
+    let count = |method: &str, path: &str, status: u16| {
+        got.iter()
+            .filter(|r| r.method == method && r.path == path && r.status == status)
+            .count()
+    };
+    assert_eq!(
+        count("POST", "/v1/Tokens", 200),
+        2,
+        "one token, then one refresh"
+    );
+    assert_eq!(
+        count("GET", "/v1/Products", 200),
+        1,
+        "the catalog is read once"
+    );
+    assert_eq!(count("POST", "/v1/Orders", 201), 2, "two orders placed");
+    assert_eq!(count("POST", "/v1/Orders", 409), 1);
+    assert_eq!(count("POST", "/v1/Orders", 401), 1);
+}
+
+#[tokio::test]
+async fn an_order_the_catalog_does_not_allow_is_dead_lettered_without_being_sent() {
+    let (sb, url, _stop) = sandbox().await;
+    for (product, value, reason) in [
+        ("NOSUCH", 20, "`NOSUCH` is not in the vendor's catalog; nothing was sent"),
+        ("CVS", 7, "`7` is not a denomination of `CVS` (offered: 5, 10, 20, 25, 50); nothing was sent"),
+        ("VISA-PHYSICAL", 50, "`DigitalDelivery` is not a delivery type of `VISA-PHYSICAL` (offered: PhysicalShipment); nothing was sent"),
+    ] {
+        let (dir, config) = project(&url, product, value);
+        let d = Daemon::start_in(dir.path(), &config).unwrap();
+        let c = client();
+        let id = ingest(&c, &d, 10, None).await;
+        let j = settled_jobs(&c, &d, &id, 1, Duration::from_secs(30)).await;
+        assert_eq!(j[0]["state"], "dead");
+        assert_eq!(j[0]["reason"], reason);
+        let dlq = api(&c, &d, "GET", "/api/dlq?sink=rewards", None).await.json();
+        assert_eq!(dlq["dead_letters"][0]["reason"], reason);
+    }
+    assert!(
+        !sb.received().iter().any(|r| r.path == "/v1/Orders"),
+        "no order was ever sent"
+    );
+}
