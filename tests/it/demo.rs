@@ -8,7 +8,14 @@ use std::time::{Duration, Instant};
 #[test]
 fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_perkflow"))
-        .args(["demo", "--exit", "--listen", "127.0.0.1:0", "--sandbox", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--exit",
+            "--listen",
+            "127.0.0.1:0",
+            "--sandbox",
+            "127.0.0.1:0",
+        ])
         .current_dir(REPO)
         .env("PERKFLOW_LOG", "warn")
         .stdin(Stdio::null())
@@ -41,13 +48,21 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
         ("giftcard", "gift-card order"),
     ] {
         assert!(
-            stdout.lines().any(|l| l.contains(&format!("✓ {vendor}")) && l.contains(what)),
+            stdout
+                .lines()
+                .any(|l| l.contains(&format!("✓ {vendor}")) && l.contains(what)),
             "no delivery to {vendor} ({what}) in:\n{stdout}"
         );
     }
     assert!(stdout.contains("7 deliveries to 7 vendors"), "{stdout}");
-    assert!(!stdout.contains("✗"), "a vendor refused something:\n{stdout}");
-    assert!(stdout.trim_end().ends_with("demo stopped cleanly"), "{stdout}");
+    assert!(
+        !stdout.contains("✗"),
+        "a vendor refused something:\n{stdout}"
+    );
+    assert!(
+        stdout.trim_end().ends_with("demo stopped cleanly"),
+        "{stdout}"
+    );
     // Every sample webhook was accepted.
     assert_eq!(stdout.matches("\"duplicate\":false").count(), 7, "{stdout}");
 }
