@@ -307,6 +307,7 @@ impl Prepared {
                 self.store.clone(),
                 move || state.runtime(),
                 self.state.jobs_ready.clone(),
+                Some(self.state.wake.clone()),
                 self.state.lanes.clone(),
                 delivery_stop.clone(),
             ))

@@ -190,7 +190,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
             r = arrivals.recv() => match r {
                 Ok(r) => {
                     print_arrival(&r);
-                    if r.status < 300 && !matches!(r.summary.as_str(), "token issued" | "catalog read") {
+                    if r.status < 300 && r.method != "GET" && r.summary != "token issued" {
                         vendors.insert(r.vendor.clone());
                         count += 1;
                     }

@@ -48,6 +48,41 @@ pub struct Job {
     /// The latest attempts, oldest first (at most `ATTEMPTS_KEPT`).
     #[serde(default)]
     pub log: Vec<AttemptLog>,
+    #[serde(default)]
+    pub kind: JobKind,
+}
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Send the action's request.
+    #[default]
+    Send,
+    /// Poll what a delivered action created (`vendor_id`) until it is final, then emit an
+    /// internal event.
+    Track,
+}
+
+impl Job {
+    /// The tracking job that follows a delivered job.
+    pub fn tracking(&self, vendor_id: &str, first_poll_ms: u64) -> Job {
+        Job {
+            key: format!("{}.track", self.key),
+            kind: JobKind::Track,
+            vendor_id: Some(vendor_id.to_string()),
+            attempts: 0,
+            state: JobState::Pending,
+            next_at_ms: first_poll_ms,
+            created_at_ms: first_poll_ms,
+            uncertain: false,
+            reason: None,
+            finished_at_ms: None,
+            replays: 0,
+            log: Vec::new(),
+            ..self.clone()
+        }
+    }
 }
 
 /// Attempts kept on a job.
@@ -169,6 +204,7 @@ impl Job {
             finished_at_ms: None,
             replays: 0,
             log: Vec::new(),
+            kind: JobKind::Send,
         }
     }
 }

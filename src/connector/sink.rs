@@ -285,6 +285,10 @@ pub struct ActionDef {
     /// A 2xx answer is only a success when this JSON pointer is `true` (Slack's `ok`).
     #[serde(default)]
     pub ok_field: Option<String>,
+    /// Follow what was created to a final state (the gift-card order: Pending -> Completed)
+    /// and emit an internal event pipelines can subscribe to.
+    #[serde(default)]
+    pub track: Option<TrackDef>,
     /// Where the vendor's id of what was created is (recorded on the job).
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub record: Option<RecordDef>,
@@ -325,6 +329,42 @@ pub struct ReconcileDef {
 
 fn get() -> String {
     "GET".into()
+}
+
+/// Polling what an action created until it reaches a final state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackDef {
+    /// Template over `job.vendor_id` (the recorded id): `/v1/Orders/{{ job.vendor_id }}`.
+    pub path: String,
+    /// JSON pointer to the status in the answer (and in the creation answer).
+    pub status: String,
+    /// Statuses that mean done, and failed.
+    pub done: Vec<String>,
+    #[serde(default)]
+    pub failed: Vec<String>,
+    /// First poll after this; the wait doubles, up to 10 minutes.
+    #[serde(default = "default_track_every")]
+    pub every: DurationSpec,
+    /// Stop following after this (the tracking job is dead-lettered).
+    #[serde(default = "default_track_give_up")]
+    pub give_up: DurationSpec,
+    /// Internal event types emitted, with the sink's name as their source.
+    pub emit: EmitDef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmitDef {
+    pub done: String,
+    pub failed: String,
+}
+
+fn default_track_every() -> DurationSpec {
+    DurationSpec(Duration::from_secs(5))
+}
+fn default_track_give_up() -> DurationSpec {
+    DurationSpec(Duration::from_secs(7 * 24 * 3600))
 }
 
 /// A catalog read once per `ttl` (a list of items), the item a job names, and what that item
@@ -372,6 +412,21 @@ pub enum RecordDef {
 }
 
 impl SinkDef {
+    /// Internal event types this sink emits (tracking).
+    pub fn emits(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for a in self.actions.values() {
+            if let Some(t) = &a.track {
+                for e in [&t.emit.done, &t.emit.failed] {
+                    if !out.contains(e) {
+                        out.push(e.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Every template string of the definition with its path, for checking.
     pub fn templates(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -416,6 +471,9 @@ impl SinkDef {
                 for (i, r) in c.require.iter().enumerate() {
                     out.push((format!("{p}.catalog.require[{i}].value"), r.value.clone()));
                 }
+            }
+            if let Some(t) = &a.track {
+                out.push((format!("{p}.track.path"), t.path.clone()));
             }
             if let Some(r) = &a.reconcile {
                 out.push((format!("{p}.reconcile.path"), r.path.clone()));

@@ -11,7 +11,7 @@ pub mod breaker;
 pub mod schedule;
 
 use crate::app::{Runtime, SinkRuntime};
-use crate::outbox::{AttemptLog, Job, JobState, ATTEMPTS_KEPT};
+use crate::outbox::{AttemptLog, Job, JobKind, JobState, ATTEMPTS_KEPT};
 use crate::sink::{Outcome, Sent, SinkClient};
 use crate::store::Store;
 use breaker::{Breaker, Signal};
@@ -178,6 +178,99 @@ pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -
     j
 }
 
+/// The job after a status poll: done (the event is emitted by the recorder), or polled again
+/// later (the wait doubles from `every`, up to 10 minutes), or dead after `give_up`.
+pub fn settle_track(
+    job: &Job,
+    sent: &Sent,
+    t: &crate::connector::sink::TrackDef,
+    now_ms: u64,
+) -> Job {
+    let mut j = job.clone();
+    j.log.push(AttemptLog {
+        at_ms: now_ms.saturating_sub(sent.latency.as_millis() as u64),
+        latency_ms: sent.latency.as_millis() as u64,
+        status: sent.status,
+        outcome: sent.outcome.label().to_string(),
+        reason: match &sent.outcome {
+            Outcome::Retry { reason, .. } | Outcome::Reject { reason } => Some(reason.clone()),
+            Outcome::Delivered { .. } => None,
+        },
+        excerpt: sent.excerpt.clone(),
+        reconciled: false,
+    });
+    if j.log.len() > ATTEMPTS_KEPT {
+        let extra = j.log.len() - ATTEMPTS_KEPT;
+        j.log.drain(..extra);
+    }
+    match &sent.outcome {
+        Outcome::Delivered { .. } => {
+            j.state = JobState::Delivered;
+            j.reason = None;
+            j.finished_at_ms = Some(now_ms);
+        }
+        Outcome::Reject { reason } => {
+            j.state = JobState::Dead;
+            j.reason = Some(reason.clone());
+            j.finished_at_ms = Some(now_ms);
+        }
+        Outcome::Retry { reason, .. } => {
+            if now_ms.saturating_sub(j.created_at_ms) >= t.give_up.0.as_millis() as u64 {
+                j.state = JobState::Dead;
+                j.reason = Some(format!(
+                    "not final after {}: {reason}",
+                    humantime::format_duration(t.give_up.0)
+                ));
+                j.finished_at_ms = Some(now_ms);
+            } else {
+                let wait = t
+                    .every
+                    .0
+                    .saturating_mul(1 << j.attempts.saturating_sub(1).min(16))
+                    .min(Duration::from_secs(600));
+                j.state = JobState::Pending;
+                j.next_at_ms = now_ms + wait.as_millis() as u64;
+                j.reason = Some(reason.clone());
+            }
+        }
+    }
+    j
+}
+
+/// The internal event announcing that what `job` created reached a final state.
+fn internal_event(
+    lane: &Lane,
+    job: &Job,
+    t: &crate::connector::sink::TrackDef,
+    answer: Option<&serde_json::Value>,
+    now_ms: u64,
+) -> Option<crate::inbox::NewEvent> {
+    let answer = answer?;
+    let status = answer.pointer(&t.status)?.as_str()?.to_string();
+    let event_type = if t.done.contains(&status) {
+        t.emit.done.clone()
+    } else {
+        t.emit.failed.clone()
+    };
+    let vendor_id = job.vendor_id.clone().unwrap_or_default();
+    let payload = serde_json::json!({
+        "vendor_id": vendor_id,
+        "status": status,
+        "answer": answer,
+        "job": {"key": job.key.trim_end_matches(".track"), "event_id": job.event_id, "pipeline": job.pipeline, "with": job.with},
+    });
+    Some(crate::inbox::NewEvent {
+        source: lane.client.name.clone(),
+        connector: lane.client.connector.clone(),
+        vendor_id: format!("{vendor_id}:{event_type}"),
+        event_type,
+        event_time: None,
+        received_at_ms: now_ms,
+        headers: Vec::new(),
+        payload: bytes::Bytes::from(serde_json::to_vec(&payload).unwrap_or_default()),
+    })
+}
+
 /// An attempt that finished, on its way to the recorder.
 struct Done {
     lane: Arc<Lane>,
@@ -214,6 +307,7 @@ pub async fn run(
     store: Store,
     runtime: impl Fn() -> Arc<Runtime> + Send + 'static,
     wake: Arc<Notify>,
+    inbox_wake: Option<Arc<Notify>>,
     shared: Lanes,
     shutdown: CancellationToken,
 ) {
@@ -222,7 +316,13 @@ pub async fn run(
     *shared.0.lock().expect("lanes lock") = lanes_by_sink.clone();
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
-    let recorder = tokio::spawn(record(store.clone(), done_rx, busy.clone(), wake.clone()));
+    let recorder = tokio::spawn(record(
+        store.clone(),
+        done_rx,
+        busy.clone(),
+        wake.clone(),
+        inbox_wake,
+    ));
     let attempts = TaskTracker::new();
     recover(&store).await;
     loop {
@@ -346,17 +446,30 @@ pub async fn run(
                 };
                 let tx = done_tx.clone();
                 attempts.spawn(async move {
-                    let sent = lane
-                        .client
-                        .attempt(
-                            &claimed.action,
-                            &claimed.with,
-                            &claimed.key,
-                            &claimed.event_id,
-                            claimed.attempts,
-                            claimed.uncertain,
-                        )
-                        .await;
+                    let sent = match claimed.kind {
+                        JobKind::Track => {
+                            lane.client
+                                .track(
+                                    &claimed.action,
+                                    &claimed.key,
+                                    &claimed.event_id,
+                                    claimed.vendor_id.as_deref().unwrap_or_default(),
+                                )
+                                .await
+                        }
+                        JobKind::Send => {
+                            lane.client
+                                .attempt(
+                                    &claimed.action,
+                                    &claimed.with,
+                                    &claimed.key,
+                                    &claimed.event_id,
+                                    claimed.attempts,
+                                    claimed.uncertain,
+                                )
+                                .await
+                        }
+                    };
                     lane.breaker
                         .lock()
                         .expect("breaker lock")
@@ -433,6 +546,7 @@ async fn record(
     mut rx: mpsc::UnboundedReceiver<Done>,
     busy: Arc<Mutex<HashSet<String>>>,
     wake: Arc<Notify>,
+    inbox_wake: Option<Arc<Notify>>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -443,14 +557,70 @@ async fn record(
             }
         }
         let now = now_ms();
-        let changes: Vec<(Job, Job)> = batch
-            .iter()
-            .map(|d| {
-                let after = settle(&d.job, &d.sent, &d.lane.policy, now, rand::random::<f64>());
-                log_outcome(&d.lane, &after, &d.sent);
-                (d.stored.clone(), after)
-            })
-            .collect();
+        let mut changes: Vec<(Job, Job)> = Vec::with_capacity(batch.len());
+        let mut emitted = Vec::new();
+        for d in &batch {
+            let track = d
+                .lane
+                .client
+                .action(&d.job.action)
+                .and_then(|a| a.track.clone());
+            let after = match (&track, d.job.kind) {
+                (Some(t), JobKind::Track) => settle_track(&d.job, &d.sent, t, now),
+                _ => settle(&d.job, &d.sent, &d.lane.policy, now, rand::random::<f64>()),
+            };
+            log_outcome(&d.lane, &after, &d.sent);
+            // What the action created is followed to a final state, then announced.
+            if let (Some(t), JobState::Delivered) = (&track, after.state) {
+                let status = d
+                    .sent
+                    .answer
+                    .as_ref()
+                    .and_then(|a| a.pointer(&t.status))
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string);
+                let final_now = status
+                    .as_ref()
+                    .filter(|s| t.done.contains(s) || t.failed.contains(s));
+                match (d.job.kind, final_now, &after.vendor_id) {
+                    (JobKind::Track, _, _) | (JobKind::Send, Some(_), _) => {
+                        if let Some(ev) =
+                            internal_event(&d.lane, &after, t, d.sent.answer.as_ref(), now)
+                        {
+                            emitted.push(ev);
+                        }
+                    }
+                    (JobKind::Send, None, Some(vendor_id)) => {
+                        let follow = after.tracking(vendor_id, now + t.every.0.as_millis() as u64);
+                        let mut phantom = follow.clone();
+                        phantom.state = JobState::Dropped;
+                        changes.push((phantom, follow));
+                    }
+                    (JobKind::Send, None, None) => {}
+                }
+            }
+            changes.push((d.stored.clone(), after));
+        }
+        // The internal events are stored (durably, de-duplicated on the vendor's id and
+        // status) before the jobs that announce them are marked done: a crash in between
+        // announces again, which the inbox turns into a duplicate.
+        if !emitted.is_empty() {
+            use crate::inbox::Inbox;
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match store.append(emitted.clone()).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "storing internal events failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            if let Some(w) = &inbox_wake {
+                w.notify_one();
+            }
+        }
         // Outcomes of idempotent actions are made durable by the next checkpoint (losing one
         // to a crash means one harmless resend with the same key); any other outcome is
         // flushed now, or a crash would turn a delivered message into an "unknown outcome".

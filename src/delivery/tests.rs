@@ -20,6 +20,7 @@ fn job() -> Job {
         finished_at_ms: None,
         replays: 0,
         log: Vec::new(),
+        kind: crate::outbox::JobKind::Send,
     }
 }
 
@@ -42,6 +43,7 @@ fn sent(outcome: Outcome, status: Option<u16>) -> Sent {
         latency: Duration::from_millis(12),
         excerpt: None,
         reconciled: false,
+        answer: None,
     }
 }
 

@@ -269,6 +269,42 @@ pub fn load_one(
 }
 
 fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics) {
+    // A sink that follows what it created emits internal events under its own name.
+    if !scope.sources.contains_key(&on.source) {
+        if let Some(sink) = scope.sinks.get(&on.source) {
+            let emits = scope
+                .connectors
+                .get(&sink.connector)
+                .and_then(|c| c.sink.as_ref())
+                .map(|s| s.emits())
+                .unwrap_or_default();
+            if emits.is_empty() {
+                diags.push(doc.at(
+                    "on.source",
+                    format!(
+                        "`{}` is a sink (connector `{}`) that emits no events",
+                        on.source, sink.connector
+                    ),
+                ));
+            }
+            for (i, ev) in on.events.iter().enumerate() {
+                if !emits.contains(ev) {
+                    diags.push(doc.at(
+                        &format!("on.events[{i}]"),
+                        format!(
+                            "sink `{}` does not emit `{ev}`; it emits: {}",
+                            on.source,
+                            emits.join(", ")
+                        ),
+                    ));
+                }
+            }
+            if on.events.is_empty() {
+                diags.push(doc.at("on.events", "list at least one event type"));
+            }
+            return;
+        }
+    }
     let Some(src) = scope.sources.get(&on.source) else {
         let hint = did_you_mean(&on.source, scope.sources.keys().map(String::as_str))
             .map(|s| format!(" (did you mean `{s}`?)"))

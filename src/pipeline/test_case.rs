@@ -34,15 +34,29 @@ pub fn input_from_fixture(
     fixture: &Path,
     extra: &[(String, String)],
 ) -> Result<EventInput, String> {
-    let src = cfg
-        .sources
-        .get(&pipeline.on.source)
-        .ok_or_else(|| format!("unknown source `{}`", pipeline.on.source))?;
     let path = if fixture.is_absolute() || fixture.exists() {
         fixture.to_path_buf()
     } else {
         cfg.base_dir.join(fixture)
     };
+    // An internal event (a sink's `reward.fulfilled`): the fixture is its payload.
+    if !cfg.sources.contains_key(&pipeline.on.source) && cfg.sinks.contains_key(&pipeline.on.source)
+    {
+        let (body, _) = crate::sign::read_fixture(&path)?;
+        let event: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        return Ok(EventInput {
+            source: pipeline.on.source.clone(),
+            event_type: pipeline.on.events.first().cloned().unwrap_or_default(),
+            event_id: event["vendor_id"].as_str().unwrap_or("fixture").to_string(),
+            headers: Default::default(),
+            event,
+        });
+    }
+    let src = cfg
+        .sources
+        .get(&pipeline.on.source)
+        .ok_or_else(|| format!("unknown source `{}`", pipeline.on.source))?;
     let (body, mut headers) = crate::sign::read_fixture(&path)?;
     headers.extend(extra.iter().cloned());
     let mut map = HeaderMap::new();

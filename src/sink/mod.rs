@@ -30,6 +30,8 @@ pub struct Sent {
     pub excerpt: Option<String>,
     /// The attempt was settled by looking up an earlier attempt's effect.
     pub reconciled: bool,
+    /// The vendor's JSON answer of a success (what tracking reads).
+    pub answer: Option<Json>,
 }
 
 /// A configured sink, ready to send.
@@ -304,9 +306,140 @@ impl SinkClient {
                     );
                     let excerpt =
                         String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]).into_owned();
-                    return self.settled(started, outcome, Some(status), Some(excerpt), false);
+                    let delivered = matches!(outcome, Outcome::Delivered { .. });
+                    let mut sent =
+                        self.settled(started, outcome, Some(status), Some(excerpt), false);
+                    if delivered {
+                        sent.answer = serde_json::from_slice(&body).ok();
+                    }
+                    return sent;
                 }
             }
+        }
+    }
+
+    /// One poll of what `action` created (`vendor_id`): `Delivered` once it reached a final
+    /// state (the answer tells which), `Retry` while it has not.
+    pub async fn track(&self, action: &str, key: &str, event_id: &str, vendor_id: &str) -> Sent {
+        let started = Instant::now();
+        let Some(t) = self.action(action).and_then(|a| a.track.clone()) else {
+            return self.settled(
+                started,
+                Outcome::Reject {
+                    reason: format!("action `{action}` is not tracked (the connector changed?)"),
+                },
+                None,
+                None,
+                false,
+            );
+        };
+        let mut ctx = request::context(&self.params, &Json::Null, key, event_id, 0);
+        ctx["job"]["vendor_id"] = Json::String(vendor_id.to_string());
+        let url = match request::url(
+            &self.engine,
+            self.base_url.as_deref(),
+            &t.path,
+            &Default::default(),
+            &ctx,
+        ) {
+            Ok(u) => u,
+            Err(e) => {
+                return self.settled(
+                    started,
+                    Outcome::Reject {
+                        reason: format!("cannot build the status request: {e}"),
+                    },
+                    None,
+                    None,
+                    false,
+                )
+            }
+        };
+        let mut refreshed = false;
+        loop {
+            let auth = match auth::header(
+                &self.engine,
+                &self.def.auth,
+                &ctx,
+                &self.token,
+                &self.http,
+                self.base_url.as_deref(),
+            )
+            .await
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    return self.settled(
+                        started,
+                        Outcome::Retry {
+                            after: None,
+                            reason: format!("status: {e:?}"),
+                            uncertain: false,
+                        },
+                        None,
+                        None,
+                        false,
+                    )
+                }
+            };
+            let req = Request {
+                method: "GET".into(),
+                url: url.clone(),
+                headers: Vec::new(),
+                body: None,
+                body_text: None,
+            };
+            let (status, _, body) = match self.send(&req, auth).await {
+                Ok(x) => x,
+                Err(f) => {
+                    return self.settled(
+                        started,
+                        Outcome::Retry {
+                            after: None,
+                            reason: format!("status: {f:?}"),
+                            uncertain: false,
+                        },
+                        None,
+                        None,
+                        false,
+                    )
+                }
+            };
+            if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
+                self.token.invalidate();
+                refreshed = true;
+                continue;
+            }
+            let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]).into_owned();
+            let json: Option<Json> = serde_json::from_slice(&body).ok();
+            let state = json
+                .as_ref()
+                .and_then(|j| j.pointer(&t.status))
+                .and_then(Json::as_str)
+                .map(str::to_string);
+            let outcome = match (&state, (200..300).contains(&status)) {
+                (Some(st), true) if t.done.contains(st) || t.failed.contains(st) => {
+                    Outcome::Delivered {
+                        vendor_id: Some(vendor_id.to_string()),
+                    }
+                }
+                (Some(st), true) => Outcome::Retry {
+                    after: None,
+                    reason: format!("still {st}"),
+                    uncertain: false,
+                },
+                _ => Outcome::Retry {
+                    after: None,
+                    reason: format!("status request answered HTTP {status}"),
+                    uncertain: false,
+                },
+            };
+            let delivered = matches!(outcome, Outcome::Delivered { .. });
+            let mut sent = self.settled(started, outcome, Some(status), Some(excerpt), false);
+            if delivered {
+                sent.answer = json;
+            }
+            return sent;
         }
     }
 
@@ -334,6 +467,7 @@ impl SinkClient {
             d => d,
         };
         Sent {
+            answer: None,
             outcome,
             status,
             latency: started.elapsed(),

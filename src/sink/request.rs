@@ -29,7 +29,7 @@ pub fn context(
     serde_json::json!({
         "params": params,
         "with": with,
-        "job": { "key": key, "event_id": event_id, "attempt": attempt },
+        "job": { "key": key, "event_id": event_id, "attempt": attempt, "vendor_id": "" },
     })
 }
 

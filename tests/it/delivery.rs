@@ -288,6 +288,7 @@ async fn an_unknown_outcome_is_reconciled_by_po_number_before_any_resend() {
             ("POST", "/v1/Orders") => {
                 Reply::new(409, r#"{"Id":"ord-77","Message":"Duplicate PONumber"}"#)
             }
+            ("GET", "/v1/Orders/ord-77") => Reply::new(200, r#"{"Id":"ord-77","Status":"Completed"}"#),
             ("GET", "/v1/Orders") => {
                 let po = orders()[0].json()["PONumber"].clone();
                 Reply::new(
@@ -306,8 +307,8 @@ async fn an_unknown_outcome_is_reconciled_by_po_number_before_any_resend() {
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
     let id = ingest(&c, &d, 4).await;
-    let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(30)).await;
-    let job = &jobs[0];
+    let jobs = settled_jobs(&c, &d, &id, 2, Duration::from_secs(30)).await;
+    let job = jobs.iter().find(|j| j["kind"] == "send").unwrap();
     assert_eq!(job["state"], "delivered", "{job:#}");
     assert_eq!(job["vendor_id"], "ord-77");
     let log = job["log"].as_array().unwrap();

@@ -46,6 +46,8 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
         ("slack", "Slack post"),
         ("zendesk", "ticket #"),
         ("giftcard", "gift-card order"),
+        ("giftcard", "is \"Completed\""),
+        ("sendgrid", "gift card has been delivered"),
     ] {
         assert!(
             stdout
@@ -54,7 +56,7 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
             "no delivery to {vendor} ({what}) in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("7 deliveries to 7 vendors"), "{stdout}");
+    assert!(stdout.contains("8 deliveries to 7 vendors"), "{stdout}");
     assert!(
         !stdout.contains("✗"),
         "a vendor refused something:\n{stdout}"

@@ -120,3 +120,60 @@ async fn an_order_the_catalog_does_not_allow_is_dead_lettered_without_being_sent
         "no order was ever sent"
     );
 }
+
+/// Orders are answered Pending; the sink polls until Completed, then emits
+/// `reward.fulfilled` under its own name, which a follow-up pipeline turns into a message.
+#[tokio::test]
+async fn a_completed_order_emits_reward_fulfilled_for_a_follow_up_pipeline() {
+    let (sb, url, _stop) = sandbox().await;
+    let (dir, config) = project(&url, "CVS", 10);
+    std::fs::write(
+        dir.path().join("pipelines/fulfilled.yaml"),
+        "pipeline: fulfilled\non: { source: rewards, events: [reward.fulfilled] }\nsteps:\n  - deliver: { to: team.post, with: { text: \"card {{ event.vendor_id }} for {{ event.job.with.email }} is {{ event.status }}\" } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "{config}  team: {{ connector: slack, webhook_url: \"{url}/slack/services/T1/B1/x\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let id = ingest(&c, &d, 20, None).await;
+    let jobs = settled_jobs(&c, &d, &id, 2, Duration::from_secs(30)).await;
+    let order = jobs.iter().find(|j| j["kind"] == "send").unwrap();
+    let track = jobs.iter().find(|j| j["kind"] == "track").unwrap();
+    let order_id = order["vendor_id"].as_str().unwrap();
+    assert_eq!(track["state"], "delivered");
+    assert_eq!(
+        track["key"],
+        format!("{}.track", order["key"].as_str().unwrap())
+    );
+    // The follow-up pipeline ran on the internal event and posted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let posted = sb.received().into_iter().find(|r| r.vendor == "slack");
+        if let Some(p) = posted {
+            assert_eq!(
+                p.body["text"],
+                format!("card {order_id} for ada@example.com is Completed")
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no follow-up post; {:#?}",
+            sb.received()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = api(&c, &d, "GET", "/api/events?source=rewards", None)
+        .await
+        .json();
+    let ev = &events["events"][0];
+    assert_eq!(ev["event_type"], "reward.fulfilled");
+    assert_eq!(ev["vendor_id"], format!("{order_id}:reward.fulfilled"));
+    assert_eq!(
+        events["events"].as_array().unwrap().len(),
+        1,
+        "announced once"
+    );
+}
