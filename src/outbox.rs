@@ -50,6 +50,10 @@ pub struct Job {
     pub log: Vec<AttemptLog>,
     #[serde(default)]
     pub kind: JobKind,
+    /// Bumped by every write: a write whose `before` is not what the store holds is skipped
+    /// (compare-and-swap), so an operator's replay and a finishing attempt never interleave.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// What a job does.
@@ -80,6 +84,7 @@ impl Job {
             finished_at_ms: None,
             replays: 0,
             log: Vec::new(),
+            version: 0,
             ..self.clone()
         }
     }
@@ -205,6 +210,7 @@ impl Job {
             replays: 0,
             log: Vec::new(),
             kind: JobKind::Send,
+            version: 0,
         }
     }
 }
@@ -243,6 +249,8 @@ impl Outbox for Store {
             j.next_at_ms = now_ms;
             j.finished_at_ms = None;
             j.replays += 1;
+            // Its age (max_age) counts from the replay.
+            j.created_at_ms = now_ms;
         })
     }
     fn drop_dead(&self, keys: &[String], now_ms: u64) -> Result<usize, StoreError> {
@@ -275,7 +283,9 @@ impl Outbox for Store {
                 Some(b) => {
                     after.log = b.log.clone();
                     after.replays = b.replays + 1;
-                    after.created_at_ms = b.created_at_ms.min(now_ms);
+                    after.created_at_ms = now_ms;
+                    after.kind = b.kind;
+                    after.vendor_id = b.vendor_id.clone();
                     b
                 }
                 None => {
@@ -286,9 +296,9 @@ impl Outbox for Store {
             };
             changes.push((before, after));
         }
-        self.write_jobs(&changes)?;
+        let skipped = self.write_jobs(&changes)?;
         self.flush_jobs()?;
-        Ok(changes.len())
+        Ok(changes.len() - skipped.len())
     }
 }
 
@@ -304,11 +314,16 @@ impl Store {
                 }
             }
         }
-        if !changes.is_empty() {
-            self.write_jobs(&changes)?;
-            self.flush_jobs()?;
+        if changes.is_empty() {
+            return Ok(0);
         }
-        Ok(changes.len())
+        let mut done = 0;
+        for chunk in changes.chunks(500) {
+            let skipped = self.write_jobs(chunk)?;
+            done += chunk.len() - skipped.len();
+        }
+        self.flush_jobs()?;
+        Ok(done)
     }
 
     /// Up to `limit` events waiting for processing, oldest first, skipping those whose
@@ -472,7 +487,11 @@ impl Store {
                 break;
             }
             match self.job(&key)? {
-                Some(j) if j.state.scheduled() => out.push(j),
+                Some(j) if j.state.scheduled() && j.next_at_ms == at => {
+                    if !out.iter().any(|o: &Job| o.key == j.key) {
+                        out.push(j)
+                    }
+                }
                 // A stale index entry (should not happen): drop it.
                 _ => {
                     self.due.remove(&k)?;
@@ -483,14 +502,20 @@ impl Store {
     }
 
     /// Writes job transitions `(before, after)` and their index entries in one transaction.
-    pub fn write_jobs(&self, changes: &[(Job, Job)]) -> Result<(), StoreError> {
+    /// A transition whose `before` is not the stored version (the job changed meanwhile: an
+    /// operator's replay) is skipped; the keys skipped are returned. A key not stored yet is
+    /// written whatever `before` says (a new job). `after` is stored with the next version.
+    pub fn write_jobs(&self, changes: &[(Job, Job)]) -> Result<Vec<String>, StoreError> {
         let rows = changes
             .iter()
             .map(|(before, after)| {
-                serde_json::to_vec(after).map(|v| {
+                let mut stored = after.clone();
+                stored.version = before.version + 1;
+                serde_json::to_vec(&stored).map(|v| {
                     (
                         after.key.clone(),
                         v,
+                        before.version,
                         before
                             .state
                             .scheduled()
@@ -507,6 +532,11 @@ impl Store {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(io)?;
+        #[derive(Deserialize)]
+        struct Version {
+            #[serde(default)]
+            version: u64,
+        }
         let result = (
             &self.outbox,
             &self.due,
@@ -515,7 +545,17 @@ impl Store {
             &self.event_jobs,
         )
             .transaction(|(outbox, due, dlq, leases, event_jobs)| {
-                for (key, value, old_due, new_due, dead, leased, event_key) in &rows {
+                let mut skipped = Vec::new();
+                for (key, value, expected, old_due, new_due, dead, leased, event_key) in &rows {
+                    if let Some(current) = outbox.get(key.as_bytes())? {
+                        let v = serde_json::from_slice::<Version>(&current)
+                            .map(|v| v.version)
+                            .unwrap_or(u64::MAX);
+                        if v != *expected {
+                            skipped.push(key.clone());
+                            continue;
+                        }
+                    }
                     if let Some(k) = event_key {
                         event_jobs.insert(k.as_slice(), &[])?;
                     }
@@ -537,12 +577,12 @@ impl Store {
                         dlq.remove(key.as_bytes())?;
                     }
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
+                Ok::<Vec<String>, ConflictableTransactionError<()>>(skipped)
             });
         self.job_writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match result {
-            Ok(()) => Ok(()),
+            Ok(skipped) => Ok(skipped),
             Err(TransactionError::Abort(())) => Err(StoreError::Io("transaction aborted".into())),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -705,5 +745,69 @@ mod race_tests {
             .await
             .unwrap()
             .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod cas_tests {
+    use super::*;
+    use crate::config::Durability;
+    use std::time::Duration;
+
+    fn job(key: &str) -> Job {
+        Job {
+            key: key.into(),
+            event_id: "ev_0000000000000001".into(),
+            pipeline: "p".into(),
+            step: "steps[0]".into(),
+            sink: "sms".into(),
+            action: "send_sms".into(),
+            with: serde_json::json!({}),
+            created_at_ms: 1,
+            attempts: 0,
+            state: JobState::Pending,
+            next_at_ms: 1,
+            uncertain: false,
+            reason: None,
+            vendor_id: None,
+            finished_at_ms: None,
+            replays: 0,
+            log: Vec::new(),
+            kind: JobKind::Send,
+            version: 0,
+        }
+    }
+
+    /// A transition from a version the store no longer holds is skipped, and the due index
+    /// keeps exactly one entry per scheduled job.
+    #[test]
+    fn a_stale_transition_is_skipped_and_the_index_stays_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        let j0 = job("pf-a");
+        let mut phantom = j0.clone();
+        phantom.state = JobState::Dropped;
+        assert!(s.write_jobs(&[(phantom, j0.clone())]).unwrap().is_empty());
+        let stored = s.job("pf-a").unwrap().unwrap();
+        assert_eq!(stored.version, 1);
+        // An operator moves it (version 1 -> 2) while an attempt holds version 1.
+        let mut replayed = stored.clone();
+        replayed.next_at_ms = 50;
+        assert!(s
+            .write_jobs(&[(stored.clone(), replayed.clone())])
+            .unwrap()
+            .is_empty());
+        let mut done = stored.clone();
+        done.state = JobState::Delivered;
+        assert_eq!(s.write_jobs(&[(stored, done)]).unwrap(), ["pf-a"]);
+        let now = s.job("pf-a").unwrap().unwrap();
+        assert_eq!(
+            (now.state, now.next_at_ms, now.version),
+            (JobState::Pending, 50, 2)
+        );
+        let (due, _) = s.due_jobs("sms", 100, 10, &Default::default()).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(s.due.len(), 1, "one index entry");
+        s.close().unwrap();
     }
 }

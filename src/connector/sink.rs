@@ -198,7 +198,8 @@ pub struct ClassifyDef {
     /// Extra retryable statuses (Zendesk's 409 conflict).
     #[serde(default)]
     pub retry: Vec<u16>,
-    /// 5xx statuses that are permanent after all.
+    /// Statuses that are permanent failures although 2xx or 5xx (HubSpot's 207 Multi-Status
+    /// for a batch of one).
     #[serde(default)]
     pub permanent: Vec<u16>,
     /// JSON pointers where the vendor puts its error code (first present wins).
@@ -213,6 +214,13 @@ pub struct ClassifyDef {
     /// Vendor codes that are retryable whatever the status.
     #[serde(default)]
     pub retry_codes: Vec<String>,
+    /// Retryable statuses that, without a vendor error code in the answer, leave it unknown
+    /// whether the request took effect (Twilio's bare 5xx).
+    #[serde(default)]
+    pub uncertain_status: Vec<u16>,
+    /// Vendor codes after which the request may have taken effect (Slack's request_timeout).
+    #[serde(default)]
+    pub uncertain_codes: Vec<String>,
     /// Retry after a fixed, long wait (the gift-card API's 422 insufficient funds; HubSpot's
     /// DAILY limit), beside the normal schedule.
     #[serde(default)]

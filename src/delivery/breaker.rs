@@ -25,6 +25,15 @@ pub struct Breaker {
     cooldown: Duration,
 }
 
+/// The breaker's answer to "may this request start?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    No,
+    Yes,
+    /// Yes, as the one probe of a half-open breaker.
+    Probe,
+}
+
 /// What an attempt tells the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -46,19 +55,26 @@ impl Breaker {
     }
 
     /// May a request start now? In half-open state, only the one probe may.
-    pub fn admit(&mut self, now_ms: u64) -> bool {
+    pub fn admit(&mut self, now_ms: u64) -> Admit {
         match self.state {
-            State::Closed { .. } => true,
+            State::Closed { .. } => Admit::Yes,
             State::Open { until_ms } if now_ms >= until_ms => {
                 self.state = State::HalfOpen { probing: true };
-                true
+                Admit::Probe
             }
-            State::Open { .. } => false,
+            State::Open { .. } => Admit::No,
             State::HalfOpen { probing: false } => {
                 self.state = State::HalfOpen { probing: true };
-                true
+                Admit::Probe
             }
-            State::HalfOpen { probing: true } => false,
+            State::HalfOpen { probing: true } => Admit::No,
+        }
+    }
+
+    /// The probe admitted was not sent after all: let the next one through.
+    pub fn release_probe(&mut self) {
+        if self.state == (State::HalfOpen { probing: true }) {
+            self.state = State::HalfOpen { probing: false };
         }
     }
 
@@ -103,38 +119,49 @@ mod tests {
     fn opens_after_consecutive_failures_probes_once_and_closes_on_success() {
         let mut b = Breaker::new(3, Duration::from_secs(10));
         for t in 0..2 {
-            assert!(b.admit(t));
+            assert_eq!(b.admit(t), Admit::Yes);
             b.record(Signal::Failing, t);
         }
         // A success in between resets the count.
         b.record(Signal::Healthy, 2);
         for t in 3..6 {
-            assert!(b.admit(t));
+            assert_eq!(b.admit(t), Admit::Yes);
             b.record(Signal::Failing, t);
         }
         assert_eq!(b.state, State::Open { until_ms: 10_005 });
-        assert!(!b.admit(9_000), "open: nothing goes out");
+        assert_eq!(b.admit(9_000), Admit::No, "open: nothing goes out");
         assert_eq!(b.blocked_until(), Some(10_005));
-        assert!(b.admit(10_005), "after the cooldown: one probe");
-        assert!(!b.admit(10_006), "only one probe at a time");
+        assert_eq!(
+            b.admit(10_005),
+            Admit::Probe,
+            "after the cooldown: one probe"
+        );
+        assert_eq!(b.admit(10_006), Admit::No, "only one probe at a time");
         b.record(Signal::Healthy, 10_100);
         assert_eq!(b.state, State::Closed { failures: 0 });
-        assert!(b.admit(10_101));
+        assert_eq!(b.admit(10_101), Admit::Yes);
     }
 
     #[test]
     fn a_failed_probe_reopens_and_rate_limits_are_neutral() {
         let mut b = Breaker::new(1, Duration::from_secs(1));
         b.record(Signal::Failing, 0);
-        assert!(b.admit(1_000));
+        assert_eq!(b.admit(1_000), Admit::Probe);
         b.record(Signal::Failing, 1_000);
         assert_eq!(b.state, State::Open { until_ms: 2_000 });
-        assert!(b.admit(2_000));
+        assert_eq!(b.admit(2_000), Admit::Probe);
         b.record(Signal::Neutral, 2_001);
         assert_eq!(b.state, State::HalfOpen { probing: false });
-        assert!(
+        assert_eq!(
             b.admit(2_002),
+            Admit::Probe,
             "a 429 probe frees the slot for another probe"
+        );
+        b.release_probe();
+        assert_eq!(
+            b.admit(2_003),
+            Admit::Probe,
+            "a probe that was never sent frees its slot"
         );
         let mut c = Breaker::new(2, Duration::from_secs(1));
         c.record(Signal::Neutral, 0);

@@ -54,6 +54,8 @@ pub struct Lane {
     pub breaker: Mutex<Breaker>,
     pub policy: Policy,
     lease: Duration,
+    /// Unix ms before which nothing is sent (the vendor asked the whole sink to wait).
+    paused_until: std::sync::atomic::AtomicU64,
 }
 
 impl Lane {
@@ -98,7 +100,36 @@ impl Lane {
                 max_age: s.max_age.unwrap_or(retry.max_age.0),
             },
             lease: def.limits.lease.0.max(s.timeout() + Duration::from_secs(5)),
+            paused_until: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Its lease is written and flushed before the request goes out: a duplicate could not
+    /// be recognised by the vendor, or it must be looked up after a crash.
+    pub fn guarded(&self, job: &Job) -> bool {
+        job.kind == JobKind::Send
+            && self
+                .client
+                .action(&job.action)
+                .is_none_or(|a| !a.idempotent || a.reconcile.is_some())
+    }
+
+    pub fn pause(&self, until_ms: u64) {
+        self.paused_until
+            .fetch_max(until_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the sink may send again, if it may not now (paused, or the breaker is open).
+    pub fn blocked_until(&self, now_ms: u64) -> Option<u64> {
+        let paused = self.paused_until.load(std::sync::atomic::Ordering::Relaxed);
+        let open = self
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .blocked_until()
+            .unwrap_or(0);
+        let until = paused.max(open);
+        (until > now_ms).then_some(until)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -109,6 +140,10 @@ impl Lane {
 /// What the breaker learns from an attempt.
 fn signal(sent: &Sent) -> Signal {
     match &sent.outcome {
+        // Credentials refused: every job would fail the same way.
+        Outcome::Reject { .. } if matches!(sent.status, Some(401 | 403)) => Signal::Failing,
+        // Refused here (catalog, render, unknown outcome): the vendor was not asked.
+        Outcome::Reject { .. } if sent.status.is_none() => Signal::Neutral,
         Outcome::Delivered { .. } | Outcome::Reject { .. } => Signal::Healthy,
         Outcome::Retry { .. } if matches!(sent.status, Some(429)) => Signal::Neutral,
         Outcome::Retry { .. } if sent.status.is_some_and(|s| s < 500) => Signal::Neutral,
@@ -155,6 +190,10 @@ pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -
             uncertain,
         } => {
             j.uncertain |= *uncertain;
+            // A 429 says "not now", nothing about the job: it costs no attempt.
+            if sent.status == Some(429) {
+                j.attempts = j.attempts.saturating_sub(1);
+            }
             let age = Duration::from_millis(now_ms.saturating_sub(j.created_at_ms));
             if j.attempts >= policy.max_attempts {
                 j.state = JobState::Dead;
@@ -297,9 +336,19 @@ fn lanes(rt: &Runtime) -> HashMap<String, Arc<Lane>> {
     out
 }
 
-/// Shared view of the delivery engine (health, status).
+/// Shared view of the delivery engine (health, status, the admin API).
 #[derive(Clone, Default)]
-pub struct Lanes(pub Arc<Mutex<HashMap<String, Arc<Lane>>>>);
+pub struct Lanes {
+    pub sinks: Arc<Mutex<HashMap<String, Arc<Lane>>>>,
+    /// Keys of the jobs being attempted right now (their in-process lease).
+    pub busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Lanes {
+    pub fn is_busy(&self, key: &str) -> bool {
+        self.busy.lock().expect("busy lock").contains(key)
+    }
+}
 
 /// Runs the delivery engine until `shutdown`; then lets in-flight attempts finish and
 /// records them. `wake` is notified when new jobs are written.
@@ -313,8 +362,8 @@ pub async fn run(
 ) {
     let mut current_rt = runtime();
     let mut lanes_by_sink = lanes(&current_rt);
-    *shared.0.lock().expect("lanes lock") = lanes_by_sink.clone();
-    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    *shared.sinks.lock().expect("lanes lock") = lanes_by_sink.clone();
+    let busy = shared.busy.clone();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
     let recorder = tokio::spawn(record(
         store.clone(),
@@ -324,7 +373,16 @@ pub async fn run(
         inbox_wake,
     ));
     let attempts = TaskTracker::new();
-    recover(&store).await;
+    // Nothing is claimed before the jobs a dead process left in flight are marked uncertain.
+    let mut delay = Duration::from_millis(100);
+    while let Err(e) = recover(&store).await {
+        tracing::error!(error = %e, "recovering in-flight jobs failed; retrying before any delivery");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -333,7 +391,7 @@ pub async fn run(
         if !Arc::ptr_eq(&rt, &current_rt) {
             current_rt = rt;
             lanes_by_sink = lanes(&current_rt);
-            *shared.0.lock().expect("lanes lock") = lanes_by_sink.clone();
+            *shared.sinks.lock().expect("lanes lock") = lanes_by_sink.clone();
         }
         let now = now_ms();
         for (name, lane) in &lanes_by_sink {
@@ -347,18 +405,16 @@ pub async fn run(
                 .set(lane.in_flight() as f64);
         }
         let mut next_wake = now + IDLE.as_millis() as u64;
-        let mut claims: Vec<(Arc<Lane>, Job, Job, OwnedSemaphorePermit)> = Vec::new();
+        let mut claims: Vec<Claim> = Vec::new();
         let busy_now = busy.lock().expect("busy lock").clone();
         for (name, lane) in &lanes_by_sink {
             let free = lane.permits.available_permits().min(CLAIM_BATCH);
             if free == 0 {
                 continue;
             }
-            if let Some(until) = lane.breaker.lock().expect("breaker lock").blocked_until() {
-                if until > now {
-                    next_wake = next_wake.min(until);
-                    continue;
-                }
+            if let Some(until) = lane.blocked_until(now) {
+                next_wake = next_wake.min(until);
+                continue;
             }
             let (jobs, next) = match store.due_jobs(name, now, free, &busy_now) {
                 Ok(x) => x,
@@ -380,133 +436,209 @@ pub async fn run(
                         .increment(1);
                     break;
                 }
-                if !lane.breaker.lock().expect("breaker lock").admit(now) {
-                    break;
-                }
+                let probe = match lane.breaker.lock().expect("breaker lock").admit(now) {
+                    breaker::Admit::No => break,
+                    breaker::Admit::Yes => false,
+                    breaker::Admit::Probe => true,
+                };
                 let Ok(permit) = lane.permits.clone().try_acquire_owned() else {
+                    if probe {
+                        lane.breaker.lock().expect("breaker lock").release_probe();
+                    }
                     break;
                 };
                 let mut claimed = job.clone();
+                // Claimed again after its lease ran out (a flush failed, or recovery could
+                // not run): its last attempt's outcome is unknown.
+                if job.state == JobState::InFlight {
+                    claimed.uncertain = true;
+                }
                 claimed.state = JobState::InFlight;
                 claimed.attempts += 1;
                 claimed.next_at_ms = now + lane.lease.as_millis() as u64;
-                claims.push((lane.clone(), job, claimed, permit));
+                let guarded = lane.guarded(&job);
+                claims.push(Claim {
+                    lane: lane.clone(),
+                    stored: job,
+                    claimed,
+                    permit,
+                    probe,
+                    guarded,
+                });
             }
         }
-        if !claims.is_empty() {
-            {
-                let mut b = busy.lock().expect("busy lock");
-                for (_, j, _, _) in &claims {
-                    b.insert(j.key.clone());
-                }
+        if claims.is_empty() {
+            let wait = Duration::from_millis(next_wake.saturating_sub(now_ms()).max(1));
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => break,
             }
-            // A lease is written (and made durable) before a request whose duplicate the
-            // vendor could not recognise goes out, so that after a crash its outcome is known
-            // to be unknown. An idempotent action needs no stored lease: in this process the
-            // busy set is its lease, and after a crash it is simply due again (a resend with
-            // the same key is harmless), so its claim costs no write on the latency path.
-            let guarded = |lane: &Lane, j: &Job| {
-                lane.client
-                    .action(&j.action)
-                    .is_none_or(|a| !a.idempotent || a.reconcile.is_some())
-            };
-            let changes: Vec<(Job, Job)> = claims
-                .iter()
-                .filter(|(lane, j, _, _)| guarded(lane, j))
-                .map(|(_, before, after, _)| (before.clone(), after.clone()))
-                .collect();
-            let written = if changes.is_empty() {
-                Ok(Ok(()))
-            } else {
-                let s = store.clone();
-                tokio::task::spawn_blocking(move || {
-                    s.write_jobs(&changes)?;
-                    s.flush_jobs()
-                })
-                .await
-            };
-            if !matches!(written, Ok(Ok(()))) {
-                tracing::warn!(error = ?written, "claiming jobs failed; retrying shortly");
-                {
-                    let mut b = busy.lock().expect("busy lock");
-                    for (_, j, _, _) in &claims {
-                        b.remove(&j.key);
-                    }
-                }
-                drop(claims);
+            continue;
+        }
+        {
+            let mut b = busy.lock().expect("busy lock");
+            for c in &claims {
+                b.insert(c.stored.key.clone());
+            }
+        }
+        // An idempotent action needs no stored lease: in this process the busy set is its
+        // lease, and after a crash it is simply due again (a resend with the same key is
+        // harmless), so its claim costs no write and it starts at once. Any other action
+        // gets a lease written and made durable before its request goes out, so that after a
+        // crash its outcome is known to be unknown.
+        let (guarded, free): (Vec<Claim>, Vec<Claim>) = claims.into_iter().partition(|c| c.guarded);
+        for c in free {
+            start_attempt(&attempts, c, &done_tx);
+        }
+        if guarded.is_empty() {
+            continue;
+        }
+        let changes: Vec<(Job, Job)> = guarded
+            .iter()
+            .map(|c| (c.stored.clone(), c.claimed.clone()))
+            .collect();
+        let s = store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let skipped = s.write_jobs(&changes)?;
+            s.flush_jobs()?;
+            Ok::<Vec<String>, crate::store::StoreError>(skipped)
+        })
+        .await;
+        let skipped: Vec<String> = match written {
+            Ok(Ok(skipped)) => skipped,
+            other => {
+                tracing::warn!(error = ?other, "claiming jobs failed; retrying shortly");
+                let keys: Vec<String> = guarded.iter().map(|c| c.stored.key.clone()).collect();
+                release(&busy, guarded, &keys);
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            for (lane, stored, claimed, permit) in claims {
-                // What the store holds now: the recorder replaces exactly that.
-                let stored = if guarded(&lane, &stored) {
-                    claimed.clone()
-                } else {
-                    stored
-                };
-                let tx = done_tx.clone();
-                attempts.spawn(async move {
-                    let sent = match claimed.kind {
-                        JobKind::Track => {
-                            lane.client
-                                .track(
-                                    &claimed.action,
-                                    &claimed.key,
-                                    &claimed.event_id,
-                                    claimed.vendor_id.as_deref().unwrap_or_default(),
-                                )
-                                .await
-                        }
-                        JobKind::Send => {
-                            lane.client
-                                .attempt(
-                                    &claimed.action,
-                                    &claimed.with,
-                                    &claimed.key,
-                                    &claimed.event_id,
-                                    claimed.attempts,
-                                    claimed.uncertain,
-                                )
-                                .await
-                        }
-                    };
-                    lane.breaker
-                        .lock()
-                        .expect("breaker lock")
-                        .record(signal(&sent), now_ms());
-                    let name = lane.client.name.clone();
-                    metrics::counter!("perkflow_deliveries_total", "sink" => name.clone(), "outcome" => sent.outcome.label())
-                        .increment(1);
-                    metrics::histogram!("perkflow_delivery_duration_seconds", "sink" => name)
-                        .record(sent.latency.as_secs_f64());
-                    drop(permit);
-                    let _ = tx.send(Done {
-                        lane,
-                        stored,
-                        job: claimed,
-                        sent,
-                    });
-                });
-            }
-            continue; // claim more right away if more are due
+        };
+        let (lost, mut won): (Vec<Claim>, Vec<Claim>) = guarded
+            .into_iter()
+            .partition(|c| skipped.contains(&c.stored.key));
+        if !lost.is_empty() {
+            // Changed by an operator between the read and the claim: not sent; read again.
+            let keys: Vec<String> = lost.iter().map(|c| c.stored.key.clone()).collect();
+            release(&busy, lost, &keys);
         }
-        let wait = Duration::from_millis(next_wake.saturating_sub(now_ms()).max(1));
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => break,
+        for mut c in won.drain(..) {
+            c.claimed.version = c.stored.version + 1;
+            c.stored = c.claimed.clone();
+            start_attempt(&attempts, c, &done_tx);
         }
     }
-    // Let in-flight attempts finish (each is bounded by its sink's timeout) and record them.
+    // Let in-flight attempts finish (each is bounded by its lease) and record them.
     attempts.close();
     attempts.wait().await;
     drop(done_tx);
     let _ = recorder.await;
 }
 
+/// A job claimed for one attempt.
+struct Claim {
+    lane: Arc<Lane>,
+    /// The job as the store holds it.
+    stored: Job,
+    claimed: Job,
+    permit: OwnedSemaphorePermit,
+    /// This attempt is the breaker's half-open probe.
+    probe: bool,
+    /// Its lease is written and flushed before it is sent.
+    guarded: bool,
+}
+
+/// Gives claims back unsent: busy marks, permits, probe slots.
+fn release(busy: &Mutex<HashSet<String>>, claims: Vec<Claim>, keys: &[String]) {
+    {
+        let mut b = busy.lock().expect("busy lock");
+        for k in keys {
+            b.remove(k);
+        }
+    }
+    for c in claims {
+        if c.probe {
+            c.lane.breaker.lock().expect("breaker lock").release_probe();
+        }
+    }
+}
+
+/// Runs one attempt in its own task, bounded by the lease, and hands the result to the
+/// recorder (a panic becomes a retry, never a job stuck in flight).
+fn start_attempt(tracker: &TaskTracker, c: Claim, done: &mpsc::UnboundedSender<Done>) {
+    let tx = done.clone();
+    tracker.spawn(async move {
+        let Claim {
+            lane,
+            stored,
+            claimed,
+            permit,
+            ..
+        } = c;
+        let limit = lane.lease.saturating_sub(Duration::from_secs(2));
+        let (l, j) = (lane.clone(), claimed.clone());
+        let work = tokio::spawn(async move {
+            match j.kind {
+                JobKind::Track => {
+                    l.client
+                        .track(&j.action, &j.key, &j.event_id, j.vendor_id.as_deref().unwrap_or_default())
+                        .await
+                }
+                JobKind::Send => {
+                    l.client
+                        .attempt(&j.action, &j.with, &j.key, &j.event_id, j.attempts, j.uncertain)
+                        .await
+                }
+            }
+        });
+        let abort = work.abort_handle();
+        let sent = match tokio::time::timeout(limit, work).await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(e)) => Sent::failed(format!("internal error during the attempt: {e}"), true),
+            Err(_) => {
+                abort.abort();
+                Sent::failed(format!("the attempt took longer than its lease allows ({limit:?})"), true)
+            }
+        };
+        lane.breaker
+            .lock()
+            .expect("breaker lock")
+            .record(signal(&sent), now_ms());
+        if let Some(after) = sink_wide_wait(&sent) {
+            lane.pause(now_ms() + after.as_millis() as u64);
+        }
+        let name = lane.client.name.clone();
+        metrics::counter!("perkflow_deliveries_total", "sink" => name.clone(), "outcome" => sent.outcome.label())
+            .increment(1);
+        metrics::histogram!("perkflow_delivery_duration_seconds", "sink" => name)
+            .record(sent.latency.as_secs_f64());
+        drop(permit);
+        let _ = tx.send(Done {
+            lane,
+            stored,
+            job: claimed,
+            sent,
+        });
+    });
+}
+
+/// A wait the vendor asked of the whole sink (429 with Retry-After, a slow rule): no other
+/// job of the sink is sent before it ends.
+fn sink_wide_wait(sent: &Sent) -> Option<Duration> {
+    match &sent.outcome {
+        Outcome::Retry { after: Some(a), .. }
+            if sent.status == Some(429) || sent.status == Some(422) || a.as_secs() >= 60 =>
+        {
+            Some((*a).min(Duration::from_secs(3600)))
+        }
+        _ => None,
+    }
+}
+
 /// Jobs a previous process left in flight: their outcome is unknown. They are due now and
 /// marked uncertain, so the next attempt reconciles (or resends only if idempotent).
-async fn recover(store: &Store) {
+async fn recover(store: &Store) -> Result<(), String> {
     let s = store.clone();
     let done = tokio::task::spawn_blocking(move || {
         let leased = s.leased_jobs()?;
@@ -531,12 +663,16 @@ async fn recover(store: &Store) {
     })
     .await;
     match done {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::warn!(
-            jobs = n,
-            "jobs were in flight when the daemon stopped; each is reconciled before any resend"
-        ),
-        other => tracing::error!(result = ?other, "recovering in-flight jobs failed"),
+        Ok(Ok(0)) => Ok(()),
+        Ok(Ok(n)) => {
+            tracing::warn!(
+                jobs = n,
+                "jobs were in flight when the daemon stopped; each is reconciled before any resend"
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -635,15 +771,20 @@ async fn record(
             let s = store.clone();
             let c = changes.clone();
             let written = tokio::task::spawn_blocking(move || {
-                s.write_jobs(&c)?;
+                let skipped = s.write_jobs(&c)?;
                 if flush {
                     s.flush_jobs()?;
                 }
-                Ok::<(), crate::store::StoreError>(())
+                Ok::<Vec<String>, crate::store::StoreError>(skipped)
             })
             .await;
             match written {
-                Ok(Ok(())) => break,
+                Ok(Ok(skipped)) => {
+                    for key in skipped {
+                        tracing::info!(job = %key, "the job changed while it was attempted (an operator replayed it); the newer state wins");
+                    }
+                    break;
+                }
                 other => {
                     tracing::error!(result = ?other, "recording delivery outcomes failed; retrying (the jobs stay claimed)");
                     tokio::time::sleep(delay).await;

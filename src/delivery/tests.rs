@@ -21,6 +21,7 @@ fn job() -> Job {
         replays: 0,
         log: Vec::new(),
         kind: crate::outbox::JobKind::Send,
+        version: 0,
     }
 }
 

@@ -334,6 +334,15 @@ async fn replay_event(
     let (runs, items, to_send) =
         crate::worker::plan_replay(&rt, &engine, &ev, &existing, req.resend_delivered);
     let mut sent = 0;
+    if req.confirm {
+        if let Some(j) = to_send.iter().find(|j| app.lanes.is_busy(&j.key)) {
+            return (
+                StatusCode::CONFLICT,
+                Json(json!({ "error": format!("job {} is being delivered right now; try again in a moment", j.key) })),
+            )
+                .into_response();
+        }
+    }
     if req.confirm && !to_send.is_empty() {
         match app.outbox.requeue(&to_send, crate::delivery::now_ms()) {
             Ok(n) => {

@@ -21,6 +21,15 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
+    /// The current token, if any (for redaction).
+    pub fn peek(&self) -> Option<String> {
+        self.token
+            .lock()
+            .expect("token lock")
+            .as_ref()
+            .map(|(t, _)| t.clone())
+    }
+
     pub fn invalidate(&self) {
         *self.token.lock().expect("token lock") = None;
     }
@@ -109,15 +118,20 @@ pub async fn header(
         let v = text(engine, v, ctx).map_err(|e| AuthError::Failure(Failure::NotSent(e)))?;
         rb = rb.header(k.as_str(), v);
     }
-    let resp = rb.send().await.map_err(|e| {
-        AuthError::Failure(if e.is_connect() {
-            Failure::NotSent(e.to_string())
-        } else {
-            Failure::Unknown(e.to_string())
-        })
-    })?;
+    // Whatever happens to the token call, the action itself was not sent.
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| AuthError::Failure(Failure::NotSent(format!("minting a token: {e}"))))?;
     let status = resp.status().as_u16();
-    let body = resp.bytes().await.unwrap_or_default();
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if body.len() + chunk.len() > 64 * 1024 {
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
     if !(200..300).contains(&status) {
         return Err(AuthError::Refused {
             status,

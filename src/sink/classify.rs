@@ -81,7 +81,8 @@ pub fn classify(def: &ClassifyDef, action: &ActionDef, ans: &Answer, now_unix: u
         s
     };
     let in_codes = |list: &[String]| code.as_ref().is_some_and(|c| list.iter().any(|x| x == c));
-    let success = (200..300).contains(&ans.status) || def.success.contains(&ans.status);
+    let success = ((200..300).contains(&ans.status) && !def.permanent.contains(&ans.status))
+        || def.success.contains(&ans.status);
     if success {
         let ok = match &action.ok_field {
             None => true,
@@ -97,7 +98,7 @@ pub fn classify(def: &ClassifyDef, action: &ActionDef, ans: &Answer, now_unix: u
             Outcome::Retry {
                 after: retry_after(def, ans.headers, now_unix),
                 reason: describe("refused: "),
-                uncertain: false,
+                uncertain: in_codes(&def.uncertain_codes),
             }
         } else {
             Outcome::Reject {
@@ -129,10 +130,12 @@ pub fn classify(def: &ClassifyDef, action: &ActionDef, ans: &Answer, now_unix: u
         || def.retry.contains(&ans.status)
         || ((500..600).contains(&ans.status) && !def.permanent.contains(&ans.status));
     if retryable {
+        let uncertain = in_codes(&def.uncertain_codes)
+            || (code.is_none() && def.uncertain_status.contains(&ans.status));
         Outcome::Retry {
             after: retry_after(def, ans.headers, now_unix),
             reason: describe(""),
-            uncertain: false,
+            uncertain,
         }
     } else {
         Outcome::Reject {

@@ -34,6 +34,24 @@ pub struct Sent {
     pub answer: Option<Json>,
 }
 
+impl Sent {
+    /// An attempt that ended without an answer from the vendor.
+    pub fn failed(reason: String, uncertain: bool) -> Sent {
+        Sent {
+            outcome: Outcome::Retry {
+                after: None,
+                reason,
+                uncertain,
+            },
+            status: None,
+            latency: Duration::ZERO,
+            excerpt: None,
+            reconciled: false,
+            answer: None,
+        }
+    }
+}
+
 /// A configured sink, ready to send.
 pub struct SinkClient {
     pub name: String,
@@ -86,6 +104,12 @@ impl SinkClient {
             .filter(|s| s.len() >= 4)
             .map(str::to_string)
             .collect();
+        let encoded: Vec<String> = secrets
+            .iter()
+            .map(|s| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>())
+            .filter(|e| !secrets.contains(e))
+            .collect();
+        secrets.extend(encoded);
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         let ctx = request::context(&params, &Json::Null, "", "", 0);
         let base_url = match (base_url_override, &def.base_url) {
@@ -153,6 +177,9 @@ impl SinkClient {
         for s in &self.secrets {
             out = out.replace(s.as_str(), "[redacted]");
         }
+        if let Some(t) = self.token.peek() {
+            out = out.replace(t.as_str(), "[redacted]");
+        }
         out
     }
 
@@ -199,6 +226,11 @@ impl SinkClient {
                         );
                     }
                     Ok(None) => {} // not there: the earlier attempt did not land; send.
+                    // The lookup failed, but the vendor de-duplicates the request itself (a
+                    // repeated PONumber answers 409 with the first order): resending is safe.
+                    Err(why) if act.idempotent => {
+                        tracing::info!(sink = %self.name, job = key, reason = %why, "lookup of an earlier attempt failed; resending with the same idempotency key");
+                    }
                     Err(why) => {
                         return self.settled(
                             started,
@@ -304,8 +336,7 @@ impl SinkClient {
                         },
                         now_unix(),
                     );
-                    let excerpt =
-                        String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]).into_owned();
+                    let excerpt = self.excerpt(&body);
                     let delivered = matches!(outcome, Outcome::Delivered { .. });
                     let mut sent =
                         self.settled(started, outcome, Some(status), Some(excerpt), false);
@@ -410,7 +441,7 @@ impl SinkClient {
                 refreshed = true;
                 continue;
             }
-            let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT)]).into_owned();
+            let excerpt = self.excerpt(&body);
             let json: Option<Json> = serde_json::from_slice(&body).ok();
             let state = json
                 .as_ref()
@@ -441,6 +472,16 @@ impl SinkClient {
             }
             return sent;
         }
+    }
+
+    /// The start of an answer, credentials redacted before it is cut.
+    fn excerpt(&self, body: &[u8]) -> String {
+        let text = self.redact(&String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]));
+        let mut end = text.len().min(EXCERPT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].to_string()
     }
 
     fn settled(
@@ -496,7 +537,9 @@ impl SinkClient {
         let resp = rb.send().await.map_err(|e| describe(&e))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = read_capped(resp).await.map_err(|e| describe(&e))?;
+        // Once the status is known, the answer is classified by it, even if its body was cut
+        // short: a 201 whose body timed out is still a 201.
+        let body = read_capped(resp).await;
         Ok((status, headers, body))
     }
 
@@ -513,19 +556,6 @@ impl SinkClient {
             &rec.query,
             ctx,
         )?;
-        let auth = auth::header(
-            &self.engine,
-            &self.def.auth,
-            ctx,
-            &self.token,
-            &self.http,
-            self.base_url.as_deref(),
-        )
-        .await
-        .map_err(|e| match e {
-            auth::AuthError::Failure(f) => format!("{f:?}"),
-            auth::AuthError::Refused { status, .. } => format!("token: HTTP {status}"),
-        })?;
         let req = Request {
             method: rec.method.to_ascii_uppercase(),
             url,
@@ -533,7 +563,29 @@ impl SinkClient {
             body: None,
             body_text: None,
         };
-        let (status, _, body) = self.send(&req, auth).await.map_err(|f| format!("{f:?}"))?;
+        let mut refreshed = false;
+        let (status, body) = loop {
+            let auth = auth::header(
+                &self.engine,
+                &self.def.auth,
+                ctx,
+                &self.token,
+                &self.http,
+                self.base_url.as_deref(),
+            )
+            .await
+            .map_err(|e| match e {
+                auth::AuthError::Failure(f) => format!("{f:?}"),
+                auth::AuthError::Refused { status, .. } => format!("token: HTTP {status}"),
+            })?;
+            let (status, _, body) = self.send(&req, auth).await.map_err(|f| format!("{f:?}"))?;
+            if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
+                self.token.invalidate();
+                refreshed = true;
+                continue;
+            }
+            break (status, body);
+        };
         if status == 404 {
             return Ok(None);
         }
@@ -665,7 +717,12 @@ impl SinkClient {
         };
         for rule in &cat.require {
             let value = render(&rule.value)?;
-            let allowed = item.pointer(&rule.field).and_then(Json::as_array);
+            // A product without the list (an open-amount product has no denominations) is
+            // not refused for it.
+            let Some(allowed) = item.pointer(&rule.field).and_then(Json::as_array) else {
+                continue;
+            };
+            let allowed = Some(allowed);
             let ok = allowed.is_some_and(|list| {
                 list.iter()
                     .any(|x| x == &value || scalar_text(x) == scalar_text(&value))
@@ -697,16 +754,17 @@ fn scalar_text(v: &Json) -> String {
     }
 }
 
-async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+/// The answer's body, at most `MAX_ANSWER` bytes; what arrived before an error.
+async fn read_capped(mut resp: reqwest::Response) -> Vec<u8> {
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
+    while let Ok(Some(chunk)) = resp.chunk().await {
         let room = MAX_ANSWER.saturating_sub(out.len());
         out.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if room <= chunk.len() {
             break;
         }
     }
-    Ok(out)
+    out
 }
 
 /// Whether a failed request may have reached the vendor.
