@@ -13,10 +13,83 @@ use serde_json::Value as Json;
 /// Instructions an evaluation may run before it is stopped.
 pub const FUEL: u64 = 100_000;
 
-/// The compiled environments (strict for values, lenient for conditions).
+/// The environments (strict for values, lenient for conditions). They are process-wide, so
+/// compiled expressions and templates can be cached across runs (`compiled`).
 pub struct Engine {
-    strict: Environment<'static>,
-    lenient: Environment<'static>,
+    strict: &'static Environment<'static>,
+    lenient: &'static Environment<'static>,
+}
+
+fn strict_env() -> &'static Environment<'static> {
+    static ENV: std::sync::LazyLock<Environment<'static>> =
+        std::sync::LazyLock::new(|| environment(UndefinedBehavior::Strict));
+    &ENV
+}
+
+fn lenient_env() -> &'static Environment<'static> {
+    static ENV: std::sync::LazyLock<Environment<'static>> =
+        std::sync::LazyLock::new(|| environment(UndefinedBehavior::Chainable));
+    &ENV
+}
+
+/// Compiled sources kept for reuse: pipelines and connectors evaluate the same few hundred
+/// fields for every event. Bounded: past the limit, sources are compiled per use.
+const CACHE_LIMIT: usize = 8192;
+
+type Expr = minijinja::Expression<'static, 'static>;
+type Tmpl = minijinja::Template<'static, 'static>;
+
+#[derive(Default)]
+struct Compiled {
+    exprs: std::collections::HashMap<(bool, String), std::sync::Arc<Expr>>,
+    tmpls: std::collections::HashMap<String, std::sync::Arc<Tmpl>>,
+}
+
+fn compiled() -> &'static std::sync::Mutex<Compiled> {
+    static C: std::sync::LazyLock<std::sync::Mutex<Compiled>> =
+        std::sync::LazyLock::new(Default::default);
+    &C
+}
+
+/// The compiled expression of `src` (cached).
+fn expression(lenient: bool, src: &str) -> Result<std::sync::Arc<Expr>, minijinja::Error> {
+    let key = (lenient, src.to_string());
+    if let Some(e) = compiled().lock().expect("cache lock").exprs.get(&key) {
+        return Ok(e.clone());
+    }
+    let env = if lenient { lenient_env() } else { strict_env() };
+    let e = std::sync::Arc::new(env.compile_expression_owned(src.to_string())?);
+    let mut c = compiled().lock().expect("cache lock");
+    if c.exprs.len() < CACHE_LIMIT {
+        c.exprs.insert(key, e.clone());
+    }
+    Ok(e)
+}
+
+/// Renders the template `src`, compiled once and cached (a cached source is kept for the
+/// process's life, which the cache limit bounds; past it, sources are compiled per use).
+fn render_template(src: &str, ctx: Value) -> Result<String, minijinja::Error> {
+    let cached = compiled()
+        .lock()
+        .expect("cache lock")
+        .tmpls
+        .get(src)
+        .cloned();
+    if let Some(t) = cached {
+        return t.render(ctx);
+    }
+    let mut c = compiled().lock().expect("cache lock");
+    if c.tmpls.len() >= CACHE_LIMIT {
+        drop(c);
+        return strict_env().template_from_str(src)?.render(ctx);
+    }
+    // Compiled before it is leaked: a source that does not compile is not kept.
+    strict_env().template_from_str(src)?;
+    let leaked: &'static str = Box::leak(src.to_string().into_boxed_str());
+    let t = std::sync::Arc::new(strict_env().template_from_str(leaked)?);
+    c.tmpls.insert(src.to_string(), t.clone());
+    drop(c);
+    t.render(ctx)
 }
 
 /// A field of a step, as written.
@@ -58,8 +131,8 @@ impl Default for Engine {
 impl Engine {
     pub fn new() -> Engine {
         Engine {
-            strict: environment(UndefinedBehavior::Strict),
-            lenient: environment(UndefinedBehavior::Chainable),
+            strict: strict_env(),
+            lenient: lenient_env(),
         }
     }
 
@@ -86,20 +159,13 @@ impl Engine {
         match field {
             Field::Literal(v) => Ok(v.clone()),
             Field::Expr(src) => {
-                let expr = self
-                    .strict
-                    .compile_expression(src)
-                    .map_err(|e| describe(&e))?;
+                let expr = expression(false, src).map_err(|e| describe(&e))?;
                 let v = expr.eval(ctx).map_err(|e| describe(&e))?;
                 to_json(&v)
             }
-            Field::Template(src) => {
-                let tmpl = self
-                    .strict
-                    .template_from_str(src)
-                    .map_err(|e| describe(&e))?;
-                tmpl.render(ctx).map(Json::String).map_err(|e| describe(&e))
-            }
+            Field::Template(src) => render_template(src, ctx)
+                .map(Json::String)
+                .map_err(|e| describe(&e)),
         }
     }
 
@@ -173,10 +239,7 @@ impl Engine {
 
     /// Evaluates a condition: its truthiness; missing fields are false, errors are errors.
     pub fn condition(&self, src: &str, ctx: &Json) -> Result<bool, String> {
-        let expr = self
-            .lenient
-            .compile_expression(strip_braces(src))
-            .map_err(|e| describe(&e))?;
+        let expr = expression(true, strip_braces(src)).map_err(|e| describe(&e))?;
         expr.eval(Value::from(minijinja::value::Serde(ctx)))
             .map(|v| v.is_true())
             .map_err(|e| describe(&e))
