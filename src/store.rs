@@ -250,7 +250,7 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
         let opened = sled::Config::new()
             .path(dir)
             .cache_capacity(32 * 1024 * 1024)
-            .flush_every_ms(None)
+            .flush_every_ms(Some(250))
             .open();
         match opened {
             Ok(db) => return Ok(db),

@@ -274,6 +274,7 @@ fn bench_perkflow(
 
 /// What the fast sink saw of one run.
 struct E2e {
+    ack_p99: f64,
     acked: u64,
     delivered: u64,
     duplicates: u64,
@@ -308,6 +309,7 @@ fn sink_stats(port: u16, run_id: &str, acked: u64) -> Result<E2e, String> {
         let unique = v["unique_ids"].as_u64().unwrap_or(0);
         if unique >= acked || t0.elapsed() > Duration::from_secs(30) {
             return Ok(E2e {
+                ack_p99: 0.0,
                 acked,
                 delivered: unique,
                 duplicates: v["duplicates"].as_u64().unwrap_or(0),
@@ -341,7 +343,12 @@ fn e2e_baseline(tools: &Path, o: &Opts, rate: u32, sink: u16, wal: &Path) -> Res
             &run_id,
         )
     });
-    let r = r.and_then(|s| sink_stats(sink, &run_id, s.ok));
+    let r = r.and_then(|s| {
+        sink_stats(sink, &run_id, s.ok).map(|e| E2e {
+            ack_p99: s.p99,
+            ..e
+        })
+    });
     stop(child);
     r
 }
@@ -393,7 +400,12 @@ fn e2e_perkflow(
         Some(rate),
         &run_id,
     )
-    .and_then(|s| sink_stats(sink, &run_id, s.ok));
+    .and_then(|s| {
+        sink_stats(sink, &run_id, s.ok).map(|e| E2e {
+            ack_p99: s.p99,
+            ..e
+        })
+    });
     stop(child);
     r
 }
@@ -446,8 +458,8 @@ fn suite_e2e(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) {
                 match r {
                     Ok(e) => {
                         println!(
-                            "round {round} {rate:>5}/s {name:<34} e2e p50 {:>7.2} ms  p99 {:>8.2} ms  acked {} delivered {} lost {} duplicates {}",
-                            e.p50, e.p99, e.acked, e.delivered, e.acked.saturating_sub(e.delivered), e.duplicates
+                            "round {round} {rate:>5}/s {name:<34} e2e p50 {:>7.2} ms  p99 {:>8.2} ms  (ack p99 {:>7.2} ms)  acked {} delivered {} lost {} duplicates {}",
+                            e.p50, e.p99, e.ack_p99, e.acked, e.delivered, e.acked.saturating_sub(e.delivered), e.duplicates
                         );
                         rows[i].push(e);
                     }

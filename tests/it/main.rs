@@ -2,6 +2,7 @@
 
 mod admin;
 mod config_check;
+mod conformance;
 mod crash;
 mod delivery;
 mod demo;
