@@ -494,40 +494,52 @@ pub async fn run(
         if guarded.is_empty() {
             continue;
         }
-        let changes: Vec<(Job, Job)> = guarded
-            .iter()
-            .map(|c| (c.stored.clone(), c.claimed.clone()))
-            .collect();
-        let s = store.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let skipped = s.write_jobs(&changes)?;
-            s.flush_jobs()?;
-            Ok::<Vec<String>, crate::store::StoreError>(skipped)
-        })
-        .await;
-        let skipped: Vec<String> = match written {
-            Ok(Ok(skipped)) => skipped,
-            other => {
-                tracing::warn!(error = ?other, "claiming jobs failed; retrying shortly");
-                let keys: Vec<String> = guarded.iter().map(|c| c.stored.key.clone()).collect();
-                release(&busy, guarded, &keys);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        // The leases are written and flushed in a task of their own: a slow disk holds back
+        // these attempts only, never the dispatcher or the other sinks.
+        let (s, busy2, tracker, tx, wake2) = (
+            store.clone(),
+            busy.clone(),
+            attempts.clone(),
+            done_tx.clone(),
+            wake.clone(),
+        );
+        attempts.spawn(async move {
+            let changes: Vec<(Job, Job)> = guarded
+                .iter()
+                .map(|c| (c.stored.clone(), c.claimed.clone()))
+                .collect();
+            let written = tokio::task::spawn_blocking(move || {
+                let skipped = s.write_jobs(&changes)?;
+                s.flush_jobs()?;
+                Ok::<Vec<String>, crate::store::StoreError>(skipped)
+            })
+            .await;
+            let skipped: Vec<String> = match written {
+                Ok(Ok(skipped)) => skipped,
+                other => {
+                    tracing::warn!(error = ?other, "claiming jobs failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let keys: Vec<String> = guarded.iter().map(|c| c.stored.key.clone()).collect();
+                    release(&busy2, guarded, &keys);
+                    wake2.notify_one();
+                    return;
+                }
+            };
+            let (lost, won): (Vec<Claim>, Vec<Claim>) = guarded
+                .into_iter()
+                .partition(|c| skipped.contains(&c.stored.key));
+            if !lost.is_empty() {
+                // Changed by an operator between the read and the claim: not sent; read again.
+                let keys: Vec<String> = lost.iter().map(|c| c.stored.key.clone()).collect();
+                release(&busy2, lost, &keys);
+                wake2.notify_one();
             }
-        };
-        let (lost, mut won): (Vec<Claim>, Vec<Claim>) = guarded
-            .into_iter()
-            .partition(|c| skipped.contains(&c.stored.key));
-        if !lost.is_empty() {
-            // Changed by an operator between the read and the claim: not sent; read again.
-            let keys: Vec<String> = lost.iter().map(|c| c.stored.key.clone()).collect();
-            release(&busy, lost, &keys);
-        }
-        for mut c in won.drain(..) {
-            c.claimed.version = c.stored.version + 1;
-            c.stored = c.claimed.clone();
-            start_attempt(&attempts, c, &done_tx);
-        }
+            for mut c in won {
+                c.claimed.version = c.stored.version + 1;
+                c.stored = c.claimed.clone();
+                start_attempt(&tracker, c, &tx);
+            }
+        });
     }
     // Let in-flight attempts finish (each is bounded by its lease) and record them.
     attempts.close();

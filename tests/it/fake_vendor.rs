@@ -1,14 +1,20 @@
 //! A scripted fake vendor on 127.0.0.1: records every request and answers from a script,
 //! like svix's `TestReceiver`. Each test builds its script from the vendor's documented
-//! answers (sink-apis.md).
+//! answers (sink-apis.md). A reply can also be no answer at all: `Reply::reset()` drops the
+//! connection with a TCP reset once the request was read.
 #![allow(dead_code)]
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -43,6 +49,8 @@ pub struct Reply {
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
     pub delay: Duration,
+    /// No HTTP answer: the connection is reset (see `Reply::reset`).
+    pub reset: bool,
 }
 
 impl Reply {
@@ -52,6 +60,16 @@ impl Reply {
             headers: Vec::new(),
             body: body.into(),
             delay: Duration::ZERO,
+            reset: false,
+        }
+    }
+    /// No answer: the request is read, then the connection is closed with a TCP reset (RST)
+    /// before any byte of a response is written, like a vendor process crashing mid-request
+    /// or a load balancer dropping the connection.
+    pub fn reset() -> Reply {
+        Reply {
+            reset: true,
+            ..Reply::new(500, "")
         }
     }
     pub fn header(mut self, k: &'static str, v: impl Into<String>) -> Reply {
@@ -86,15 +104,16 @@ impl FakeVendor {
             seen: Arc::default(),
             script: Arc::new(Mutex::new(Arc::new(script))),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = axum::Router::new()
             .fallback(handle)
-            .with_state(fake.clone());
+            .with_state(fake.clone())
+            .into_make_service_with_connect_info::<Conn>();
         let stop = tokio_util::sync::CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
+            let _ = axum::serve(Resettable(listener), app)
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await;
         });
@@ -147,8 +166,115 @@ impl Drop for FakeVendor {
     }
 }
 
+/// A TCP listener whose connections a handler can reset instead of answering.
+struct Resettable(TcpListener);
+
+/// One connection, as its handlers see it: set `0` to reset it instead of answering.
+#[derive(Clone, Debug)]
+struct Conn(Arc<AtomicBool>);
+
+/// A connection that fails every read and write once its `Conn` flag is set (so hyper drops
+/// it without writing the response) and then closes with RST instead of FIN.
+struct Io {
+    stream: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl axum::serve::Listener for Resettable {
+    type Io = Io;
+    type Addr = Conn;
+
+    async fn accept(&mut self) -> (Io, Conn) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, _)) => {
+                    let reset = Arc::new(AtomicBool::new(false));
+                    return (
+                        Io {
+                            stream,
+                            reset: reset.clone(),
+                        },
+                        Conn(reset),
+                    );
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Conn> {
+        Ok(Conn(Arc::default()))
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Resettable>> for Conn {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Resettable>) -> Conn {
+        stream.remote_addr().clone()
+    }
+}
+
+impl Io {
+    fn check(&self) -> std::io::Result<()> {
+        if self.reset.load(Ordering::SeqCst) {
+            Err(std::io::ErrorKind::ConnectionReset.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        if self.reset.load(Ordering::SeqCst) {
+            // SO_LINGER 0: closing sends RST (the peer sees "connection reset by peer").
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
 async fn handle(
     State(f): State<Fake>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -168,6 +294,11 @@ async fn handle(
         let script = f.script.lock().unwrap().clone();
         (script(&all), ())
     };
+    if reply.reset {
+        // The response below is never written: the connection fails its next write.
+        conn.0.store(true, Ordering::SeqCst);
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
