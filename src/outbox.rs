@@ -9,8 +9,6 @@ use crate::pipeline::run::{Delivery, Run};
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
 /// A sink action and its delivery state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -154,6 +152,10 @@ impl DeadFilter {
             && self.until_ms.is_none_or(|t| at < t)
     }
 }
+
+/// An index entry that has not matched its job for this long is dropped (a write in
+/// progress adds its entries a moment before the job itself).
+const STALE_AFTER_MS: u64 = 10 * 60 * 1000;
 
 fn due_key(sink: &str, at_ms: u64, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(sink.len() + 9 + key.len());
@@ -394,41 +396,33 @@ impl Store {
                 .map_err(|e| StoreError::Io(e.to_string()))?;
             rows.push(Row { id, trace, jobs });
         }
-        if rows.iter().all(|r| r.trace.is_none() && r.jobs.is_empty()) {
-            // Nothing to record: clearing the marks needs no transaction.
-            for r in &rows {
-                self.pending.remove(r.id.to_be_bytes())?;
-            }
-            return Ok(());
-        }
-        let result = (
-            &self.pending,
-            &self.outbox,
-            &self.traces,
-            &self.due,
-            &self.event_jobs,
-        )
-            .transaction(|(pending, outbox, traces, due, event_jobs)| {
-                for r in &rows {
-                    pending.remove(&r.id.to_be_bytes())?;
-                    if let Some(t) = &r.trace {
-                        traces.insert(&r.id.to_be_bytes(), t.as_slice())?;
-                    }
-                    for (key, value, due_at) in &r.jobs {
-                        if outbox.get(key.as_bytes())?.is_none() {
-                            outbox.insert(key.as_bytes(), value.as_slice())?;
-                            due.insert(due_at.as_slice(), &[])?;
-                        }
-                        event_jobs.insert(event_job_key(r.id, key), &[])?;
-                    }
+        // No transaction (sled's take a process-wide lock that stalls every inbox append):
+        // the writes are ordered so that a crash anywhere leaves a state the next run repairs.
+        // Each job's index entries go first, then the job (only if its key is new: the same
+        // event processed again yields the same keys), the trace, and last the pending mark.
+        // A crash before the mark is removed processes the event again; index entries
+        // without their job are dropped by the readers.
+        for r in &rows {
+            for (key, value, due_at) in &r.jobs {
+                if self.outbox.get(key.as_bytes())?.is_some() {
+                    continue;
                 }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
-        match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(())) => Err(StoreError::Io("transaction aborted".into())),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+                self.due.insert(due_at.as_slice(), &[])?;
+                self.event_jobs.insert(event_job_key(r.id, key), &[])?;
+                let _ = self.outbox.compare_and_swap(
+                    key.as_bytes(),
+                    None as Option<&[u8]>,
+                    Some(value.as_slice()),
+                )?;
+            }
+            if let Some(t) = &r.trace {
+                self.traces.insert(r.id.to_be_bytes(), t.as_slice())?;
+            }
+            self.pending.remove(r.id.to_be_bytes())?;
         }
+        self.job_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Jobs in the outbox (key order), at most `limit`.
@@ -487,15 +481,20 @@ impl Store {
                 break;
             }
             match self.job(&key)? {
-                Some(j) if j.state.scheduled() && j.next_at_ms == at => {
-                    if !out.iter().any(|o: &Job| o.key == j.key) {
-                        out.push(j)
-                    }
+                Some(j)
+                    if j.state.scheduled()
+                        && j.next_at_ms == at
+                        && !out.iter().any(|o: &Job| o.key == j.key) =>
+                {
+                    out.push(j)
                 }
-                // A stale index entry (should not happen): drop it.
-                _ => {
+                Some(j) if j.state.scheduled() && j.next_at_ms == at => {}
+                // An entry that does not match its job: written just before the job (a
+                // write in progress), or left by a crash. Only an old one is dropped.
+                _ if at + STALE_AFTER_MS < now_ms => {
                     self.due.remove(&k)?;
                 }
+                _ => {}
             }
         }
         Ok((out, next))
@@ -537,55 +536,65 @@ impl Store {
             #[serde(default)]
             version: u64,
         }
-        let result = (
-            &self.outbox,
-            &self.due,
-            &self.dlq,
-            &self.leases,
-            &self.event_jobs,
-        )
-            .transaction(|(outbox, due, dlq, leases, event_jobs)| {
-                let mut skipped = Vec::new();
-                for (key, value, expected, old_due, new_due, dead, leased, event_key) in &rows {
-                    if let Some(current) = outbox.get(key.as_bytes())? {
-                        let v = serde_json::from_slice::<Version>(&current)
-                            .map(|v| v.version)
-                            .unwrap_or(u64::MAX);
-                        if v != *expected {
-                            skipped.push(key.clone());
-                            continue;
-                        }
-                    }
-                    if let Some(k) = event_key {
-                        event_jobs.insert(k.as_slice(), &[])?;
-                    }
-                    if *leased {
-                        leases.insert(key.as_bytes(), &[])?;
-                    } else {
-                        leases.remove(key.as_bytes())?;
-                    }
-                    outbox.insert(key.as_bytes(), value.as_slice())?;
-                    if let Some(k) = old_due {
-                        due.remove(k.as_slice())?;
-                    }
-                    if let Some(k) = new_due {
-                        due.insert(k.as_slice(), &[])?;
-                    }
-                    if *dead {
-                        dlq.insert(key.as_bytes(), &[])?;
-                    } else {
-                        dlq.remove(key.as_bytes())?;
+        // No transaction (see `complete`): per job, the index entries the new state needs go
+        // first, then the job itself with a compare-and-swap on the version, then the entries
+        // the old state had are removed. Readers drop index entries that do not match their
+        // job, so a crash between any two writes is harmless.
+        let mut skipped = Vec::new();
+        for (key, value, expected, old_due, new_due, dead, leased, event_key) in rows {
+            let current = self.outbox.get(key.as_bytes())?;
+            let stale = current.as_ref().is_some_and(|c| {
+                serde_json::from_slice::<Version>(c)
+                    .map(|v| v.version)
+                    .unwrap_or(u64::MAX)
+                    != expected
+            });
+            if stale {
+                skipped.push(key);
+                continue;
+            }
+            if let Some(k) = &event_key {
+                self.event_jobs.insert(k.as_slice(), &[])?;
+            }
+            if let Some(k) = &new_due {
+                self.due.insert(k.as_slice(), &[])?;
+            }
+            if leased {
+                self.leases.insert(key.as_bytes(), &[])?;
+            }
+            if dead {
+                self.dlq.insert(key.as_bytes(), &[])?;
+            }
+            let swapped = self.outbox.compare_and_swap(
+                key.as_bytes(),
+                current.as_ref().map(|c| c.as_ref()),
+                Some(value.as_slice()),
+            )?;
+            if swapped.is_err() {
+                // Changed between the read and the swap: undo what the new state added.
+                if let Some(k) = &new_due {
+                    if old_due.as_ref() != Some(k) {
+                        self.due.remove(k.as_slice())?;
                     }
                 }
-                Ok::<Vec<String>, ConflictableTransactionError<()>>(skipped)
-            });
+                skipped.push(key);
+                continue;
+            }
+            if let Some(k) = &old_due {
+                if new_due.as_ref() != Some(k) {
+                    self.due.remove(k.as_slice())?;
+                }
+            }
+            if !leased {
+                self.leases.remove(key.as_bytes())?;
+            }
+            if !dead {
+                self.dlq.remove(key.as_bytes())?;
+            }
+        }
         self.job_writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match result {
-            Ok(skipped) => Ok(skipped),
-            Err(TransactionError::Abort(())) => Err(StoreError::Io("transaction aborted".into())),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        Ok(skipped)
     }
 
     /// Jobs left in flight by a process that is gone (this one just started).
