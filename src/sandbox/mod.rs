@@ -86,11 +86,15 @@ pub struct FaultSpec {
     /// Latency added to every answer of this vendor until reset.
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// The body of the scripted answers (default: a generic JSON error).
+    #[serde(default)]
+    pub body: Option<Value>,
 }
 
 #[derive(Default)]
 struct Faults {
     queued: HashMap<String, VecDeque<u16>>,
+    body: HashMap<String, Value>,
     retry_after: HashMap<String, u64>,
     delay: HashMap<String, Duration>,
 }
@@ -199,6 +203,9 @@ async fn add_fault(State(sb): State<Arc<Sandbox>>, Json(f): Json<FaultSpec>) -> 
         .extend(f.status);
     if let Some(r) = f.retry_after {
         faults.retry_after.insert(f.vendor.clone(), r);
+    }
+    if let Some(b) = f.body {
+        faults.body.insert(f.vendor.clone(), b);
     }
     if let Some(d) = f.delay_ms {
         faults.delay.insert(f.vendor, Duration::from_millis(d));
@@ -314,13 +321,14 @@ async fn dispatch(
         headers,
         body,
     };
-    let (fault, retry_after, delay) = {
+    let (fault, retry_after, delay, fault_body) = {
         let mut f = sb.faults.lock().expect("sandbox lock");
         let status = f.queued.get_mut(&vendor).and_then(|q| q.pop_front());
         (
             status,
             f.retry_after.get(&vendor).copied(),
             f.delay.get(&vendor).copied(),
+            f.body.get(&vendor).cloned(),
         )
     };
     if let Some(d) = delay {
@@ -340,7 +348,7 @@ async fn dispatch(
         Some(status) => {
             let mut a = Answer::json(
                 status,
-                json!({"error": "fault injected by the sandbox"}),
+                fault_body.unwrap_or_else(|| json!({"error": "fault injected by the sandbox"})),
                 format!("fault injected: HTTP {status}"),
             );
             if let Some(r) = retry_after {

@@ -605,7 +605,8 @@ fn square(sb: &Sandbox, req: &Req) -> Answer {
         )
     } else if p == "/v2/loyalty/rewards" {
         let r = &b["reward"];
-        if !r["loyalty_account_id"].is_string() || !r["reward_tier_id"].is_string() {
+        let present = |v: &Value| v.as_str().is_some_and(|s| !s.is_empty());
+        if !present(&r["loyalty_account_id"]) || !present(&r["reward_tier_id"]) {
             return err(
                 400,
                 "INVALID_REQUEST_ERROR",

@@ -257,6 +257,17 @@ impl SinkClient {
                 Err(CatalogError::Refused(reason)) => {
                     return self.settled(started, Outcome::Reject { reason }, None, None, false)
                 }
+                Err(CatalogError::Credentials(status)) => {
+                    return self.settled(
+                        started,
+                        Outcome::Reject {
+                            reason: format!("the vendor refused the credentials (HTTP {status} when minting a token)"),
+                        },
+                        Some(status),
+                        None,
+                        false,
+                    )
+                }
                 Err(CatalogError::Unavailable(why)) => {
                     return self.settled(
                         started,
@@ -627,6 +638,8 @@ enum CatalogError {
     Refused(String),
     /// The catalog could not be read: retry.
     Unavailable(String),
+    /// The vendor refused the credentials.
+    Credentials(u16),
 }
 
 impl SinkClient {
@@ -660,7 +673,12 @@ impl SinkClient {
                 self.base_url.as_deref(),
             )
             .await
-            .map_err(|e| CatalogError::Unavailable(format!("{e:?}")))?;
+            .map_err(|e| match e {
+                auth::AuthError::Refused { status, .. } if matches!(status, 401 | 403) => {
+                    CatalogError::Credentials(status)
+                }
+                other => CatalogError::Unavailable(format!("{other:?}")),
+            })?;
             let req = Request {
                 method: "GET".into(),
                 url: url.clone(),

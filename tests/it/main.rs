@@ -14,4 +14,5 @@ mod ingest;
 mod paypal_api;
 mod paypal_fetch;
 mod pipelines;
+mod sinks;
 mod worker;
