@@ -298,64 +298,44 @@ impl SinkClient {
                     )
                 }
             };
-        let mut refreshed = false;
-        loop {
-            let auth = match auth::header(
-                &self.engine,
-                &self.def.auth,
-                &ctx,
-                &self.token,
-                &self.http,
-                self.base_url.as_deref(),
-            )
-            .await
-            {
-                Ok(h) => h,
-                Err(auth::AuthError::Failure(f)) => {
-                    return self.settled(started, classify::classify_failure(&f), None, None, false)
-                }
-                Err(auth::AuthError::Refused { status, excerpt }) => {
-                    let outcome = if status == 401 || status == 403 {
-                        Outcome::Reject { reason: format!("the vendor refused the credentials (HTTP {status} when minting a token)") }
-                    } else {
-                        Outcome::Retry {
-                            after: None,
-                            reason: format!("minting a token: HTTP {status}"),
-                            uncertain: false,
-                        }
-                    };
-                    return self.settled(started, outcome, Some(status), Some(excerpt), false);
-                }
-            };
-            match self.send(&req, auth).await {
-                Err(f) => {
-                    return self.settled(started, classify::classify_failure(&f), None, None, false)
-                }
-                Ok((status, headers, body)) => {
-                    if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
-                        self.token.invalidate();
-                        refreshed = true;
-                        continue;
+        match self.exchange(&req, &ctx).await {
+            Err(Exchange::Auth(auth::AuthError::Failure(f))) | Err(Exchange::Send(f)) => {
+                self.settled(started, classify::classify_failure(&f), None, None, false)
+            }
+            Err(Exchange::Auth(auth::AuthError::Refused { status, excerpt })) => {
+                let outcome = if status == 401 || status == 403 {
+                    Outcome::Reject {
+                        reason: format!(
+                            "the vendor refused the credentials (HTTP {status} when minting a token)"
+                        ),
                     }
-                    let outcome = classify::classify(
-                        &self.def.classify,
-                        act,
-                        &classify::Answer {
-                            status,
-                            headers: &headers,
-                            body: &body,
-                        },
-                        now_unix(),
-                    );
-                    let excerpt = self.excerpt(&body);
-                    let delivered = matches!(outcome, Outcome::Delivered { .. });
-                    let mut sent =
-                        self.settled(started, outcome, Some(status), Some(excerpt), false);
-                    if delivered {
-                        sent.answer = serde_json::from_slice(&body).ok();
+                } else {
+                    Outcome::Retry {
+                        after: None,
+                        reason: format!("minting a token: HTTP {status}"),
+                        uncertain: false,
                     }
-                    return sent;
+                };
+                self.settled(started, outcome, Some(status), Some(excerpt), false)
+            }
+            Ok((status, headers, body)) => {
+                let outcome = classify::classify(
+                    &self.def.classify,
+                    act,
+                    &classify::Answer {
+                        status,
+                        headers: &headers,
+                        body: &body,
+                    },
+                    now_unix(),
+                );
+                let excerpt = self.excerpt(&body);
+                let delivered = matches!(outcome, Outcome::Delivered { .. });
+                let mut sent = self.settled(started, outcome, Some(status), Some(excerpt), false);
+                if delivered {
+                    sent.answer = serde_json::from_slice(&body).ok();
                 }
+                sent
             }
         }
     }
@@ -397,92 +377,53 @@ impl SinkClient {
                 )
             }
         };
-        let mut refreshed = false;
-        loop {
-            let auth = match auth::header(
-                &self.engine,
-                &self.def.auth,
-                &ctx,
-                &self.token,
-                &self.http,
-                self.base_url.as_deref(),
-            )
-            .await
-            {
-                Ok(h) => h,
-                Err(e) => {
-                    return self.settled(
-                        started,
-                        Outcome::Retry {
-                            after: None,
-                            reason: format!("status: {e:?}"),
-                            uncertain: false,
-                        },
-                        None,
-                        None,
-                        false,
-                    )
-                }
-            };
-            let req = Request {
-                method: "GET".into(),
-                url: url.clone(),
-                headers: Vec::new(),
-                body: None,
-                body_text: None,
-            };
-            let (status, _, body) = match self.send(&req, auth).await {
-                Ok(x) => x,
-                Err(f) => {
-                    return self.settled(
-                        started,
-                        Outcome::Retry {
-                            after: None,
-                            reason: format!("status: {f:?}"),
-                            uncertain: false,
-                        },
-                        None,
-                        None,
-                        false,
-                    )
-                }
-            };
-            if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
-                self.token.invalidate();
-                refreshed = true;
-                continue;
+        let req = Request::get(url);
+        let (status, body) = match self.exchange(&req, &ctx).await {
+            Ok((status, _, body)) => (status, body),
+            Err(e) => {
+                return self.settled(
+                    started,
+                    Outcome::Retry {
+                        after: None,
+                        reason: format!("status: {e}"),
+                        uncertain: false,
+                    },
+                    None,
+                    None,
+                    false,
+                )
             }
-            let excerpt = self.excerpt(&body);
-            let json: Option<Json> = serde_json::from_slice(&body).ok();
-            let state = json
-                .as_ref()
-                .and_then(|j| j.pointer(&t.status))
-                .and_then(Json::as_str)
-                .map(str::to_string);
-            let outcome = match (&state, (200..300).contains(&status)) {
-                (Some(st), true) if t.done.contains(st) || t.failed.contains(st) => {
-                    Outcome::Delivered {
-                        vendor_id: Some(vendor_id.to_string()),
-                    }
+        };
+        let excerpt = self.excerpt(&body);
+        let json: Option<Json> = serde_json::from_slice(&body).ok();
+        let state = json
+            .as_ref()
+            .and_then(|j| j.pointer(&t.status))
+            .and_then(Json::as_str)
+            .map(str::to_string);
+        let outcome = match (&state, (200..300).contains(&status)) {
+            (Some(st), true) if t.done.contains(st) || t.failed.contains(st) => {
+                Outcome::Delivered {
+                    vendor_id: Some(vendor_id.to_string()),
                 }
-                (Some(st), true) => Outcome::Retry {
-                    after: None,
-                    reason: format!("still {st}"),
-                    uncertain: false,
-                },
-                _ => Outcome::Retry {
-                    after: None,
-                    reason: format!("status request answered HTTP {status}"),
-                    uncertain: false,
-                },
-            };
-            let delivered = matches!(outcome, Outcome::Delivered { .. });
-            let mut sent = self.settled(started, outcome, Some(status), Some(excerpt), false);
-            if delivered {
-                sent.answer = json;
             }
-            return sent;
+            (Some(st), true) => Outcome::Retry {
+                after: None,
+                reason: format!("still {st}"),
+                uncertain: false,
+            },
+            _ => Outcome::Retry {
+                after: None,
+                reason: format!("status request answered HTTP {status}"),
+                uncertain: false,
+            },
+        };
+        let delivered = matches!(outcome, Outcome::Delivered { .. });
+        let mut sent = self.settled(started, outcome, Some(status), Some(excerpt), false);
+        if delivered {
+            sent.answer = json;
         }
+        sent
     }
 
     /// The start of an answer, credentials redacted before it is cut.
@@ -493,6 +434,35 @@ impl SinkClient {
             end -= 1;
         }
         text[..end].to_string()
+    }
+
+    /// Sends `req` with the sink's auth. When the token is minted by a call, a 401 mints a
+    /// new one and sends once more.
+    async fn exchange(
+        &self,
+        req: &Request,
+        ctx: &Json,
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>), Exchange> {
+        let mut refreshed = false;
+        loop {
+            let auth = auth::header(
+                &self.engine,
+                &self.def.auth,
+                ctx,
+                &self.token,
+                &self.http,
+                self.base_url.as_deref(),
+            )
+            .await
+            .map_err(Exchange::Auth)?;
+            let answer = self.send(req, auth).await.map_err(Exchange::Send)?;
+            if answer.0 == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
+                self.token.invalidate();
+                refreshed = true;
+                continue;
+            }
+            return Ok(answer);
+        }
     }
 
     fn settled(
@@ -574,29 +544,11 @@ impl SinkClient {
             body: None,
             body_text: None,
         };
-        let mut refreshed = false;
-        let (status, body) = loop {
-            let auth = auth::header(
-                &self.engine,
-                &self.def.auth,
-                ctx,
-                &self.token,
-                &self.http,
-                self.base_url.as_deref(),
-            )
+        let (status, body) = self
+            .exchange(&req, ctx)
             .await
-            .map_err(|e| match e {
-                auth::AuthError::Failure(f) => format!("{f:?}"),
-                auth::AuthError::Refused { status, .. } => format!("token: HTTP {status}"),
-            })?;
-            let (status, _, body) = self.send(&req, auth).await.map_err(|f| format!("{f:?}"))?;
-            if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
-                self.token.invalidate();
-                refreshed = true;
-                continue;
-            }
-            break (status, body);
-        };
+            .map(|(status, _, body)| (status, body))
+            .map_err(|e| e.to_string())?;
         if status == 404 {
             return Ok(None);
         }
@@ -632,6 +584,24 @@ impl SinkClient {
     }
 }
 
+/// A request that got no answer: the token could not be had, or the request failed.
+#[derive(Debug)]
+enum Exchange {
+    Auth(auth::AuthError),
+    Send(Failure),
+}
+
+impl std::fmt::Display for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exchange::Auth(auth::AuthError::Refused { status, .. }) => {
+                write!(f, "token: HTTP {status}")
+            }
+            Exchange::Auth(auth::AuthError::Failure(x)) | Exchange::Send(x) => write!(f, "{x:?}"),
+        }
+    }
+}
+
 /// Why a catalog check did not pass.
 enum CatalogError {
     /// The job asks for something the catalog does not offer: permanent.
@@ -662,51 +632,26 @@ impl SinkClient {
                 return Ok(json.clone());
             }
         }
-        let mut refreshed = false;
-        loop {
-            let auth = auth::header(
-                &self.engine,
-                &self.def.auth,
-                ctx,
-                &self.token,
-                &self.http,
-                self.base_url.as_deref(),
-            )
-            .await
-            .map_err(|e| match e {
-                auth::AuthError::Refused { status, .. } if matches!(status, 401 | 403) => {
-                    CatalogError::Credentials(status)
-                }
-                other => CatalogError::Unavailable(format!("{other:?}")),
-            })?;
-            let req = Request {
-                method: "GET".into(),
-                url: url.clone(),
-                headers: Vec::new(),
-                body: None,
-                body_text: None,
-            };
-            let (status, _, body) = self
-                .send(&req, auth)
-                .await
-                .map_err(|f| CatalogError::Unavailable(format!("{f:?}")))?;
-            if status == 401 && auth::is_token_exchange(&self.def.auth) && !refreshed {
-                self.token.invalidate();
-                refreshed = true;
-                continue;
+        let req = Request::get(url.clone());
+        let (status, _, body) = self.exchange(&req, ctx).await.map_err(|e| match e {
+            Exchange::Auth(auth::AuthError::Refused { status, .. })
+                if matches!(status, 401 | 403) =>
+            {
+                CatalogError::Credentials(status)
             }
-            if !(200..300).contains(&status) {
-                return Err(CatalogError::Unavailable(format!("HTTP {status}")));
-            }
-            let json: Json = serde_json::from_slice(&body)
-                .map_err(|_| CatalogError::Unavailable("the catalog is not JSON".into()))?;
-            let json = Arc::new(json);
-            self.catalogs
-                .lock()
-                .expect("catalog lock")
-                .insert(url, (Instant::now(), json.clone()));
-            return Ok(json);
+            other => CatalogError::Unavailable(other.to_string()),
+        })?;
+        if !(200..300).contains(&status) {
+            return Err(CatalogError::Unavailable(format!("HTTP {status}")));
         }
+        let json: Json = serde_json::from_slice(&body)
+            .map_err(|_| CatalogError::Unavailable("the catalog is not JSON".into()))?;
+        let json = Arc::new(json);
+        self.catalogs
+            .lock()
+            .expect("catalog lock")
+            .insert(url, (Instant::now(), json.clone()));
+        Ok(json)
     }
 
     async fn check_catalog(

@@ -18,6 +18,19 @@ pub struct Request {
     pub body_text: Option<String>,
 }
 
+impl Request {
+    /// A bare GET (lookups, status polls, catalogs).
+    pub fn get(url: String) -> Request {
+        Request {
+            method: "GET".into(),
+            url,
+            headers: Vec::new(),
+            body: None,
+            body_text: None,
+        }
+    }
+}
+
 /// What the templates of one request see.
 pub fn context(
     params: &Map<String, Json>,

@@ -190,7 +190,7 @@ async fn every_sink_handles_success_auth_failure_rate_limits_server_errors_and_r
             let met = log[0]["status"] == status
                 || log[0]["reason"]
                     .as_str()
-                    .is_some_and(|r| r.contains(&format!("status: {status}")));
+                    .is_some_and(|r| r.contains(&format!("token: HTTP {status}")));
             assert!(met, "{v}: the first attempt met the fault: {log:?}");
         }
         // A permanent error: dead, with the vendor's reason.
