@@ -155,22 +155,7 @@ fn signal(sent: &Sent) -> Signal {
 /// [0, 1) for the jitter.
 pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -> Job {
     let mut j = job.clone();
-    j.log.push(AttemptLog {
-        at_ms: now_ms.saturating_sub(sent.latency.as_millis() as u64),
-        latency_ms: sent.latency.as_millis() as u64,
-        status: sent.status,
-        outcome: sent.outcome.label().to_string(),
-        reason: match &sent.outcome {
-            Outcome::Retry { reason, .. } | Outcome::Reject { reason } => Some(reason.clone()),
-            Outcome::Delivered { .. } => None,
-        },
-        excerpt: sent.excerpt.clone(),
-        reconciled: sent.reconciled,
-    });
-    if j.log.len() > ATTEMPTS_KEPT {
-        let extra = j.log.len() - ATTEMPTS_KEPT;
-        j.log.drain(..extra);
-    }
+    record_attempt(&mut j, sent, now_ms);
     match &sent.outcome {
         Outcome::Delivered { vendor_id } => {
             j.state = JobState::Delivered;
@@ -217,15 +202,8 @@ pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -
     j
 }
 
-/// The job after a status poll: done (the event is emitted by the recorder), or polled again
-/// later (the wait doubles from `every`, up to 10 minutes), or dead after `give_up`.
-pub fn settle_track(
-    job: &Job,
-    sent: &Sent,
-    t: &crate::connector::sink::TrackDef,
-    now_ms: u64,
-) -> Job {
-    let mut j = job.clone();
+/// Appends one attempt to the job's log (keeping the latest `ATTEMPTS_KEPT`).
+fn record_attempt(j: &mut Job, sent: &Sent, now_ms: u64) {
     j.log.push(AttemptLog {
         at_ms: now_ms.saturating_sub(sent.latency.as_millis() as u64),
         latency_ms: sent.latency.as_millis() as u64,
@@ -236,12 +214,24 @@ pub fn settle_track(
             Outcome::Delivered { .. } => None,
         },
         excerpt: sent.excerpt.clone(),
-        reconciled: false,
+        reconciled: sent.reconciled,
     });
     if j.log.len() > ATTEMPTS_KEPT {
         let extra = j.log.len() - ATTEMPTS_KEPT;
         j.log.drain(..extra);
     }
+}
+
+/// The job after a status poll: done (the event is emitted by the recorder), or polled again
+/// later (the wait doubles from `every`, up to 10 minutes), or dead after `give_up`.
+pub fn settle_track(
+    job: &Job,
+    sent: &Sent,
+    t: &crate::connector::sink::TrackDef,
+    now_ms: u64,
+) -> Job {
+    let mut j = job.clone();
+    record_attempt(&mut j, sent, now_ms);
     match &sent.outcome {
         Outcome::Delivered { .. } => {
             j.state = JobState::Delivered;

@@ -4,18 +4,7 @@
 
 use crate::delivery::{api, order, settled_jobs, TOKEN};
 use crate::helpers::*;
-use perkflow::sandbox::{Credentials, Sandbox};
-use std::sync::Arc;
 use std::time::Duration;
-
-async fn sandbox() -> (Arc<Sandbox>, String, tokio_util::sync::CancellationToken) {
-    let sb = Sandbox::new(Credentials::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(perkflow::sandbox::serve(sb.clone(), listener, stop.clone()));
-    (sb, url, stop)
-}
 
 /// A daemon whose pipeline orders `product`/`value` per paid order, PONumber from the
 /// event's `po` note attribute or the event id.

@@ -271,3 +271,18 @@ pub fn stored_events(data_dir: &Path) -> Vec<(String, String, String)> {
         .map(|e| (e.meta.source, e.meta.vendor_id, e.meta.id))
         .collect()
 }
+
+/// The vendor sandbox on 127.0.0.1 (in this test's runtime): its state, its URL, and the
+/// token that stops it.
+pub async fn sandbox() -> (
+    std::sync::Arc<perkflow::sandbox::Sandbox>,
+    String,
+    tokio_util::sync::CancellationToken,
+) {
+    let sb = perkflow::sandbox::Sandbox::new(perkflow::sandbox::Credentials::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(perkflow::sandbox::serve(sb.clone(), listener, stop.clone()));
+    (sb, url, stop)
+}

@@ -4,9 +4,7 @@
 
 use crate::delivery::{api, order, settled_jobs, TOKEN};
 use crate::helpers::*;
-use perkflow::sandbox::{Credentials, Sandbox};
 use serde_json::{json, Value};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Case {
@@ -98,15 +96,6 @@ const CASES: &[Case] = &[
         server_error_body: None,
     },
 ];
-
-async fn sandbox() -> (Arc<Sandbox>, String, tokio_util::sync::CancellationToken) {
-    let sb = Sandbox::new(Credentials::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(perkflow::sandbox::serve(sb.clone(), listener, stop.clone()));
-    (sb, url, stop)
-}
 
 /// Runs one event through a daemon whose pipeline delivers `deliver` to sink `s`; returns
 /// its (sending) job once settled.
