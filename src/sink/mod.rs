@@ -197,7 +197,7 @@ impl SinkClient {
     ) -> Sent {
         let started = Instant::now();
         let Some(act) = self.action(action) else {
-            return self.settled(
+            return self.unsent(
                 started,
                 Outcome::Reject {
                     reason: format!(
@@ -205,9 +205,6 @@ impl SinkClient {
                         self.name
                     ),
                 },
-                None,
-                None,
-                false,
             );
         };
         let ctx = request::context(&self.params, with, key, event_id, attempt);
@@ -232,30 +229,27 @@ impl SinkClient {
                         tracing::info!(sink = %self.name, job = key, reason = %why, "lookup of an earlier attempt failed; resending with the same idempotency key");
                     }
                     Err(why) => {
-                        return self.settled(
+                        return self.unsent(
                             started,
                             Outcome::Retry {
                                 after: None,
                                 reason: format!("reconciling an earlier attempt: {why}"),
                                 uncertain: true,
                             },
-                            None,
-                            None,
-                            false,
                         );
                     }
                 }
             } else if !act.idempotent {
-                return self.settled(started, Outcome::Reject {
+                return self.unsent(started, Outcome::Reject {
                     reason: "an earlier attempt's outcome is unknown (timeout or restart after the request was sent) and this action has no idempotency key or lookup: not resent, to avoid a duplicate".into(),
-                }, None, None, false);
+                });
             }
         }
         if let Some(cat) = &act.catalog {
             match self.check_catalog(cat, &ctx).await {
                 Ok(()) => {}
                 Err(CatalogError::Refused(reason)) => {
-                    return self.settled(started, Outcome::Reject { reason }, None, None, false)
+                    return self.unsent(started, Outcome::Reject { reason })
                 }
                 Err(CatalogError::Credentials(status)) => {
                     return self.settled(
@@ -269,17 +263,11 @@ impl SinkClient {
                     )
                 }
                 Err(CatalogError::Unavailable(why)) => {
-                    return self.settled(
-                        started,
-                        Outcome::Retry {
+                    return self.unsent(started, Outcome::Retry {
                             after: None,
                             reason: format!("reading the catalog: {why}"),
                             uncertain: false,
-                        },
-                        None,
-                        None,
-                        false,
-                    )
+                        })
                 }
             }
         }
@@ -287,20 +275,17 @@ impl SinkClient {
             match request::render(&self.engine, &self.def, self.base_url.as_deref(), act, &ctx) {
                 Ok(r) => r,
                 Err(e) => {
-                    return self.settled(
+                    return self.unsent(
                         started,
                         Outcome::Reject {
                             reason: format!("cannot build the request: {}", self.redact(&e)),
                         },
-                        None,
-                        None,
-                        false,
                     )
                 }
             };
         match self.exchange(&req, &ctx).await {
             Err(Exchange::Auth(auth::AuthError::Failure(f))) | Err(Exchange::Send(f)) => {
-                self.settled(started, classify::classify_failure(&f), None, None, false)
+                self.unsent(started, classify::classify_failure(&f))
             }
             Err(Exchange::Auth(auth::AuthError::Refused { status, excerpt })) => {
                 let outcome = if status == 401 || status == 403 {
@@ -345,14 +330,11 @@ impl SinkClient {
     pub async fn track(&self, action: &str, key: &str, event_id: &str, vendor_id: &str) -> Sent {
         let started = Instant::now();
         let Some(t) = self.action(action).and_then(|a| a.track.clone()) else {
-            return self.settled(
+            return self.unsent(
                 started,
                 Outcome::Reject {
                     reason: format!("action `{action}` is not tracked (the connector changed?)"),
                 },
-                None,
-                None,
-                false,
             );
         };
         let mut ctx = request::context(&self.params, &Json::Null, key, event_id, 0);
@@ -366,14 +348,11 @@ impl SinkClient {
         ) {
             Ok(u) => u,
             Err(e) => {
-                return self.settled(
+                return self.unsent(
                     started,
                     Outcome::Reject {
                         reason: format!("cannot build the status request: {e}"),
                     },
-                    None,
-                    None,
-                    false,
                 )
             }
         };
@@ -381,16 +360,13 @@ impl SinkClient {
         let (status, body) = match self.exchange(&req, &ctx).await {
             Ok((status, _, body)) => (status, body),
             Err(e) => {
-                return self.settled(
+                return self.unsent(
                     started,
                     Outcome::Retry {
                         after: None,
                         reason: format!("status: {e}"),
                         uncertain: false,
                     },
-                    None,
-                    None,
-                    false,
                 )
             }
         };
@@ -463,6 +439,11 @@ impl SinkClient {
             }
             return Ok(answer);
         }
+    }
+
+    /// An attempt that ended here, before any answer from the vendor.
+    fn unsent(&self, started: Instant, outcome: Outcome) -> Sent {
+        self.settled(started, outcome, None, None, false)
     }
 
     fn settled(

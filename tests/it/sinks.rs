@@ -2,7 +2,7 @@
 //! without Retry-After, a retryable server error, and a permanent error whose vendor reason
 //! ends up in the dead letter.
 
-use crate::delivery::{api, order, settled_jobs, TOKEN};
+use crate::delivery::{api, order, project, settled_jobs};
 use crate::helpers::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -100,16 +100,9 @@ const CASES: &[Case] = &[
 /// Runs one event through a daemon whose pipeline delivers `deliver` to sink `s`; returns
 /// its (sending) job once settled.
 async fn one(sink: &str, deliver: &str, sandbox: &str, i: usize) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    std::fs::write(
-        dir.path().join("pipelines/p.yaml"),
-        format!("pipeline: p\non: {{ source: shop, events: [orders/paid] }}\nsteps:\n  - deliver: {deliver}\n"),
-    )
-    .unwrap();
-    let config = format!(
-        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  s: {}\n",
-        sink.replace("{{sandbox}}", sandbox)
+    let (dir, config) = project(
+        &format!("  s: {}\n", sink.replace("{{sandbox}}", sandbox)),
+        deliver,
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
