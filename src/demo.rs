@@ -236,7 +236,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
 fn print_arrival(r: &Received) {
     let mark = if r.status < 300 { "✓" } else { "✗" };
     println!(
-        "  {mark} {:<9} {} {:<40} {} {}",
+        "  {mark} {:<10} {} {:<40} {} {}",
         r.vendor,
         r.method,
         r.path.chars().take(40).collect::<String>(),

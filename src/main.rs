@@ -70,6 +70,10 @@ enum Command {
         /// The event body (its headers from the sibling `<name>.headers.yaml`).
         #[arg(long)]
         fixture: PathBuf,
+        /// The answer of a `lookup` step, as NAME=FILE (a JSON file); repeatable. Dry runs
+        /// make no calls: they print the request each lookup would send.
+        #[arg(long = "lookup", value_name = "NAME=FILE")]
+        lookups: Vec<String>,
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
@@ -89,8 +93,8 @@ enum Command {
         exit: bool,
     },
     /// Local emulators of every sink vendor (Twilio, SendGrid, Klaviyo, Slack, Zendesk,
-    /// HubSpot, Square Loyalty, gift cards) on one port, one path prefix per vendor; they
-    /// accept the shipped config's development credentials. `GET /_sandbox/received` lists
+    /// HubSpot, Square Loyalty, gift cards, QuickBooks reads) on one port, one path prefix per
+    /// vendor; they accept the shipped config's development credentials. `GET /_sandbox/received` lists
     /// what they got; `POST /_sandbox/faults` injects failures.
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -174,8 +178,9 @@ fn main() -> ExitCode {
         Command::Run {
             pipeline,
             fixture,
+            lookups,
             config,
-        } => dry_run(config, pipeline, fixture),
+        } => dry_run(config, pipeline, fixture, lookups),
         Command::Sign {
             source,
             file,
@@ -386,8 +391,38 @@ fn test_pipelines(path: Option<PathBuf>, names: Vec<String>) -> ExitCode {
     }
 }
 
-fn dry_run(path: Option<PathBuf>, name: String, fixture: PathBuf) -> anyhow::Result<()> {
-    use perkflow::pipeline::{expr::Engine, run::run, test_case::input_from_fixture};
+/// Stub answers for a dry run that remember what was asked, to print the requests.
+struct DryLookups {
+    stubs: perkflow::pipeline::run::Stubs,
+    asked: std::cell::RefCell<Vec<(String, String, String, serde_json::Value)>>,
+}
+
+impl perkflow::pipeline::run::Lookups for DryLookups {
+    fn fetch(
+        &self,
+        call: &perkflow::pipeline::run::LookupCall,
+    ) -> Result<serde_json::Value, perkflow::pipeline::run::LookupError> {
+        self.asked.borrow_mut().push((
+            call.name.to_string(),
+            call.sink.to_string(),
+            call.action.to_string(),
+            call.with.clone(),
+        ));
+        self.stubs.fetch(call)
+    }
+}
+
+fn dry_run(
+    path: Option<PathBuf>,
+    name: String,
+    fixture: PathBuf,
+    lookups: Vec<String>,
+) -> anyhow::Result<()> {
+    use perkflow::pipeline::{
+        expr::Engine,
+        run::run,
+        test_case::{input_from_fixture, read_answer},
+    };
     let cfg = config::load(path.as_deref())
         .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     let p = cfg.pipelines.get(&name).with_context(|| {
@@ -406,9 +441,33 @@ fn dry_run(path: Option<PathBuf>, name: String, fixture: PathBuf) -> anyhow::Res
             input.event_type
         );
     }
-    let r = run(p, &Engine::new(), &input);
+    let mut stubs = perkflow::pipeline::run::Stubs::default();
+    for l in &lookups {
+        let (n, file) = l
+            .split_once('=')
+            .with_context(|| format!("--lookup {l}: write NAME=FILE"))?;
+        let answer = read_answer(&cfg, std::path::Path::new(file)).map_err(anyhow::Error::msg)?;
+        stubs.0.insert(n.to_string(), answer);
+    }
+    let dry = DryLookups {
+        stubs,
+        asked: Default::default(),
+    };
+    let r = run(p, &Engine::new(), &input, &dry);
     for s in &r.steps {
         println!("step  {:<28} {}", s.step, s.detail);
+    }
+    for (n, sink, action, with) in dry.asked.borrow().iter() {
+        let given = if dry.stubs.0.contains_key(n) {
+            "answer from --lookup"
+        } else {
+            "no answer given"
+        };
+        println!("lookup {n} = {sink}.{action} ({given})");
+        match render_request(&cfg, sink, action, with, "dry-run") {
+            Ok(req) => println!("  {} {}", req.method, req.url),
+            Err(e) => println!("  cannot build the request: {e}"),
+        }
     }
     println!("outcome: {}", serde_json::to_string(&r.outcome)?);
     for d in &r.deliveries {

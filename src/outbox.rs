@@ -331,6 +331,16 @@ impl Store {
     /// Up to `limit` events waiting for processing, oldest first, skipping those whose
     /// acknowledgement is still in flight (their write may yet be undone).
     pub fn pending_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.pending_events_except(limit, &Default::default())
+    }
+
+    /// `pending_events`, passing over the ids in `skip` (events whose runs wait to be
+    /// tried again).
+    pub fn pending_events_except(
+        &self,
+        limit: usize,
+        skip: &std::collections::HashSet<u64>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let in_flight = self.in_flight_ids();
         let mut out = Vec::new();
         for item in self.pending.iter() {
@@ -340,7 +350,7 @@ impl Store {
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("pending key".into()))?,
             );
-            if in_flight.contains(&id) {
+            if in_flight.contains(&id) || skip.contains(&id) {
                 continue;
             }
             match self.event(&crate::inbox::format_id(id))? {
@@ -368,9 +378,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Marks a batch of events processed, records their runs and writes their jobs, in one
-    /// transaction. A job whose key exists already is kept as it is (re-processing never
-    /// duplicates an action). Events no pipeline listened to leave no trace.
+    /// Marks a batch of events processed, records their runs and writes their jobs, as one
+    /// crash-safe unit: the writes are ordered (see below) and keyed so that replaying them
+    /// after a crash at any point yields each job exactly once. A job whose key exists
+    /// already is kept as it is (re-processing never duplicates an action). Events no
+    /// pipeline listened to leave no trace.
     pub fn complete(&self, done: &[(&StoredEvent, Vec<Run>, Vec<Job>)]) -> Result<(), StoreError> {
         struct Row {
             id: u64,

@@ -1,6 +1,7 @@
 //! The pipeline worker: takes stored events from the inbox, runs every pipeline subscribed
-//! to their source and type, and writes the resulting jobs to the outbox in the transaction
-//! that marks the event processed (`Store::complete`).
+//! to their source and type, and writes the resulting jobs to the outbox together with the
+//! mark that the event is processed (`Store::complete`: ordered, idempotent writes, so that
+//! a crash at any point neither loses nor duplicates a job).
 
 use crate::app::Runtime;
 use crate::inbox::StoredEvent;
@@ -9,8 +10,9 @@ use crate::pipeline::expr::Engine;
 use crate::pipeline::run::{run, EventInput, Outcome};
 use crate::store::Store;
 use serde_json::{Map, Value as Json};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -34,21 +36,43 @@ pub fn input(ev: &StoredEvent) -> EventInput {
     }
 }
 
+/// How many times a run whose lookup keeps failing (timeouts, 5xx, 429) is tried before it
+/// fails for good, and the waits in between (2 s doubling to 10 min, jittered: about 40 min
+/// in all).
+const LOOKUP_TRIES: u32 = 12;
+const LOOKUP_SCHEDULE: crate::delivery::schedule::Schedule = crate::delivery::schedule::Schedule {
+    initial: Duration::from_secs(2),
+    max_delay: Duration::from_secs(600),
+    max_retry_after: Duration::from_secs(600),
+};
+
+/// What `process` did with a batch.
+#[derive(Debug, Default)]
+pub struct Processed {
+    pub jobs: usize,
+    /// Events left pending because a lookup failed for now, with the reason.
+    pub deferred: Vec<(u64, String)>,
+}
+
 /// Runs the subscribed pipelines on a batch of events and completes them in the store in
-/// one transaction. Returns the number of jobs written.
+/// one transaction. An event whose run was deferred (a lookup failed for now) is left
+/// pending, whole. `last_try`: events whose deferrable failures now fail their runs.
 pub fn process(
     store: &Store,
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     engine: &Engine,
+    lookups: &crate::lookups::Clients,
     batch: &[StoredEvent],
-) -> Result<usize, crate::store::StoreError> {
+    last_try: &HashSet<u64>,
+) -> Result<Processed, crate::store::StoreError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
+    let handle = tokio::runtime::Handle::current();
     let mut done = Vec::with_capacity(batch.len());
-    let mut n = 0;
-    for ev in batch {
+    let mut out = Processed::default();
+    'events: for ev in batch {
         let mut runs = Vec::new();
         let mut jobs = Vec::new();
         let subscribed: Vec<_> = runtime
@@ -58,18 +82,31 @@ pub fn process(
             .collect();
         if !subscribed.is_empty() {
             let input = input(ev);
+            let id = crate::inbox::parse_id(&ev.meta.id).unwrap_or_default();
+            let live = crate::lookups::Live {
+                runtime,
+                clients: lookups,
+                handle: handle.clone(),
+                last_try: last_try.contains(&id),
+            };
             for p in subscribed {
-                let r = run(p, engine, &input);
+                let r = run(p, engine, &input, &live);
                 let outcome = match &r.outcome {
                     Outcome::Completed => "completed",
                     Outcome::Filtered { .. } => "filtered",
                     Outcome::Failed { .. } => "failed",
+                    Outcome::Deferred { .. } => "deferred",
                 };
                 metrics::counter!("perkflow_pipeline_runs_total", "pipeline" => p.name.clone(), "outcome" => outcome)
                     .increment(1);
                 match &r.outcome {
                     Outcome::Failed { error, .. } => {
                         tracing::warn!(event = %ev.meta.id, pipeline = %p.name, %error, "pipeline run failed; the event is kept with its trace")
+                    }
+                    Outcome::Deferred { reason, .. } => {
+                        tracing::info!(event = %ev.meta.id, pipeline = %p.name, %reason, "a lookup failed for now; the event's runs are tried again later");
+                        out.deferred.push((id, reason.clone()));
+                        continue 'events;
                     }
                     Outcome::Filtered { step } => {
                         tracing::debug!(event = %ev.meta.id, pipeline = %p.name, %step, "filtered")
@@ -84,12 +121,48 @@ pub fn process(
                 runs.push(r);
             }
         }
-        n += jobs.len();
+        out.jobs += jobs.len();
         metrics::counter!("perkflow_outbox_jobs_created_total").increment(jobs.len() as u64);
         done.push((ev, runs, jobs));
     }
     store.complete(&done)?;
-    Ok(n)
+    Ok(out)
+}
+
+/// Events whose runs wait for another try: when, and how many tries they had.
+#[derive(Default)]
+struct Deferrals(HashMap<u64, (Instant, u32)>);
+
+impl Deferrals {
+    /// Records a deferral of `id`; returns the wait before its next try.
+    fn defer(&mut self, id: u64) -> Duration {
+        let tries = self.0.get(&id).map(|(_, n)| *n).unwrap_or(0) + 1;
+        let wait = LOOKUP_SCHEDULE
+            .interval(tries)
+            .mul_f64(rand::random_range(0.5..1.0));
+        self.0.insert(id, (Instant::now() + wait, tries));
+        wait
+    }
+
+    /// Ids not due yet, and ids due for their last try.
+    fn split(&self) -> (HashSet<u64>, HashSet<u64>) {
+        let now = Instant::now();
+        let mut waiting = HashSet::new();
+        let mut last = HashSet::new();
+        for (id, (at, tries)) in &self.0 {
+            if *at > now {
+                waiting.insert(*id);
+            } else if *tries + 1 >= LOOKUP_TRIES {
+                last.insert(*id);
+            }
+        }
+        (waiting, last)
+    }
+
+    /// The next time a deferred event becomes due.
+    fn next_due(&self) -> Option<Instant> {
+        self.0.values().map(|(at, _)| *at).min()
+    }
 }
 
 /// Processes pending events until `shutdown`; woken by `wake` after each ingest.
@@ -101,27 +174,43 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) {
     let engine = Arc::new(Engine::new());
+    let clients = Arc::new(crate::lookups::Clients::default());
+    let mut deferrals = Deferrals::default();
     loop {
         let rt = runtime();
-        let (s, e) = (store.clone(), engine.clone());
+        let (s, e, c) = (store.clone(), engine.clone(), clients.clone());
+        let (waiting, last_try) = deferrals.split();
         let done = tokio::task::spawn_blocking(
-            move || -> Result<(usize, usize), crate::store::StoreError> {
-                let batch = s.pending_events(BATCH)?;
-                let jobs = if batch.is_empty() {
-                    0
+            move || -> Result<(Vec<u64>, Processed), crate::store::StoreError> {
+                let batch = s.pending_events_except(BATCH, &waiting)?;
+                let ids = batch
+                    .iter()
+                    .filter_map(|ev| crate::inbox::parse_id(&ev.meta.id))
+                    .collect();
+                let done = if batch.is_empty() {
+                    Processed::default()
                 } else {
-                    process(&s, &rt, &e, &batch)?
+                    process(&s, &rt, &e, &c, &batch, &last_try)?
                 };
-                Ok((batch.len(), jobs))
+                Ok((ids, done))
             },
         )
         .await;
         let busy = match done {
-            Ok(Ok((n, jobs))) => {
-                if jobs > 0 {
+            Ok(Ok((ids, done))) => {
+                if done.jobs > 0 {
                     jobs_ready.notify_one();
                 }
-                n == BATCH
+                for id in &ids {
+                    if !done.deferred.iter().any(|(d, _)| d == id) {
+                        deferrals.0.remove(id);
+                    }
+                }
+                for (id, reason) in &done.deferred {
+                    let wait = deferrals.defer(*id);
+                    tracing::debug!(event = %crate::inbox::format_id(*id), %reason, wait_ms = wait.as_millis() as u64, "run deferred");
+                }
+                ids.len() == BATCH
             }
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "processing stored events failed; retrying shortly");
@@ -136,9 +225,13 @@ pub async fn run_worker(
             return;
         }
         if !busy {
+            let idle = deferrals
+                .next_due()
+                .map(|at| at.saturating_duration_since(Instant::now()).min(IDLE_POLL))
+                .unwrap_or(IDLE_POLL);
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = tokio::time::sleep(idle) => {}
                 _ = shutdown.cancelled() => return,
             }
         }
@@ -164,14 +257,16 @@ pub struct ReplayItem {
 /// Re-runs `ev` through the current pipelines and compares the actions with the event's
 /// existing jobs. New and changed actions are sent on confirmation, as are unchanged ones
 /// that never got through (dead, dropped); unchanged delivered or queued ones only with
-/// `resend_delivered`. Every job keeps its idempotency key.
+/// `resend_delivered`. Every job keeps its idempotency key. A run deferred by a lookup that
+/// failed for now makes the plan an error (try again later).
 pub fn plan_replay(
     runtime: &Runtime,
     engine: &Engine,
+    lookups: &dyn crate::pipeline::run::Lookups,
     ev: &StoredEvent,
     existing: &[Job],
     resend_delivered: bool,
-) -> (Vec<crate::pipeline::run::Run>, Vec<ReplayItem>, Vec<Job>) {
+) -> Result<ReplayPlan, String> {
     use crate::outbox::JobState;
     let now_ms = crate::delivery::now_ms();
     let input = input(ev);
@@ -184,7 +279,10 @@ pub fn plan_replay(
         .values()
         .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
     {
-        let r = run(p, engine, &input);
+        let r = run(p, engine, &input, lookups);
+        if let Outcome::Deferred { reason, .. } = &r.outcome {
+            return Err(reason.clone());
+        }
         for d in &r.deliveries {
             let job = Job::from_delivery(ev, &p.name, d, now_ms);
             produced.insert(job.key.clone());
@@ -226,5 +324,8 @@ pub fn plan_replay(
             sends: false,
         });
     }
-    (runs, items, to_send)
+    Ok((runs, items, to_send))
 }
+
+/// The runs of a replay, what would change, and the jobs a confirmation queues.
+pub type ReplayPlan = (Vec<crate::pipeline::run::Run>, Vec<ReplayItem>, Vec<Job>);

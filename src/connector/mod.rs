@@ -425,6 +425,7 @@ mod tests {
         assert_eq!(
             sinks,
             [
+                "quickbooks",
                 "giftcard",
                 "twilio_sms",
                 "sendgrid",

@@ -300,6 +300,18 @@ pub struct ActionDef {
     /// Where the vendor's id of what was created is (recorded on the job).
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     pub record: Option<RecordDef>,
+    /// The action only reads (a search sent as POST): pipelines may use it in a `lookup`
+    /// step. Default: true for GET, false otherwise.
+    #[serde(default)]
+    pub read_only: Option<bool>,
+}
+
+impl ActionDef {
+    /// Whether a `lookup` step may call this action.
+    pub fn reads_only(&self) -> bool {
+        self.read_only
+            .unwrap_or_else(|| self.method.eq_ignore_ascii_case("GET"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

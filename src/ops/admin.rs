@@ -330,9 +330,37 @@ async fn replay_event(
         Err(e) => return store_error(e),
     };
     let rt = app.runtime();
-    let engine = crate::pipeline::expr::Engine::new();
-    let (runs, items, to_send) =
-        crate::worker::plan_replay(&rt, &engine, &ev, &existing, req.resend_delivered);
+    let resend = req.resend_delivered;
+    // Lookup steps read through the sinks (blocking calls): off the async threads.
+    let plan = tokio::task::spawn_blocking(move || {
+        let engine = crate::pipeline::expr::Engine::new();
+        let clients = crate::lookups::Clients::default();
+        let live = crate::lookups::Live {
+            runtime: &rt,
+            clients: &clients,
+            handle: tokio::runtime::Handle::current(),
+            last_try: false,
+        };
+        crate::worker::plan_replay(&rt, &engine, &live, &ev, &existing, resend)
+    })
+    .await;
+    let (runs, items, to_send) = match plan {
+        Ok(Ok(p)) => p,
+        Ok(Err(reason)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!("cannot plan the replay now: {reason}; try again later") })),
+            )
+                .into_response()
+        }
+        Err(_) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": "planning the replay failed (internal error)" })),
+            )
+                .into_response()
+        }
+    };
     let mut sent = 0;
     if req.confirm {
         if let Some(j) = to_send.iter().find(|j| app.lanes.is_busy(&j.key)) {

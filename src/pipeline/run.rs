@@ -1,4 +1,6 @@
-//! Running a pipeline on one event: pure (no I/O), every step recorded.
+//! Running a pipeline on one event, every step recorded. Pure except `lookup` steps, which
+//! read through a `Lookups` the caller provides (the live sinks in the worker, stubs in
+//! tests and dry runs).
 
 use super::expr::Engine;
 use super::spec::{Pipeline, Step, Tmpl};
@@ -46,11 +48,59 @@ pub enum Outcome {
     Filtered {
         step: String,
     },
-    /// A field could not be evaluated: the run delivers nothing.
+    /// A field could not be evaluated, or a lookup failed for good: the run delivers
+    /// nothing.
     Failed {
         step: String,
         error: String,
     },
+    /// A lookup failed for now (timeout, 5xx, 429): the run delivers nothing and is run
+    /// again later.
+    Deferred {
+        step: String,
+        reason: String,
+    },
+}
+
+/// One `lookup` step's request.
+#[derive(Debug, Clone)]
+pub struct LookupCall<'a> {
+    /// The variable the answer goes to.
+    pub name: &'a str,
+    pub sink: &'a str,
+    pub action: &'a str,
+    pub with: &'a Json,
+    pub pipeline: &'a str,
+    pub event_id: &'a str,
+}
+
+/// Why a lookup gave no answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LookupError {
+    /// Worth trying again later (the run is deferred).
+    Retry(String),
+    /// It will not work (not found, refused, bad request): the run fails.
+    Fail(String),
+}
+
+/// What `lookup` steps read through.
+pub trait Lookups {
+    fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError>;
+}
+
+/// Answers given in advance, by variable name (pipeline tests, `perkflow run --lookup`).
+#[derive(Debug, Default, Clone)]
+pub struct Stubs(pub IndexMap<String, Json>);
+
+impl Lookups for Stubs {
+    fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
+        self.0.get(call.name).cloned().ok_or_else(|| {
+            LookupError::Fail(format!(
+                "no answer given for lookup `{}` ({}.{}): dry runs and tests make no calls; give one (`lookups: {{ {}: … }}` in a test, `--lookup {}=FILE` for `perkflow run`)",
+                call.name, call.sink, call.action, call.name, call.name
+            ))
+        })
+    }
 }
 
 /// One step's record in the trace.
@@ -71,6 +121,8 @@ pub struct Run {
 
 struct State<'a> {
     engine: &'a Engine,
+    lookups: &'a dyn Lookups,
+    event_id: &'a str,
     pipeline: &'a str,
     ctx: Map<String, Json>,
     vars: IndexMap<String, Json>,
@@ -83,11 +135,12 @@ enum Flow {
     Stop(Outcome),
 }
 
-/// Runs `p` on `input`. A failed run delivers nothing.
-pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
+/// Runs `p` on `input`, reading `lookup` steps through `lookups`. A failed or deferred run
+/// delivers nothing.
+pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Lookups) -> Run {
     // A bug in a filter must fail this run, not the worker that runs every event.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_unguarded(p, engine, input)
+        run_unguarded(p, engine, input, lookups)
     }))
     .unwrap_or_else(|panic| {
         let what = panic
@@ -108,7 +161,7 @@ pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
     })
 }
 
-fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
+fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Lookups) -> Run {
     let mut ctx = Map::new();
     ctx.insert("event".into(), input.event.clone());
     ctx.insert("source".into(), json!(input.source));
@@ -117,6 +170,8 @@ fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
     ctx.insert("headers".into(), Json::Object(input.headers.clone()));
     let mut st = State {
         engine,
+        lookups,
+        event_id: &input.event_id,
         pipeline: &p.name,
         ctx,
         vars: IndexMap::new(),
@@ -127,7 +182,7 @@ fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput) -> Run {
         Flow::Continue => Outcome::Completed,
         Flow::Stop(o) => o,
     };
-    if matches!(outcome, Outcome::Failed { .. }) {
+    if matches!(outcome, Outcome::Failed { .. } | Outcome::Deferred { .. }) {
         st.deliveries.clear();
     }
     Run {
@@ -218,6 +273,75 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             });
             run_steps(st, default)
         }
+        Step::Lookup {
+            path,
+            name,
+            sink,
+            action,
+            when,
+            with,
+        } => {
+            let to = format!("{sink}.{action}");
+            if let Some(w) = when {
+                match st.engine.condition(w, &ctx) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Skipped: the variable exists, as null.
+                        st.ctx.insert(name.clone(), Json::Null);
+                        st.vars.insert(name.clone(), Json::Null);
+                        st.steps.push(StepTrace {
+                            step: path.clone(),
+                            detail: json!({"from": to, "skipped": w}),
+                        });
+                        return Flow::Continue;
+                    }
+                    Err(e) => return fail(st, &format!("{path}.when"), e),
+                }
+            }
+            let mut args = Map::new();
+            for (k, t) in with {
+                match eval_tree(st.engine, t, &ctx) {
+                    Ok(v) => {
+                        args.insert(k.clone(), v);
+                    }
+                    Err(e) => return fail(st, &format!("{path}.with.{k}"), e),
+                }
+            }
+            let args = Json::Object(args);
+            let call = LookupCall {
+                name,
+                sink,
+                action,
+                with: &args,
+                pipeline: st.pipeline,
+                event_id: st.event_id,
+            };
+            match st.lookups.fetch(&call) {
+                Ok(answer) => {
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: json!({"from": to, "with": args, "as": name}),
+                    });
+                    st.ctx.insert(name.clone(), answer.clone());
+                    st.vars.insert(name.clone(), answer);
+                    Flow::Continue
+                }
+                Err(LookupError::Fail(e)) => fail(st, path, format!("lookup `{to}`: {e}")),
+                Err(LookupError::Retry(reason)) => {
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: json!({"from": to, "with": args, "deferred": reason}),
+                    });
+                    Flow::Stop(Outcome::Deferred {
+                        step: path.clone(),
+                        reason: format!(
+                            "pipeline `{}`, {path}: lookup `{to}`: {reason}",
+                            st.pipeline
+                        ),
+                    })
+                }
+            }
+        }
         Step::Deliver {
             path,
             id,
@@ -295,7 +419,7 @@ mod tests {
         let cfg = crate::config::load_text(
             std::path::Path::new("perkflow.yaml"),
             true,
-            "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b }\npipelines: []\n",
+            "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b }\n  books: { connector: quickbooks, access_token: t }\npipelines: []\n",
         )
         .unwrap();
         let engine = Engine::new();
@@ -342,7 +466,12 @@ mod tests {
     fn switch_picks_the_first_matching_case_and_deliveries_obey_their_when() {
         let e = Engine::new();
         let p = pipeline(STEPS);
-        let r = run(&p, &e, &input("125.00", json!("+15555550123")));
+        let r = run(
+            &p,
+            &e,
+            &input("125.00", json!("+15555550123")),
+            &Stubs::default(),
+        );
         assert_eq!(r.outcome, Outcome::Completed);
         assert_eq!(r.vars["tier"], json!("gold"));
         assert_eq!(r.vars["done"], json!(true));
@@ -351,10 +480,15 @@ mod tests {
             r.deliveries[0].with,
             json!({"to": "+15555550123", "body": "gold"})
         );
-        let r = run(&p, &e, &input("60.00", Json::Null));
+        let r = run(&p, &e, &input("60.00", Json::Null), &Stubs::default());
         assert_eq!(r.vars["tier"], json!("silver"));
         assert!(r.deliveries.is_empty(), "the SMS needs a phone");
-        let r = run(&p, &e, &input("10.00", json!("+15555550123")));
+        let r = run(
+            &p,
+            &e,
+            &input("10.00", json!("+15555550123")),
+            &Stubs::default(),
+        );
         assert_eq!(
             r.outcome,
             Outcome::Filtered {
@@ -369,11 +503,16 @@ mod tests {
     fn deliver_ids_do_not_move_when_other_steps_are_added() {
         let e = Engine::new();
         let ids = |steps: &str| -> Vec<String> {
-            run(&pipeline(steps), &e, &input("1.00", json!("+15555550123")))
-                .deliveries
-                .iter()
-                .map(|d| d.id.clone())
-                .collect()
+            run(
+                &pipeline(steps),
+                &e,
+                &input("1.00", json!("+15555550123")),
+                &Stubs::default(),
+            )
+            .deliveries
+            .iter()
+            .map(|d| d.id.clone())
+            .collect()
         };
         let two = "  - deliver: { to: sms.send_sms, with: { body: a } }\n  - deliver: { to: sms.send_sms, id: thanks, with: { body: b } }\n";
         assert_eq!(ids(two), ["sms.send_sms#0", "thanks"]);
@@ -385,7 +524,12 @@ mod tests {
     fn a_failing_field_fails_the_run_visibly_and_delivers_nothing() {
         let e = Engine::new();
         let p = pipeline(STEPS);
-        let r = run(&p, &e, &input("not money", json!("+15555550123")));
+        let r = run(
+            &p,
+            &e,
+            &input("not money", json!("+15555550123")),
+            &Stubs::default(),
+        );
         match &r.outcome {
             Outcome::Failed { step, error } => {
                 assert_eq!(step, "steps[0].set.cents");
@@ -397,5 +541,101 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(r.deliveries.is_empty());
+    }
+
+    /// Answers by variable name; counts the calls.
+    struct Scripted(
+        std::collections::HashMap<&'static str, Result<Json, LookupError>>,
+        std::cell::Cell<usize>,
+    );
+
+    impl Lookups for Scripted {
+        fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
+            self.1.set(self.1.get() + 1);
+            assert_eq!(call.event_id, "e1");
+            assert_eq!(call.pipeline, "t");
+            self.0[call.name].clone()
+        }
+    }
+
+    const LOOKUP: &str = r#"  - lookup:
+      from: books.customer
+      when: "event.customer.phone"
+      with: { realm: "9", id: "{{ event.total_price }}" }
+      as: c
+  - deliver: { to: sms.send_sms, with: { to: "{{ event.customer.phone }}", body: "{{ c.Customer.GivenName if c else 'none' }}" } }
+"#;
+
+    #[test]
+    fn a_lookup_answer_is_a_variable_for_later_steps() {
+        let e = Engine::new();
+        let p = pipeline(LOOKUP);
+        let l = Scripted(
+            [("c", Ok(json!({"Customer": {"GivenName": "Dana"}})))].into(),
+            Default::default(),
+        );
+        let r = run(&p, &e, &input("58", json!("+15555550123")), &l);
+        assert_eq!(r.outcome, Outcome::Completed);
+        assert_eq!(r.vars["c"], json!({"Customer": {"GivenName": "Dana"}}));
+        assert_eq!(r.deliveries[0].with["body"], "Dana");
+        assert_eq!(
+            r.steps[0].detail,
+            json!({"from": "books.customer", "with": {"realm": "9", "id": "58"}, "as": "c"})
+        );
+        // A false `when` skips the call; the variable is null.
+        let r = run(&p, &e, &input("58", Json::Null), &l);
+        assert_eq!(l.1.get(), 1);
+        assert_eq!(r.vars["c"], Json::Null);
+        assert_eq!(r.deliveries[0].with["body"], "none");
+    }
+
+    #[test]
+    fn a_lookup_that_fails_for_now_defers_the_run_and_one_that_fails_for_good_fails_it() {
+        let e = Engine::new();
+        let p = pipeline(LOOKUP);
+        let later = Scripted(
+            [("c", Err(LookupError::Retry("HTTP 503: unavailable".into())))].into(),
+            Default::default(),
+        );
+        let r = run(&p, &e, &input("58", json!("+15555550123")), &later);
+        assert_eq!(
+            r.outcome,
+            Outcome::Deferred {
+                step: "steps[0].lookup".into(),
+                reason:
+                    "pipeline `t`, steps[0].lookup: lookup `books.customer`: HTTP 503: unavailable"
+                        .into()
+            }
+        );
+        assert!(r.deliveries.is_empty());
+        let never = Scripted(
+            [(
+                "c",
+                Err(LookupError::Fail("HTTP 400: Object Not Found".into())),
+            )]
+            .into(),
+            Default::default(),
+        );
+        let r = run(&p, &e, &input("58", json!("+15555550123")), &never);
+        assert_eq!(
+            r.outcome,
+            Outcome::Failed {
+                step: "steps[0].lookup".into(),
+                error: "pipeline `t`, steps[0].lookup: lookup `books.customer`: HTTP 400: Object Not Found".into()
+            }
+        );
+        assert!(r.deliveries.is_empty());
+        // Stubs without an answer fail, saying how to give one.
+        let r = run(
+            &p,
+            &e,
+            &input("58", json!("+15555550123")),
+            &Stubs::default(),
+        );
+        assert!(
+            matches!(&r.outcome, Outcome::Failed { error, .. } if error.contains("--lookup c=FILE")),
+            "{:?}",
+            r.outcome
+        );
     }
 }

@@ -41,8 +41,25 @@ enum StepSpec {
     Set(IndexMap<String, serde_yaml::Value>),
     /// The first case whose `when` holds runs its steps; else `default`.
     Switch(SwitchSpec),
+    /// A read through a sink connector (an HTTP GET, or a search the connector marks
+    /// read-only); its answer becomes a variable.
+    Lookup(LookupSpec),
     /// A sink action.
     Deliver(DeliverSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupSpec {
+    /// `<sink>.<action>`; the action must only read.
+    from: String,
+    /// The variable that receives the vendor's JSON answer.
+    #[serde(rename = "as")]
+    name: String,
+    #[serde(default)]
+    when: Option<String>,
+    #[serde(default)]
+    with: IndexMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +124,15 @@ pub enum Step {
         cases: Vec<(String, Vec<Step>)>,
         default: Vec<Step>,
     },
+    Lookup {
+        path: String,
+        /// The variable set to the answer.
+        name: String,
+        sink: String,
+        action: String,
+        when: Option<String>,
+        with: IndexMap<String, Tmpl>,
+    },
     Deliver {
         path: String,
         id: String,
@@ -125,6 +151,10 @@ pub struct TestSpec {
     pub fixture: PathBuf,
     #[serde(default)]
     pub headers: IndexMap<String, String>,
+    /// The answers of `lookup` steps, by variable name: a JSON file (a string) or the
+    /// answer written inline.
+    #[serde(default)]
+    pub lookups: IndexMap<String, serde_yaml::Value>,
     #[serde(default)]
     pub expect: ExpectSpec,
 }
@@ -175,6 +205,17 @@ pub struct Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// The definition of `action` on the sink named `sink`, if both exist.
+    fn action(&self, sink: &str, action: &str) -> Option<&crate::connector::sink::ActionDef> {
+        let k = self.sinks.get(sink)?;
+        self.connectors
+            .get(&k.connector)?
+            .sink
+            .as_ref()?
+            .actions
+            .get(action)
+    }
+
     /// Reports names `src` reads that nothing provides (with a did-you-mean).
     fn check_names(
         &self,
@@ -192,7 +233,7 @@ impl Scope<'_> {
             diags.push(doc.at(
                 path,
                 format!(
-                    "unknown variable `{name}`{hint}: only {} and earlier `set` variables exist",
+                    "unknown variable `{name}`{hint}: only {} and the variables of earlier `set` and `lookup` steps exist",
                     super::run::RESERVED.join(", ")
                 ),
             ));
@@ -419,61 +460,49 @@ fn check_step(
                 default,
             }
         }
-        StepSpec::Deliver(d) => {
-            let dpath = join(path, "deliver");
-            let Some((sink, action)) = d.to.split_once('.') else {
-                diags.push(doc.at(
-                    &join(&dpath, "to"),
-                    format!("`{}`: write the target as `<sink>.<action>`", d.to),
-                ));
-                return None;
-            };
-            if !scope.sinks.contains_key(sink) {
-                let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
-                let known: Vec<&str> = scope.sinks.keys().map(String::as_str).collect();
-                diags.push(doc.at(
-                    &join(&dpath, "to"),
-                    format!(
-                        "unknown sink `{sink}`{hint}; sinks in the config: {}",
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ));
-            }
-            let actions = scope
-                .sinks
-                .get(sink)
-                .and_then(|k| scope.connectors.get(&k.connector))
-                .and_then(|c| c.sink.as_ref())
-                .map(|d| (&d.actions, scope.sinks[sink].connector.as_str()));
-            if let Some((actions, connector)) = actions {
-                if !actions.contains_key(action) {
-                    let hint = did_you_mean(action, actions.keys().map(String::as_str))
-                        .map(|s| format!(" (did you mean `{s}`?)"))
-                        .unwrap_or_default();
-                    let known: Vec<&str> = actions.keys().map(String::as_str).collect();
+        StepSpec::Lookup(l) => {
+            let lpath = join(path, "lookup");
+            let (sink, action) = check_target(doc, &join(&lpath, "from"), &l.from, scope, diags)?;
+            if let Some(act) = scope.action(&sink, &action) {
+                if !act.reads_only() {
                     diags.push(doc.at(
-                        &join(&dpath, "to"),
-                        format!("sink connector `{connector}` has no action `{action}`{hint}; actions: {}", known.join(", ")),
+                        &join(&lpath, "from"),
+                        format!(
+                            "`{}` is a {} that changes something at the vendor; a lookup may only read (use `deliver` to send it)",
+                            l.from, act.method
+                        ),
                     ));
                 }
             }
-            if let Some(w) = &d.when {
-                scope.check_names(doc, &join(&dpath, "when"), w, true, diags);
-                if let Err(m) = scope.engine.check_condition(w) {
-                    diags.push(doc.at(&join(&dpath, "when"), m));
-                }
+            let when = check_when(doc, &lpath, l.when, scope, diags);
+            let with = compile_with(doc, &lpath, l.with, scope, diags);
+            let name_path = join(&lpath, "as");
+            if super::run::RESERVED.contains(&l.name.as_str()) {
+                diags.push(doc.at(
+                    &name_path,
+                    format!("`{}` is provided by every run and cannot be set", l.name),
+                ));
+            } else if !is_identifier(&l.name) {
+                diags.push(doc.at(
+                    &name_path,
+                    format!("`{}`: a variable name is letters, digits and `_`, not starting with a digit", l.name),
+                ));
             }
-            let mut with = IndexMap::new();
-            for (k, v) in d.with {
-                let p = join(&join(&dpath, "with"), &k);
-                with.insert(k, compile_tree(doc, &p, &v, scope, diags));
+            scope.known.borrow_mut().insert(l.name.clone());
+            Step::Lookup {
+                path: lpath,
+                name: l.name,
+                sink,
+                action,
+                when,
+                with,
             }
+        }
+        StepSpec::Deliver(d) => {
+            let dpath = join(path, "deliver");
+            let (sink, action) = check_target(doc, &join(&dpath, "to"), &d.to, scope, diags)?;
+            let when = check_when(doc, &dpath, d.when, scope, diags);
+            let with = compile_with(doc, &dpath, d.with, scope, diags);
             let n = scope.deliver_count.get();
             scope.deliver_count.set(n + 1);
             let id = d.id.clone().unwrap_or_else(|| format!("{}#{n}", d.to));
@@ -486,14 +515,113 @@ fn check_step(
             Step::Deliver {
                 path: dpath,
                 id,
-                sink: sink.to_string(),
-                action: action.to_string(),
-                when: d.when,
+                sink,
+                action,
+                when,
                 with,
             }
         }
     };
     (diags.len() == before).then_some(step)
+}
+
+/// Resolves `<sink>.<action>` (written at `path`) against the config and the sink's
+/// connector, reporting unknown names with a did-you-mean.
+fn check_target(
+    doc: &Document,
+    path: &str,
+    target: &str,
+    scope: &Scope,
+    diags: &mut Diagnostics,
+) -> Option<(String, String)> {
+    let Some((sink, action)) = target.split_once('.') else {
+        diags.push(doc.at(
+            path,
+            format!("`{target}`: write the target as `<sink>.<action>`"),
+        ));
+        return None;
+    };
+    if !scope.sinks.contains_key(sink) {
+        let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        let known: Vec<&str> = scope.sinks.keys().map(String::as_str).collect();
+        diags.push(doc.at(
+            path,
+            format!(
+                "unknown sink `{sink}`{hint}; sinks in the config: {}",
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    }
+    let actions = scope
+        .sinks
+        .get(sink)
+        .and_then(|k| scope.connectors.get(&k.connector))
+        .and_then(|c| c.sink.as_ref())
+        .map(|d| (&d.actions, scope.sinks[sink].connector.as_str()));
+    if let Some((actions, connector)) = actions {
+        if !actions.contains_key(action) {
+            let hint = did_you_mean(action, actions.keys().map(String::as_str))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            let known: Vec<&str> = actions.keys().map(String::as_str).collect();
+            diags.push(doc.at(
+                path,
+                format!(
+                    "sink connector `{connector}` has no action `{action}`{hint}; actions: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    Some((sink.to_string(), action.to_string()))
+}
+
+/// Checks a step's own `when` (at `<path>.when`).
+fn check_when(
+    doc: &Document,
+    path: &str,
+    when: Option<String>,
+    scope: &Scope,
+    diags: &mut Diagnostics,
+) -> Option<String> {
+    if let Some(w) = &when {
+        let p = join(path, "when");
+        scope.check_names(doc, &p, w, true, diags);
+        if let Err(m) = scope.engine.check_condition(w) {
+            diags.push(doc.at(&p, m));
+        }
+    }
+    when
+}
+
+/// Compiles a step's `with` map (at `<path>.with`).
+fn compile_with(
+    doc: &Document,
+    path: &str,
+    with: IndexMap<String, serde_yaml::Value>,
+    scope: &Scope,
+    diags: &mut Diagnostics,
+) -> IndexMap<String, Tmpl> {
+    let mut out = IndexMap::new();
+    for (k, v) in with {
+        let p = join(&join(path, "with"), &k);
+        out.insert(k, compile_tree(doc, &p, &v, scope, diags));
+    }
+    out
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Compiles every string of a YAML value as a field (reporting at its own place).

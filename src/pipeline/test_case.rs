@@ -2,7 +2,7 @@
 //! matching), and a readable list of differences.
 
 use super::expr::Engine;
-use super::run::{run, EventInput, Outcome, Run};
+use super::run::{run, EventInput, Outcome, Run, Stubs};
 use super::spec::{Pipeline, TestSpec};
 use crate::config::Config;
 use crate::ingest::identify::identify;
@@ -34,11 +34,7 @@ pub fn input_from_fixture(
     fixture: &Path,
     extra: &[(String, String)],
 ) -> Result<EventInput, String> {
-    let path = if fixture.is_absolute() || fixture.exists() {
-        fixture.to_path_buf()
-    } else {
-        cfg.base_dir.join(fixture)
-    };
+    let path = resolve(cfg, fixture);
     // An internal event (a sink's `reward.fulfilled`): the fixture is its payload.
     if !cfg.sources.contains_key(&pipeline.on.source) && cfg.sinks.contains_key(&pipeline.on.source)
     {
@@ -87,6 +83,41 @@ pub fn input_from_fixture(
     })
 }
 
+/// A fixture path as written: absolute, relative to the working directory if it exists
+/// there, else relative to the config file.
+fn resolve(cfg: &Config, path: &Path) -> std::path::PathBuf {
+    if path.is_absolute() || path.exists() {
+        path.to_path_buf()
+    } else {
+        cfg.base_dir.join(path)
+    }
+}
+
+/// Reads a lookup answer from a JSON file.
+pub fn read_answer(cfg: &Config, path: &Path) -> Result<Json, String> {
+    let path = resolve(cfg, path);
+    let text = std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))
+}
+
+/// The lookup answers of a test: a string is a JSON file, anything else the answer itself.
+pub fn stubs(
+    cfg: &Config,
+    given: &indexmap::IndexMap<String, serde_yaml::Value>,
+) -> Result<Stubs, String> {
+    let mut out = Stubs::default();
+    for (name, v) in given {
+        let answer = match v {
+            serde_yaml::Value::String(file) => {
+                read_answer(cfg, Path::new(file)).map_err(|e| format!("lookups.{name}: {e}"))?
+            }
+            other => yaml_to_json(other),
+        };
+        out.0.insert(name.clone(), answer);
+    }
+    Ok(out)
+}
+
 /// Runs one test case.
 pub fn run_case(cfg: &Config, engine: &Engine, p: &Pipeline, t: &TestSpec) -> CaseResult {
     let mut res = CaseResult {
@@ -114,9 +145,20 @@ pub fn run_case(cfg: &Config, engine: &Engine, p: &Pipeline, t: &TestSpec) -> Ca
             p.on.events.join(", ")
         ));
     }
-    let r = run(p, engine, &input);
-    if let Outcome::Failed { error, .. } = &r.outcome {
-        res.failures.push(format!("the run failed: {error}"));
+    let stubs = match stubs(cfg, &t.lookups) {
+        Ok(s) => s,
+        Err(e) => {
+            res.failures.push(e);
+            return res;
+        }
+    };
+    let r = run(p, engine, &input, &stubs);
+    match &r.outcome {
+        Outcome::Failed { error, .. } => res.failures.push(format!("the run failed: {error}")),
+        Outcome::Deferred { reason, .. } => {
+            res.failures.push(format!("the run was deferred: {reason}"))
+        }
+        _ => {}
     }
     if let Some(want) = t.expect.filtered {
         let got = matches!(r.outcome, Outcome::Filtered { .. });

@@ -13,6 +13,7 @@ pub(crate) async fn handle(sb: &Sandbox, vendor: &str, req: &Req) -> Answer {
         "zendesk" => zendesk(sb, req),
         "hubspot" => hubspot(sb, req),
         "square" => square(sb, req),
+        "quickbooks" => quickbooks(sb, req),
         "giftcard" => super::giftcard::handle(sb, req).await,
         "webhook" => Answer::json(
             200,
@@ -406,6 +407,86 @@ fn zendesk(sb: &Sandbox, req: &Req) -> Answer {
     )
     .header("location", format!("/api/v2/tickets/{id}.json"))
     .header("x-idempotency-lookup", "miss")
+}
+
+/// The QuickBooks Online entities the sandbox company has (the fixtures the shipped
+/// pipeline's tests use): `(entity, id, answer)`.
+const QUICKBOOKS: &[(&str, &str, &str)] = &[
+    (
+        "payment",
+        "118743",
+        include_str!("../../fixtures/quickbooks/api/payment-118743.json"),
+    ),
+    (
+        "invoice",
+        "240611",
+        include_str!("../../fixtures/quickbooks/api/invoice-240611.json"),
+    ),
+    (
+        "customer",
+        "58",
+        include_str!("../../fixtures/quickbooks/api/customer-58.json"),
+    ),
+];
+
+/// QuickBooks Online accounting API reads: `GET /v3/company/{realm}/{entity}/{id}` with a
+/// Bearer token and `Accept: application/json`; errors are `Fault` answers.
+fn quickbooks(sb: &Sandbox, req: &Req) -> Answer {
+    let fault = |status: u16, code: &str, message: &str, detail: &str, kind: &str| {
+        Answer::json(
+            status,
+            json!({"Fault": {"Error": [{"Message": message, "Detail": detail, "code": code}], "type": kind}, "time": "2026-11-20T02:15:30.000-08:00"}),
+            format!("refused: {code} {message}: {detail}"),
+        )
+    };
+    if req.bearer() != Some(sb.creds.quickbooks_token.as_str()) {
+        return fault(
+            401,
+            "3200",
+            "message=AuthenticationFailed; errorCode=003200; statusCode=401",
+            "Token expired or invalid",
+            "AUTHENTICATION",
+        );
+    }
+    let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let (entity, id) = match parts.as_slice() {
+        ["v3", "company", _realm, entity, id] if req.method == "GET" => (*entity, *id),
+        _ => {
+            return fault(
+                400,
+                "4000",
+                "message=Unsupported Operation; errorCode=004000; statusCode=400",
+                "the sandbox serves GET /v3/company/{realm}/{entity}/{id}",
+                "ValidationFault",
+            )
+        }
+    };
+    if req.header("accept") != Some("application/json") {
+        return fault(
+            400,
+            "4001",
+            "message=Unsupported Media Type",
+            "send Accept: application/json (the default answer is XML)",
+            "ValidationFault",
+        );
+    }
+    match QUICKBOOKS
+        .iter()
+        .find(|(e, i, _)| e.eq_ignore_ascii_case(entity) && *i == id)
+    {
+        Some((e, i, text)) => Answer::json(
+            200,
+            serde_json::from_str(text).unwrap_or(Value::Null),
+            format!("read {e} {i}"),
+        ),
+        None => fault(
+            400,
+            "610",
+            "Object Not Found",
+            &format!("Object Not Found : Something you're trying to use has been made inactive. Check the fields with accounts, customers, items, vendors or employees. ({entity} {id})"),
+            "ValidationFault",
+        ),
+    }
 }
 
 /// HubSpot CRM v3 contacts: PATCH by e-mail and batch upsert; property values are strings.

@@ -48,6 +48,11 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
         ("giftcard", "gift-card order"),
         ("giftcard", "is \"Completed\""),
         ("sendgrid", "gift card has been delivered"),
+        // QuickBooks webhooks carry ids: the pipeline reads the payment, invoice and customer.
+        ("quickbooks", "read payment 118743"),
+        ("quickbooks", "read invoice 240611"),
+        ("quickbooks", "read customer 58"),
+        ("sendgrid", "email to dana@harborstreetbakery.example"),
     ] {
         assert!(
             stdout
@@ -56,7 +61,7 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
             "no delivery to {vendor} ({what}) in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("8 deliveries to 7 vendors"), "{stdout}");
+    assert!(stdout.contains("9 deliveries to 7 vendors"), "{stdout}");
     assert!(
         !stdout.contains("✗"),
         "a vendor refused something:\n{stdout}"

@@ -11,6 +11,7 @@ mod fake_vendor;
 mod giftcard;
 mod helpers;
 mod ingest;
+mod lookups;
 mod paypal_api;
 mod paypal_fetch;
 mod pipelines;

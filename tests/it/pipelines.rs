@@ -110,3 +110,73 @@ fn check_reports_pipeline_problems_at_their_place() {
     );
     assert_eq!(lines.last().copied(), Some("7 problems found"));
 }
+
+#[test]
+fn check_reports_lookup_problems_at_their_place() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - lookup: { from: sms.send_sms, as: event }\n  - lookup: { from: sms.nope, as: 1x, with: { id: \"{{ evnt.id }}\" } }\n  - lookup: { from: sms.send_sms, as: answer }\n  - set: { y: \"{{ answer.sid }}\" }\n",
+    );
+    let (code, _out, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines[0], "pipelines/p.yaml:4:21: steps[0].lookup.from: `sms.send_sms` is a POST that changes something at the vendor; a lookup may only read (use `deliver` to send it)", "{err}");
+    assert_eq!(lines[1], "pipelines/p.yaml:4:39: steps[0].lookup.as: `event` is provided by every run and cannot be set", "{err}");
+    assert_eq!(lines[2], "pipelines/p.yaml:5:21: steps[1].lookup.from: sink connector `twilio_sms` has no action `nope`; actions: send_sms", "{err}");
+    assert_eq!(lines[3], "pipelines/p.yaml:5:35: steps[1].lookup.as: `1x`: a variable name is letters, digits and `_`, not starting with a digit", "{err}");
+    assert_eq!(
+        lines[4],
+        "pipelines/p.yaml:5:51: steps[1].lookup.with.id: unknown variable `evnt` (did you mean `event`?): only event, source, type, event_id, headers and the variables of earlier `set` and `lookup` steps exist",
+        "{err}"
+    );
+    assert_eq!(lines[5], "pipelines/p.yaml:6:21: steps[2].lookup.from: `sms.send_sms` is a POST that changes something at the vendor; a lookup may only read (use `deliver` to send it)", "{err}");
+    // `answer` is known to later steps: no unknown-variable error for it.
+    assert_eq!(lines.last().copied(), Some("6 problems found"), "{err}");
+}
+
+#[test]
+fn dry_run_prints_each_lookup_request_and_uses_the_given_answers() {
+    let (code, out, err) = perkflow(
+        &repo(""),
+        &[
+            "run",
+            "quickbooks-invoice-paid",
+            "--fixture",
+            "fixtures/quickbooks/cloudevents-payment-created.json",
+            "--lookup",
+            "payment=fixtures/quickbooks/api/payment-118743.json",
+            "--lookup",
+            "invoice=fixtures/quickbooks/api/invoice-240611.json",
+            "--lookup",
+            "customer=fixtures/quickbooks/api/customer-58.json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("lookup payment = accounting.payment (answer from --lookup)\n  GET http://127.0.0.1:8090/quickbooks/v3/company/9341453172471531/payment/118743?minorversion=75"), "{out}");
+    assert!(out.contains("lookup customer = accounting.customer (answer from --lookup)\n  GET http://127.0.0.1:8090/quickbooks/v3/company/9341453172471531/customer/58?minorversion=75"), "{out}");
+    assert!(out.contains("\"outcome\":\"completed\""), "{out}");
+    assert!(
+        out.contains("\"to\": \"dana@harborstreetbakery.example\""),
+        "{out}"
+    );
+
+    // Without an answer the run fails, saying how to give one; nothing is called.
+    let (code, out, err) = perkflow(
+        &repo(""),
+        &[
+            "run",
+            "quickbooks-invoice-paid",
+            "--fixture",
+            "fixtures/quickbooks/cloudevents-payment-created.json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("lookup payment = accounting.payment (no answer given)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("`--lookup payment=FILE` for `perkflow run`"),
+        "{out}"
+    );
+    assert!(!out.contains("deliver "), "{out}");
+}

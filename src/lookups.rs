@@ -1,0 +1,85 @@
+//! `lookup` steps in the daemon: reads through the configured sinks' connectors (auth,
+//! timeouts and answer classification as for deliveries), called from the pipeline worker's
+//! blocking thread.
+
+use crate::app::Runtime;
+use crate::pipeline::run::{LookupCall, LookupError, Lookups};
+use crate::sink::classify::Outcome;
+use crate::sink::SinkClient;
+use serde_json::Value as Json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// One HTTP client per sink, rebuilt when the runtime (the config) changes.
+#[derive(Default)]
+pub struct Clients {
+    inner: Mutex<(usize, HashMap<String, Arc<SinkClient>>)>,
+}
+
+impl Clients {
+    fn get(&self, runtime: &Arc<Runtime>, sink: &str) -> Result<Arc<SinkClient>, String> {
+        let mut guard = self.inner.lock().map_err(|_| "lookup clients poisoned")?;
+        let generation = Arc::as_ptr(runtime) as usize;
+        if guard.0 != generation {
+            *guard = (generation, HashMap::new());
+        }
+        if let Some(c) = guard.1.get(sink) {
+            return Ok(c.clone());
+        }
+        let s = runtime
+            .sinks
+            .get(sink)
+            .ok_or_else(|| format!("sink `{sink}` is not configured (the config changed?)"))?;
+        let client = Arc::new(s.client()?);
+        guard.1.insert(sink.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+/// Lookups through the live sinks. `last_try`: a failure worth retrying fails the run
+/// instead of deferring it.
+pub struct Live<'a> {
+    pub runtime: &'a Arc<Runtime>,
+    pub clients: &'a Clients,
+    pub handle: tokio::runtime::Handle,
+    pub last_try: bool,
+}
+
+impl Lookups for Live<'_> {
+    fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
+        let client = self
+            .clients
+            .get(self.runtime, call.sink)
+            .map_err(LookupError::Fail)?;
+        let key = format!("lookup:{}:{}:{}", call.event_id, call.pipeline, call.name);
+        let sent = self.handle.block_on(client.attempt(
+            call.action,
+            call.with,
+            &key,
+            call.event_id,
+            1,
+            false,
+        ));
+        let outcome = match &sent.outcome {
+            Outcome::Delivered { .. } => "ok",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Reject { .. } => "failed",
+        };
+        metrics::counter!("perkflow_lookups_total", "sink" => call.sink.to_string(), "outcome" => outcome)
+            .increment(1);
+        let status = sent
+            .status
+            .map(|s| format!("HTTP {s}: "))
+            .unwrap_or_default();
+        match sent.outcome {
+            Outcome::Delivered { .. } => sent
+                .answer
+                .ok_or_else(|| LookupError::Fail(format!("{status}the answer is not JSON"))),
+            Outcome::Retry { reason, .. } if self.last_try => Err(LookupError::Fail(format!(
+                "{status}{reason} (gave up after the last try)"
+            ))),
+            Outcome::Retry { reason, .. } => Err(LookupError::Retry(format!("{status}{reason}"))),
+            Outcome::Reject { reason } => Err(LookupError::Fail(format!("{status}{reason}"))),
+        }
+    }
+}
