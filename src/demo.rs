@@ -18,6 +18,7 @@ pub const SANDBOX_URL: &str = "http://127.0.0.1:8090";
 const SAMPLES: &[(&str, &str)] = &[
     ("shopify", "fixtures/shopify/orders-paid.json"),
     ("shopify", "fixtures/shopify/refunds-create.json"),
+    ("shopify", "fixtures/shopify/customers-create-referral.json"),
     (
         "woocommerce",
         "fixtures/woocommerce/order-updated-completed.json",
@@ -190,7 +191,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
             r = arrivals.recv() => match r {
                 Ok(r) => {
                     print_arrival(&r);
-                    if r.status < 300 && r.method != "GET" && r.summary != "token issued" {
+                    if r.status < 300 && !r.read {
                         vendors.insert(r.vendor.clone());
                         count += 1;
                     }

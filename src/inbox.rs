@@ -109,6 +109,8 @@ pub struct EventQuery {
     /// Only events older than this id (the previous page's `next`).
     pub before: Option<String>,
     pub limit: Option<usize>,
+    /// Only events with a pipeline run that ended so: `completed`, `filtered` or `failed`.
+    pub outcome: Option<String>,
 }
 
 /// One page of events, newest first; `next` continues the listing.
@@ -124,6 +126,15 @@ pub struct EventSummary {
     pub meta: EventMeta,
     pub pending: bool,
     pub payload_bytes: usize,
+    /// How each pipeline run ended (empty while pending, or when no pipeline listens).
+    pub runs: Vec<RunSummary>,
+}
+
+/// One pipeline run of an event, in a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub pipeline: String,
+    pub outcome: String,
 }
 
 pub fn format_id(n: u64) -> String {
@@ -496,6 +507,24 @@ impl Inbox for Store {
             if !matches {
                 continue;
             }
+            let runs: Vec<RunSummary> = self
+                .trace(&ev.meta.id)?
+                .and_then(|t| t.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|r| RunSummary {
+                    pipeline: r["pipeline"].as_str().unwrap_or_default().to_string(),
+                    outcome: r["outcome"]["outcome"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                })
+                .collect();
+            if let Some(o) = &q.outcome {
+                if !runs.iter().any(|r| &r.outcome == o) {
+                    continue;
+                }
+            }
             if events.len() == limit {
                 next = events.last().map(|e: &EventSummary| e.meta.id.clone());
                 break;
@@ -505,6 +534,7 @@ impl Inbox for Store {
                 payload_bytes: ev.payload.len(),
                 meta: ev.meta,
                 pending,
+                runs,
             });
         }
         Ok(EventPage { events, next })

@@ -101,6 +101,11 @@ fn store_error(e: crate::store::StoreError) -> Response {
 }
 
 async fn list_events(State(app): State<AppState>, Query(q): Query<EventQuery>) -> Response {
+    if let Some(o) = &q.outcome {
+        if !["completed", "filtered", "failed"].contains(&o.as_str()) {
+            return bad_request(format!("outcome `{o}`: use completed, filtered or failed"));
+        }
+    }
     match app.inbox.list(&q) {
         Ok(page) => Json(page).into_response(),
         Err(e) => store_error(e),

@@ -38,6 +38,10 @@ pub enum EventsCommand {
         /// Only events older than this id (continue a listing).
         #[arg(long)]
         before: Option<String>,
+        /// Only events with a pipeline run that ended so (`failed`: the runs to fix, then
+        /// `perkflow events replay ID` once the pipeline is fixed).
+        #[arg(long, value_parser = ["completed", "filtered", "failed"])]
+        outcome: Option<String>,
     },
     /// Show one event: metadata, payload, pipeline runs, and every delivery attempt.
     Show {
@@ -226,11 +230,13 @@ pub fn events(command: EventsCommand) -> anyhow::Result<()> {
             event_type,
             limit,
             before,
+            outcome,
         } => {
             let mut q = vec![("limit", limit.to_string())];
             q.extend(source.map(|s| ("source", s)));
             q.extend(event_type.map(|t| ("type", t)));
             q.extend(before.map(|b| ("before", b)));
+            q.extend(outcome.map(|o| ("outcome", o)));
             let page = admin.get("/api/events", &q)?;
             let rows = page["events"].as_array().cloned().unwrap_or_default();
             println!(
@@ -238,10 +244,14 @@ pub fn events(command: EventsCommand) -> anyhow::Result<()> {
                 "ID", "RECEIVED", "SOURCE", "TYPE", "STATE"
             );
             for e in &rows {
+                let runs = e["runs"].as_array().cloned().unwrap_or_default();
+                let failed = runs.iter().filter(|r| r["outcome"] == "failed").count();
                 let state = if e["pending"].as_bool().unwrap_or(false) {
-                    "pending"
+                    "pending".to_string()
+                } else if failed > 0 {
+                    format!("failed:{failed}")
                 } else {
-                    "processed"
+                    "processed".to_string()
                 };
                 println!(
                     "{:<20} {:<20} {:<14} {:<28} {:<9} {}",

@@ -56,7 +56,8 @@ pub(crate) async fn handle(sb: &Sandbox, req: &Req) -> Answer {
             200,
             json!({"Value": token, "ExpiresIn": TOKEN_LIFETIME}),
             "token issued",
-        );
+        )
+        .read();
     }
     let valid = req.bearer().is_some_and(|t| {
         sb.giftcard

@@ -73,6 +73,8 @@ pub struct Received {
     /// One human line: what the vendor would have done.
     pub summary: String,
     pub body: Value,
+    /// The request only read (a GET, a search, a token): no effect at the vendor.
+    pub read: bool,
 }
 
 /// A scripted answer given before the real handling.
@@ -271,6 +273,8 @@ pub(crate) struct Answer {
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
     pub summary: String,
+    /// The request only read (recorded as such even when it is not a GET).
+    pub read: bool,
 }
 
 impl Answer {
@@ -280,6 +284,7 @@ impl Answer {
             headers: vec![("content-type", "application/json".into())],
             body: body.to_string(),
             summary: summary.into(),
+            read: false,
         }
     }
     pub fn text(status: u16, body: &str, summary: impl Into<String>) -> Answer {
@@ -288,7 +293,13 @@ impl Answer {
             headers: vec![("content-type", "text/plain".into())],
             body: body.to_string(),
             summary: summary.into(),
+            read: false,
         }
+    }
+    /// Marks a request that only read (a search sent as POST, a token).
+    pub fn read(mut self) -> Answer {
+        self.read = true;
+        self
     }
     pub fn header(mut self, k: &'static str, v: impl Into<String>) -> Answer {
         self.headers.push((k, v.into()));
@@ -360,12 +371,9 @@ async fn dispatch(
         }
         None => vendors::handle(&sb, &vendor, &req).await,
     };
-    sb.record(received(
-        &vendor,
-        &req,
-        answer.status,
-        answer.summary.clone(),
-    ));
+    let mut rec = received(&vendor, &req, answer.status, answer.summary.clone());
+    rec.read |= answer.read;
+    sb.record(rec);
     let mut r = (
         StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         answer.body,
@@ -403,5 +411,6 @@ fn received(vendor: &str, req: &Req, status: u16, summary: String) -> Received {
         status,
         summary,
         body,
+        read: req.method == Method::GET,
     }
 }

@@ -587,6 +587,9 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Square Loyalty: Bearer token, `Square-Version`, `idempotency_key` on every write.
+/// The one customer of the sandbox's Square seller (`fixtures/square/payment-updated.json`).
+const SQUARE_CUSTOMER: &str = "4VQ8D2K6ZW1T3HNM7PXR9CBY5G";
+
 fn square(sb: &Sandbox, req: &Req) -> Answer {
     let err = |status: u16, category: &str, code: &str, detail: &str| {
         Answer::json(
@@ -609,6 +612,30 @@ fn square(sb: &Sandbox, req: &Req) -> Answer {
             "INVALID_REQUEST_ERROR",
             "BAD_REQUEST",
             "Square-Version header is required",
+        );
+    }
+    if let Some(id) = req.path.strip_prefix("/v2/customers/") {
+        if req.method != "GET" {
+            return err(
+                404,
+                "INVALID_REQUEST_ERROR",
+                "NOT_FOUND",
+                "no such endpoint",
+            );
+        }
+        // The sandbox seller has one customer: the buyer of the shipped Square fixtures.
+        if id != SQUARE_CUSTOMER {
+            return err(
+                404,
+                "INVALID_REQUEST_ERROR",
+                "NOT_FOUND",
+                &format!("Customer with ID `{id}` not found."),
+            );
+        }
+        return Answer::json(
+            200,
+            json!({"customer": {"id": id, "given_name": "Ada", "family_name": "Lovelace", "email_address": "ada@example.com", "phone_number": "+15555550123", "created_at": "2025-02-11T09:30:00Z", "updated_at": "2026-11-20T10:15:00Z", "preferences": {"email_unsubscribed": false}, "creation_source": "THIRD_PARTY", "version": 3}}),
+            format!("read customer {id}"),
         );
     }
     let Some(b) = req.json() else {
@@ -636,7 +663,8 @@ fn square(sb: &Sandbox, req: &Req) -> Answer {
             200,
             json!({"loyalty_accounts": [{"id": format!("acct-{}", phone.trim_start_matches('+')), "program_id": "prog-sandbox", "balance": 120, "lifetime_points": 480, "mapping": {"phone_number": phone}}]}),
             format!("loyalty account found for {phone}"),
-        );
+        )
+        .read();
     }
     let Some(key) = b["idempotency_key"]
         .as_str()

@@ -53,6 +53,23 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
         ("quickbooks", "read invoice 240611"),
         ("quickbooks", "read customer 58"),
         ("sendgrid", "email to dana@harborstreetbakery.example"),
+        // Square: customer and loyalty account looked up, points accrued, an SMS.
+        ("square", "read customer 4VQ8D2K6ZW1T3HNM7PXR9CBY5G"),
+        ("square", "loyalty account found for +15555550123"),
+        ("square", "45 points accumulated on acct-15555550123"),
+        ("twilio", "You earned 45 points (balance 165)"),
+        (
+            "klaviyo",
+            "event `Reward Threshold Reached` for ada@example.com",
+        ),
+        // A referred signup: a gift card to each, then the e-mails once they are delivered.
+        (
+            "giftcard",
+            "(1 x STARBUCKS 10) for ben.referrer@example.com",
+        ),
+        ("giftcard", "(1 x STARBUCKS 5) for zoe.friend@example.com"),
+        ("sendgrid", "email to ben.referrer@example.com"),
+        ("sendgrid", "email to zoe.friend@example.com"),
     ] {
         assert!(
             stdout
@@ -61,7 +78,7 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
             "no delivery to {vendor} ({what}) in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("9 deliveries to 7 vendors"), "{stdout}");
+    assert!(stdout.contains("16 deliveries to 8 vendors"), "{stdout}");
     assert!(
         !stdout.contains("✗"),
         "a vendor refused something:\n{stdout}"
@@ -71,5 +88,5 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
         "{stdout}"
     );
     // Every sample webhook was accepted.
-    assert_eq!(stdout.matches("\"duplicate\":false").count(), 7, "{stdout}");
+    assert_eq!(stdout.matches("\"duplicate\":false").count(), 8, "{stdout}");
 }

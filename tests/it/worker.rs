@@ -1,6 +1,6 @@
-//! Stored events run through their pipelines; the resulting jobs land in the outbox in the
-//! transaction that marks the event processed: exactly one job per action, even across a
-//! kill -9 in the middle of processing.
+//! Stored events run through their pipelines; the resulting jobs land in the outbox with the
+//! mark that the event is processed: exactly one job per action, even across a kill -9 in
+//! the middle of processing. Failed runs are listed and re-run once the pipeline is fixed.
 
 use crate::helpers::*;
 use std::time::{Duration, Instant};
@@ -115,4 +115,105 @@ async fn kill_9_while_processing_leaves_exactly_one_job_per_action() {
             "no job for acknowledged event {id}"
         );
     }
+}
+
+/// Runs the CLI against the daemon's admin API.
+fn cli(d: &Daemon, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(args)
+        .args(["--url", &d.base, "--token", TOKEN])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn failed_runs_are_listed_and_re_run_once_the_pipeline_is_fixed() {
+    let dir = project();
+    // The SMS pipeline reads a field the order does not have: its run fails.
+    std::fs::write(
+        dir.path().join("pipelines/sms.yaml"),
+        SMS.replace("event.total_price", "event.totl_price"),
+    )
+    .unwrap();
+    let mut d = Daemon::start_in(dir.path(), CONFIG).unwrap();
+    let c = client();
+    let failed = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for_jobs(&c, &d, 1).await;
+    let list = |q: &'static str| {
+        let c = c.clone();
+        let url = d.url(&format!("/api/events{q}"));
+        async move {
+            let a = send(c.get(url).bearer_auth(TOKEN)).await;
+            (a.status, a.json())
+        }
+    };
+    let (status, page) = list("?outcome=failed").await;
+    assert_eq!(status, 200);
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{page:#}");
+    assert_eq!(events[0]["id"], failed.as_str());
+    let mut runs: Vec<(String, String)> = events[0]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["pipeline"].as_str().unwrap().into(),
+                r["outcome"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    runs.sort();
+    assert_eq!(
+        runs,
+        [
+            ("slack".into(), "completed".into()),
+            ("sms".into(), "failed".into())
+        ]
+    );
+    assert_eq!(
+        list("?outcome=filtered").await.1["events"],
+        serde_json::json!([])
+    );
+    assert_eq!(list("?outcome=bogus").await.0, 400);
+    let (code, out) = cli(&d, &["events", "list", "--outcome", "failed"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&failed) && l.contains("failed:1")),
+        "{out}"
+    );
+
+    // Fixed and restarted: a replay runs both pipelines again; only the new SMS job is
+    // queued (the Slack job is unchanged and keeps its key).
+    d.terminate();
+    std::fs::write(dir.path().join("pipelines/sms.yaml"), SMS).unwrap();
+    let d = Daemon::start_in(dir.path(), CONFIG).unwrap();
+    let (code, out) = cli(&d, &["events", "replay", &failed, "--yes"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("yes") && l.contains("new") && l.contains("sms.send_sms")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("no") && l.contains("unchanged") && l.contains("team.post")),
+        "{out}"
+    );
+    let j = wait_for_jobs(&c, &d, 2).await;
+    assert_eq!(j.len(), 2, "{j:#?}");
+    let sms = j.iter().find(|x| x["sink"] == "sms").expect("sms job");
+    assert_eq!(sms["with"]["body"], "1255 points");
 }
