@@ -186,6 +186,17 @@ pub struct AppState {
     pub lanes: crate::delivery::Lanes,
     /// KiB of request bodies that may be in memory at once (unverified senders included).
     pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// When the running configuration was loaded, and why the last reload was refused.
+    reload: Arc<RwLock<ReloadStatus>>,
+}
+
+/// The outcome of the last configuration (re)load.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub loaded_at_ms: u64,
+    /// The last reload's problems; the previous configuration keeps running.
+    pub error: Option<String>,
+    pub error_at_ms: Option<u64>,
 }
 
 /// Request bodies held in memory at once, across all connections.
@@ -209,7 +220,15 @@ impl AppState {
             jobs_ready: Arc::new(tokio::sync::Notify::new()),
             lanes: Default::default(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_KIB)),
+            reload: Arc::new(RwLock::new(ReloadStatus {
+                loaded_at_ms: crate::delivery::now_ms(),
+                ..Default::default()
+            })),
         }
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload.read().expect("reload lock").clone()
     }
     /// The current runtime (cheap: one `Arc` clone).
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -312,7 +331,15 @@ impl Prepared {
                 delivery_stop.clone(),
             ))
         };
+        let sampler_stop = CancellationToken::new();
+        let sampler = tokio::spawn(crate::ops::connectors::sampler(
+            self.state.clone(),
+            std::time::Duration::from_secs(10),
+            sampler_stop.clone(),
+        ));
         crate::http::serve(listener, router(self.state), shutdown).await?;
+        sampler_stop.cancel();
+        let _ = sampler.await;
         // Requests are drained; the worker finishes the event it is on; attempts in flight
         // finish (each bounded by its sink's timeout) and are recorded.
         worker_stop.cancel();

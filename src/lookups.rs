@@ -67,6 +67,7 @@ impl Lookups for Live<'_> {
         };
         metrics::counter!("perkflow_lookups_total", "sink" => call.sink.to_string(), "outcome" => outcome)
             .increment(1);
+        crate::delivery::report_health(call.sink, &sent);
         let status = sent
             .status
             .map(|s| format!("HTTP {s}: "))

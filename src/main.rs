@@ -105,6 +105,16 @@ enum Command {
         #[command(subcommand)]
         command: perkflow::ops::client::EventsCommand,
     },
+    /// Connector health of a running daemon, as a table: each source and sink with its state
+    /// (ok, degraded, down, circuit_open, credentials_failing), last success and failure,
+    /// success rates, queue and dead letters. Exits 1 if any is not ok.
+    Status {
+        #[command(flatten)]
+        admin: perkflow::ops::client::AdminClient,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The dead-letter queue of a running daemon: list, show, replay, drop.
     Dlq {
         #[command(subcommand)]
@@ -174,6 +184,11 @@ fn main() -> ExitCode {
         }),
         Command::Sandbox { listen } => sandbox(listen),
         Command::Dlq { command } => perkflow::ops::client::dlq(command),
+        Command::Status { admin, json } => match perkflow::ops::client::status(admin, json) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Test { pipelines, config } => return test_pipelines(config, pipelines),
         Command::Run {
             pipeline,

@@ -231,9 +231,82 @@ pub trait Outbox: Send + Sync {
     fn event_jobs(&self, event_id: &str) -> Result<Vec<Job>, StoreError>;
     /// Queues these jobs (new, or replacing the job with the same key) due now.
     fn requeue(&self, jobs: &[Job], now_ms: u64) -> Result<usize, StoreError>;
+    /// Queue depth, next due time and dead letters per sink; events waiting; store size.
+    fn queue_stats(&self) -> Result<QueueStats, StoreError>;
 }
 
+/// What waits in the store, per sink (bounded scans: see [`STATS_SCAN_LIMIT`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    pub sinks: std::collections::BTreeMap<String, SinkQueue>,
+    /// Stored events not processed yet.
+    pub events_pending: usize,
+    /// Bytes on disk (sled and the inbox log).
+    pub store_bytes: u64,
+    /// The scan stopped at the limit: the counts are lower bounds.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SinkQueue {
+    /// Jobs waiting (pending, retrying, in flight).
+    pub depth: usize,
+    /// When the first of them is due (unix ms).
+    pub next_due_ms: Option<u64>,
+    pub dead: usize,
+}
+
+/// Index entries read at most per stats call.
+pub const STATS_SCAN_LIMIT: usize = 2_000_000;
+
 impl Outbox for Store {
+    fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let mut out = QueueStats {
+            events_pending: self.pending_len(),
+            store_bytes: self.size_on_disk(),
+            ..Default::default()
+        };
+        let mut seen = 0usize;
+        for item in self.due.iter().keys() {
+            let k = item?;
+            seen += 1;
+            if seen > STATS_SCAN_LIMIT {
+                out.truncated = true;
+                break;
+            }
+            let Some(split) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let sink = String::from_utf8_lossy(&k[..split]);
+            let at = k
+                .get(split + 1..split + 9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
+            let q = match out.sinks.get_mut(sink.as_ref()) {
+                Some(q) => q,
+                None => out.sinks.entry(sink.into_owned()).or_default(),
+            };
+            q.depth += 1;
+            // Keys are ordered by time within a sink: the first is the earliest.
+            if q.next_due_ms.is_none() {
+                q.next_due_ms = at;
+            }
+        }
+        for item in self.dlq.iter().keys() {
+            let k = item?;
+            seen += 1;
+            if seen > STATS_SCAN_LIMIT {
+                out.truncated = true;
+                break;
+            }
+            if let Some(j) = self.job(&String::from_utf8_lossy(&k))? {
+                if j.state == JobState::Dead {
+                    out.sinks.entry(j.sink).or_default().dead += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
     fn job(&self, key: &str) -> Result<Option<Job>, StoreError> {
         Store::job(self, key)
     }

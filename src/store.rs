@@ -182,8 +182,15 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes on disk: sled's files and the inbox log.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        let log: u64 = wal::files(self.wal.dir())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        self.db.size_on_disk().unwrap_or(0) + log
     }
 
     /// sled's buffers written, then every file of the store fsynced.

@@ -132,6 +132,12 @@ impl Lane {
         (until > now_ms).then_some(until)
     }
 
+    /// Until when the vendor asked the whole sink to wait, if that is still ahead.
+    pub fn paused_until(&self, now_ms: u64) -> Option<u64> {
+        let p = self.paused_until.load(std::sync::atomic::Ordering::Relaxed);
+        (p > now_ms).then_some(p)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.concurrency - self.permits.available_permits()
     }
@@ -806,6 +812,7 @@ async fn record(
 
 fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
     let sink = &lane.client.name;
+    report_health(sink, sent);
     match job.state {
         JobState::Dead => {
             metrics::counter!("perkflow_dead_letters_total", "sink" => sink.clone()).increment(1);
@@ -816,6 +823,26 @@ fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
         }
         _ => {
             tracing::debug!(%sink, job = %job.key, latency_ms = sent.latency.as_millis() as u64, "delivered")
+        }
+    }
+}
+
+/// Tells connector health how an attempt (or a lookup) went.
+pub fn report_health(sink: &str, sent: &Sent) {
+    let health = crate::ops::connectors::registry();
+    let kind = crate::ops::connectors::Kind::Sink;
+    let now = now_ms();
+    match &sent.outcome {
+        Outcome::Delivered { .. } => health.ok(kind, sink, now),
+        Outcome::Retry { reason, .. } | Outcome::Reject { reason } => {
+            let status = sent
+                .status
+                .filter(|_| !reason.starts_with("HTTP "))
+                .map(|s| format!("HTTP {s}: "))
+                .unwrap_or_default();
+            let credentials = matches!(sent.outcome, Outcome::Reject { .. })
+                && matches!(sent.status, Some(401 | 403));
+            health.failed(kind, sink, now, &format!("{status}{reason}"), credentials);
         }
     }
 }

@@ -35,9 +35,26 @@ fn status(code: StatusCode, msg: &str) -> Response {
     (code, Json(json!({ "error": msg }))).into_response()
 }
 
+/// Counts a webhook's outcome (metric label and connector health).
 fn count(source: &str, result: &'static str, reason: &'static str) {
     metrics::counter!("perkflow_ingest_webhooks_total", "source" => source.to_string(), "result" => result, "reason" => reason)
         .increment(1);
+    let health = crate::ops::connectors::registry();
+    let kind = crate::ops::connectors::Kind::Source;
+    let now = crate::delivery::now_ms();
+    match result {
+        "accepted" | "duplicate" => health.ok(kind, source, now),
+        "ping" => {}
+        _ => {
+            let why = match reason {
+                "bad_signature" => "signature does not verify (wrong secret?)".to_string(),
+                "missing_header" => "signature header missing".to_string(),
+                "stale" => "timestamp outside the tolerance".to_string(),
+                other => format!("{result}: {other}"),
+            };
+            health.failed(kind, source, now, &why, reason == "bad_signature");
+        }
+    }
 }
 
 pub async fn hook(

@@ -78,6 +78,7 @@ async fn guard(State(app): State<AppState>, req: Request, next: Next) -> Respons
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
+        .route("/api/connectors", get(crate::ops::connectors::connectors))
         .route("/api/events", get(list_events))
         .route("/api/events/{id}", get(show_event))
         .route("/api/jobs", get(list_jobs))

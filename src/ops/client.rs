@@ -222,6 +222,96 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
+/// How long ago, short (`12s`, `5m`, `3h`, `2d`).
+fn ago(now_ms: u64, at: Option<u64>) -> String {
+    let Some(at) = at else {
+        return "-".into();
+    };
+    let s = now_ms.saturating_sub(at) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+fn rate(v: &Value) -> String {
+    v.as_f64()
+        .map(|r| format!("{:.0}%", r * 100.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// `perkflow status`: the connectors' health as a table. Ok(false) if any is not ok.
+pub fn status(admin: AdminClient, json: bool) -> anyhow::Result<bool> {
+    let r = admin.get("/api/connectors", &[])?;
+    let rows = r["connectors"].as_array().cloned().unwrap_or_default();
+    let all_ok = rows.iter().all(|c| c["state"] == "ok") && r["config_error"].is_null();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(all_ok);
+    }
+    let now = r["now_ms"].as_u64().unwrap_or(0);
+    println!(
+        "{:<6} {:<14} {:<15} {:<20} {:>5} {:>5} {:>6} {:>9} {:>5} {:<12} {:<12} LAST FAILURE",
+        "KIND",
+        "NAME",
+        "CONNECTOR",
+        "STATE",
+        "5M",
+        "1H",
+        "QUEUE",
+        "OVERDUE",
+        "DEAD",
+        "LAST OK",
+        "FAILED"
+    );
+    for c in &rows {
+        let num = |v: &Value| {
+            v.as_u64()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let overdue = c["oldest_overdue_ms"]
+            .as_u64()
+            .map(|ms| {
+                if ms == 0 {
+                    "0".into()
+                } else {
+                    humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+                        .to_string()
+                }
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<6} {:<14} {:<15} {:<20} {:>5} {:>5} {:>6} {:>9} {:>5} {:<12} {:<12} {}",
+            s(&c["kind"]),
+            s(&c["name"]),
+            s(&c["connector"]),
+            s(&c["state"]),
+            rate(&c["success_rate_5m"]),
+            rate(&c["success_rate_1h"]),
+            num(&c["queue_depth"]),
+            overdue,
+            num(&c["dead_letters"]),
+            ago(now, c["last_success_ms"].as_u64()),
+            ago(now, c["last_failure_ms"].as_u64()),
+            s(&c["last_failure_reason"])
+        );
+    }
+    println!(
+        "{} events waiting for their pipelines; store {} MiB",
+        r["events_pending"].as_u64().unwrap_or(0),
+        r["store_bytes"].as_u64().unwrap_or(0) / (1 << 20)
+    );
+    if let Some(e) = r["config_error"].as_str() {
+        println!(
+            "the last configuration reload was refused (the previous one keeps running):\n{e}"
+        );
+    }
+    Ok(all_ok)
+}
+
 pub fn events(command: EventsCommand) -> anyhow::Result<()> {
     match command {
         EventsCommand::List {

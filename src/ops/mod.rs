@@ -2,4 +2,5 @@
 
 pub mod admin;
 pub mod client;
+pub mod connectors;
 pub mod health;

@@ -12,6 +12,7 @@ mod giftcard;
 mod helpers;
 mod ingest;
 mod lookups;
+mod ops;
 mod paypal_api;
 mod paypal_fetch;
 mod pipelines;

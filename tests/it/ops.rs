@@ -1,0 +1,138 @@
+//! Operations: connector health (`GET /api/connectors`, `perkflow status`) and the queue
+//! metrics, with the daemon as a real process against the vendor sandbox: a sink with
+//! refused credentials, a sink whose vendor keeps failing, a healthy one, and a source whose
+//! signatures do not verify.
+
+use crate::delivery::{api, order, TOKEN};
+use crate::helpers::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn connector<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no connector {name} in {report:#}"))
+}
+
+#[tokio::test]
+async fn connector_health_tells_what_is_wrong_and_where() {
+    let (_sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/p.yaml"),
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: hi } }\n  - deliver: { to: email.send, with: { to: a@example.com, subject: hi, text: hi } }\n  - deliver: { to: team.post, with: { text: hi } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\n  woo: {{ connector: woocommerce, secret: w }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: wrong-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n  team: {{ connector: slack, webhook_url: \"{url}/slack/services/T0/B0/X\" }}\n"
+    );
+    // Slack keeps answering 503.
+    let c = client();
+    let r = c
+        .post(format!("{url}/_sandbox/faults"))
+        .json(&json!({"vendor": "slack", "status": vec![503; 200]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    for i in 0..6 {
+        assert_eq!(post(&c, &d.url("/hooks/shop"), &order(i)).await.status, 200);
+    }
+    // WooCommerce webhooks signed with another secret.
+    for i in 0..3 {
+        let bad = sign_fixture(
+            "woocommerce",
+            "woocommerce/order-updated-completed.json",
+            &keys(&["not-w"]),
+            "",
+            0,
+        )
+        .set("X-WC-Webhook-Delivery-ID", &format!("d-{i}"));
+        assert_eq!(post(&c, &d.url("/hooks/woo"), &bad).await.status, 401);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let a = api(&c, &d, "GET", "/api/connectors", None).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        let r = a.json();
+        let done = connector(&r, "sms")["state"] == "credentials_failing"
+            && connector(&r, "team")["state"] == "circuit_open"
+            && connector(&r, "email")["ok_5m"] == 6;
+        if done {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "{r:#}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let shop = connector(&report, "shop");
+    assert_eq!(shop["kind"], "source");
+    assert_eq!(shop["state"], "ok");
+    assert_eq!(shop["ok_5m"], 6);
+    let woo = connector(&report, "woo");
+    assert_eq!(woo["state"], "credentials_failing", "{woo:#}");
+    assert_eq!(woo["why"], "signature does not verify (wrong secret?)");
+    assert_eq!(woo["failed_5m"], 3);
+    let sms = connector(&report, "sms");
+    assert_eq!(sms["kind"], "sink");
+    assert!(
+        sms["why"].as_str().unwrap().starts_with("HTTP 401"),
+        "{sms:#}"
+    );
+    // Refused credentials open the circuit too: the last job waits for it, the others are
+    // dead letters with the vendor's reason.
+    assert_eq!(sms["circuit"], "open", "{sms:#}");
+    assert_eq!(
+        sms["dead_letters"].as_u64().unwrap() + sms["queue_depth"].as_u64().unwrap(),
+        6,
+        "{sms:#}"
+    );
+    assert!(sms["dead_letters"].as_u64().unwrap() >= 5, "{sms:#}");
+    let email = connector(&report, "email");
+    assert_eq!(email["state"], "ok");
+    assert_eq!(email["success_rate_5m"], 1.0);
+    assert!(email["last_success_ms"].as_u64().is_some());
+    let team = connector(&report, "team");
+    assert_eq!(team["circuit"], "open", "{team:#}");
+    assert!(team["queue_depth"].as_u64().unwrap() >= 1, "{team:#}");
+    assert!(
+        team["last_failure_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP 503"),
+        "{team:#}"
+    );
+    assert!(report["config_error"].is_null());
+
+    // The CLI prints the same as a table and exits 1: something is not ok.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(["status", "--url", &d.base, "--token", TOKEN])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no row {name}:\n{text}"))
+            .to_string()
+    };
+    assert!(row("sms").contains("credentials_failing"), "{text}");
+    assert!(row("team").contains("circuit_open"), "{text}");
+    assert!(row("email").contains(" ok "), "{text}");
+    assert!(row("woo").contains("signature does not verify"), "{text}");
+
+    // The queue figures are metrics too (no event ids or customers in labels).
+    let m = get(&c, &d.url("/metrics")).await.body;
+    assert!(m.contains("perkflow_queue_depth{sink=\"team\"}"), "{m}");
+    assert!(m.contains("perkflow_dead_letters{sink=\"sms\"}"), "{m}");
+    assert!(m.contains("perkflow_store_bytes"), "{m}");
+    assert!(!m.contains("ev_0"), "no event id in any label");
+
+    // Without the token: 401.
+    assert_eq!(send(c.get(d.url("/api/connectors"))).await.status, 401);
+}
