@@ -243,6 +243,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(crate::ops::health::readyz))
         .route("/metrics", get(crate::ops::health::metrics))
         .merge(crate::ops::admin::routes(state.clone()))
+        .merge(crate::ops::page::routes())
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }

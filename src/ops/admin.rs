@@ -33,7 +33,10 @@ impl AdminAccess {
         }
     }
 
-    fn allows(&self, authorization: Option<&str>) -> Result<(), (StatusCode, &'static str)> {
+    pub(crate) fn allows(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<(), (StatusCode, &'static str)> {
         match self {
             AdminAccess::Disabled => Err((
                 StatusCode::FORBIDDEN,

@@ -4,3 +4,4 @@ pub mod admin;
 pub mod client;
 pub mod connectors;
 pub mod health;
+pub mod page;

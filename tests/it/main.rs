@@ -1,6 +1,7 @@
 //! Integration tests: the daemon as a real process, real HTTP on 127.0.0.1.
 
 mod admin;
+mod browser;
 mod chaos;
 mod config_check;
 mod conformance;

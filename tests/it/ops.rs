@@ -136,3 +136,64 @@ async fn connector_health_tells_what_is_wrong_and_where() {
     // Without the token: 401.
     assert_eq!(send(c.get(d.url("/api/connectors"))).await.status, 401);
 }
+
+#[tokio::test]
+async fn the_status_page_needs_the_token_and_refuses_cross_origin_posts() {
+    let c = client();
+    let d = Daemon::start(&format!(
+        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\n"
+    ));
+    let a = get(&c, &d.url("/")).await;
+    assert_eq!(a.status, 401);
+    assert!(
+        a.body.contains("<form method=\"post\" action=\"/login\">"),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        get(&c, &d.url("/ui/events/ev_0000000000000000"))
+            .await
+            .status,
+        401
+    );
+    let a = send(c.post(d.url("/ui/dlq/pf-x/replay"))).await;
+    assert_eq!(a.status, 401);
+    // Signing in from another origin is refused; from the page's own, it sets the cookie.
+    let a = send(
+        c.post(d.url("/login"))
+            .header("Origin", "https://evil.example")
+            .form(&[("token", TOKEN)]),
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    let no_redirects = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirects
+        .post(d.url("/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains(TOKEN), "the cookie is not the token");
+    let session = cookie.split(';').next().unwrap().to_string();
+    let a = send(c.get(d.url("/")).header("Cookie", &session)).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("data-connector=\"shop\""), "{}", a.body);
+    // The bearer token works too (scripts).
+    assert_eq!(send(c.get(d.url("/")).bearer_auth(TOKEN)).await.status, 200);
+
+    // No admin token configured: the page is disabled, like the admin API.
+    let d = Daemon::start("sources:\n  shop: { connector: shopify, secret: s }\n");
+    let a = get(&c, &d.url("/")).await;
+    assert_eq!(a.status, 403);
+    assert!(a.body.contains("disabled"), "{}", a.body);
+}
