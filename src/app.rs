@@ -57,6 +57,34 @@ impl SinkRuntime {
             .collect()
     }
 
+    /// A digest of everything that defines this sink (credential values included): equal
+    /// digests across a reload mean the sink's lane (limiter, breaker, tokens) is kept.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.connector.as_bytes());
+        h.update(format!("{:?}", self.def).as_bytes());
+        for (k, v) in &self.params {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.expose().as_bytes());
+            h.update([0]);
+        }
+        h.update(
+            format!(
+                "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+                self.base_url,
+                self.rate,
+                self.concurrency,
+                self.timeout,
+                self.max_attempts,
+                self.max_age
+            )
+            .as_bytes(),
+        );
+        h.finalize().into()
+    }
+
     pub fn timeout(&self) -> std::time::Duration {
         self.timeout.unwrap_or(self.def.limits.timeout.0)
     }
@@ -80,6 +108,19 @@ pub struct Runtime {
     pub sources: IndexMap<String, SourceRuntime>,
     pub sinks: IndexMap<String, SinkRuntime>,
     pub pipelines: IndexMap<String, crate::pipeline::spec::Pipeline>,
+    /// The configured personal-data fields.
+    pub pii: crate::redact::Pii,
+}
+
+impl Runtime {
+    /// The personal data of a stored event (what to mask wherever it is shown).
+    pub fn personal_data(&self, ev: &crate::inbox::StoredEvent) -> crate::redact::Values {
+        if self.pii.is_empty() {
+            return Default::default();
+        }
+        let payload = serde_json::from_slice(&ev.payload).unwrap_or(serde_json::Value::Null);
+        self.pii.of(&payload)
+    }
 }
 
 /// Resolves secrets and builds every verifier; every problem is reported.
@@ -164,6 +205,7 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
             sources,
             sinks,
             pipelines: cfg.pipelines.clone(),
+            pii: crate::redact::Pii::new(&cfg.pii_fields),
         })
     } else {
         Err(diags)
@@ -188,6 +230,34 @@ pub struct AppState {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// When the running configuration was loaded, and why the last reload was refused.
     reload: Arc<RwLock<ReloadStatus>>,
+    /// One reload at a time.
+    pub reload_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The config file reloads read (`None`: the defaults).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Settings read once at start-up (a reload that changes them asks for a restart).
+    pub boot: Arc<Boot>,
+}
+
+/// The settings a running daemon cannot change.
+#[derive(Debug, Clone)]
+pub struct Boot {
+    pub listen: std::net::SocketAddr,
+    pub data_dir: std::path::PathBuf,
+    pub durability: crate::config::Durability,
+    pub flush_interval: std::time::Duration,
+    pub admin_token: Option<crate::config::secrets::Interpolated>,
+}
+
+impl Boot {
+    pub fn of(cfg: &Config) -> Boot {
+        Boot {
+            listen: cfg.listen,
+            data_dir: cfg.data_dir.clone(),
+            durability: cfg.durability,
+            flush_interval: cfg.flush_interval,
+            admin_token: cfg.admin_token.clone(),
+        }
+    }
 }
 
 /// The outcome of the last configuration (re)load.
@@ -224,6 +294,37 @@ impl AppState {
                 loaded_at_ms: crate::delivery::now_ms(),
                 ..Default::default()
             })),
+            reload_lock: Default::default(),
+            config_path: None,
+            boot: Arc::new(Boot {
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                data_dir: Default::default(),
+                durability: Default::default(),
+                flush_interval: Default::default(),
+                admin_token: None,
+            }),
+        }
+    }
+
+    /// Replaces the running configuration (one swap; readers hold the old one until done).
+    pub fn set_runtime(&self, rt: Runtime) {
+        *self.runtime.write().expect("runtime lock") = Arc::new(rt);
+    }
+
+    /// Records a reload's outcome for the status page and `/api/connectors`.
+    pub fn record_reload(&self, result: Result<(), String>) {
+        let mut r = self.reload.write().expect("reload lock");
+        let now = crate::delivery::now_ms();
+        match result {
+            Ok(()) => {
+                r.loaded_at_ms = now;
+                r.error = None;
+                r.error_at_ms = None;
+            }
+            Err(e) => {
+                r.error = Some(e);
+                r.error_at_ms = Some(now);
+            }
         }
     }
 
@@ -284,13 +385,15 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
     if matches!(admin, AdminAccess::Disabled) {
         tracing::info!("no admin_token configured: the admin API (/api) answers 403");
     }
-    let state = AppState::new(
+    let mut state = AppState::new(
         runtime,
         Arc::new(store.clone()),
         Arc::new(store.clone()),
         metrics_handle(),
         admin,
     );
+    state.config_path = cfg.file.clone();
+    state.boot = Arc::new(Boot::of(&cfg));
     Ok(Prepared { cfg, state, store })
 }
 
@@ -332,6 +435,12 @@ impl Prepared {
                 delivery_stop.clone(),
             ))
         };
+        let watcher_stop = CancellationToken::new();
+        let watcher = tokio::spawn(crate::reload::watch(
+            self.state.clone(),
+            crate::reload::watched(cfg),
+            watcher_stop.clone(),
+        ));
         let sampler_stop = CancellationToken::new();
         let sampler = tokio::spawn(crate::ops::connectors::sampler(
             self.state.clone(),
@@ -341,6 +450,8 @@ impl Prepared {
         crate::http::serve(listener, router(self.state), shutdown).await?;
         sampler_stop.cancel();
         let _ = sampler.await;
+        watcher_stop.cancel();
+        let _ = watcher.await;
         // Requests are drained; the worker finishes the event it is on; attempts in flight
         // finish (each bounded by its sink's timeout) and are recorded.
         worker_stop.cancel();

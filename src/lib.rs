@@ -16,6 +16,8 @@ pub mod lookups;
 pub mod ops;
 pub mod outbox;
 pub mod pipeline;
+pub mod redact;
+pub mod reload;
 pub mod sandbox;
 pub mod sign;
 pub mod sink;

@@ -469,7 +469,11 @@ fn dry_run(
         asked: Default::default(),
     };
     let r = run(p, &Engine::new(), &input, &dry);
-    for s in &r.steps {
+    // Personal data (`pii_fields`) is masked in everything printed; the requests shown are
+    // otherwise exact.
+    let personal = perkflow::redact::Pii::new(&cfg.pii_fields).of(&input.event);
+    let shown = perkflow::pipeline::run::redacted(&r, &personal);
+    for s in &shown.steps {
         println!("step  {:<28} {}", s.step, s.detail);
     }
     for (n, sink, action, with) in dry.asked.borrow().iter() {
@@ -480,26 +484,26 @@ fn dry_run(
         };
         println!("lookup {n} = {sink}.{action} ({given})");
         match render_request(&cfg, sink, action, with, "dry-run") {
-            Ok(req) => println!("  {} {}", req.method, req.url),
+            Ok(req) => println!("  {} {}", req.method, personal.text(&req.url)),
             Err(e) => println!("  cannot build the request: {e}"),
         }
     }
-    println!("outcome: {}", serde_json::to_string(&r.outcome)?);
-    for d in &r.deliveries {
+    println!("outcome: {}", serde_json::to_string(&shown.outcome)?);
+    for (d, masked) in r.deliveries.iter().zip(&shown.deliveries) {
         println!(
             "deliver {} {}",
             d.to(),
-            serde_json::to_string_pretty(&d.with)?
+            serde_json::to_string_pretty(&masked.with)?
         );
         let key = perkflow::outbox::job_key(&input.source, &input.event_id, &p.name, &d.id);
         match render_request(&cfg, &d.sink, &d.action, &d.with, &key) {
             Ok(req) => {
-                println!("  {} {}", req.method, req.url);
+                println!("  {} {}", req.method, personal.text(&req.url));
                 for (k, v) in &req.headers {
-                    println!("  {k}: {v}");
+                    println!("  {k}: {}", personal.text(v));
                 }
                 if let Some(b) = &req.body_text {
-                    println!("  {b}");
+                    println!("  {}", personal.text(b));
                 }
             }
             Err(e) => println!("  cannot build the request: {e}"),

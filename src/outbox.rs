@@ -52,6 +52,10 @@ pub struct Job {
     /// (compare-and-swap), so an operator's replay and a finishing attempt never interleave.
     #[serde(default)]
     pub version: u64,
+    /// Its event's personal data (`pii_fields` values): masked wherever the job is shown or
+    /// logged (reasons, vendor answers); `with` keeps the real values, which get sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive: Vec<String>,
 }
 
 /// What a job does.
@@ -213,6 +217,7 @@ impl Job {
             log: Vec::new(),
             kind: JobKind::Send,
             version: 0,
+            sensitive: Vec::new(),
         }
     }
 }
@@ -869,6 +874,7 @@ mod cas_tests {
             log: Vec::new(),
             kind: JobKind::Send,
             version: 0,
+            sensitive: Vec::new(),
         }
     }
 

@@ -80,6 +80,7 @@ pub fn process(
             .values()
             .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
             .collect();
+        let personal = runtime.personal_data(ev);
         if !subscribed.is_empty() {
             let input = input(ev);
             let id = crate::inbox::parse_id(&ev.meta.id).unwrap_or_default();
@@ -101,9 +102,11 @@ pub fn process(
                     .increment(1);
                 match &r.outcome {
                     Outcome::Failed { error, .. } => {
+                        let error = personal.text(error);
                         tracing::warn!(event = %ev.meta.id, pipeline = %p.name, %error, "pipeline run failed; the event is kept with its trace")
                     }
                     Outcome::Deferred { reason, .. } => {
+                        let reason = personal.text(reason);
                         tracing::info!(event = %ev.meta.id, pipeline = %p.name, %reason, "a lookup failed for now; the event's runs are tried again later");
                         out.deferred.push((id, reason.clone()));
                         continue 'events;
@@ -113,12 +116,12 @@ pub fn process(
                     }
                     Outcome::Completed => {}
                 }
-                jobs.extend(
-                    r.deliveries
-                        .iter()
-                        .map(|d| Job::from_delivery(ev, &p.name, d, now_ms)),
-                );
-                runs.push(r);
+                jobs.extend(r.deliveries.iter().map(|d| {
+                    let mut j = Job::from_delivery(ev, &p.name, d, now_ms);
+                    j.sensitive = personal.list().to_vec();
+                    j
+                }));
+                runs.push(crate::pipeline::run::redacted(&r, &personal));
             }
         }
         out.jobs += jobs.len();

@@ -38,6 +38,9 @@ struct TopSpec {
     connectors: Option<Vec<PathBuf>>,
     public_url: Option<String>,
     max_body: Option<ByteSize>,
+    /// Field names whose values are personal data: shown as `[redacted]` in traces, the
+    /// admin API, the status page, dry runs and logs.
+    pii_fields: Option<Vec<String>>,
     // Only their shape (a map) is checked here; entries are parsed one by one in `load_text`.
     #[allow(dead_code)]
     sources: Option<IndexMap<String, IgnoredAny>>,
@@ -134,6 +137,8 @@ pub struct Config {
     pub admin_token: Option<Interpolated>,
     pub public_url: Option<String>,
     pub max_body: usize,
+    /// Field names whose values are personal data (see `redact`).
+    pub pii_fields: Vec<String>,
     pub connector_dirs: Vec<PathBuf>,
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
@@ -288,6 +293,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         admin_token: top.admin_token,
         public_url: top.public_url.map(|u| u.trim_end_matches('/').to_string()),
         max_body: top.max_body.map(|b| b.0).unwrap_or(DEFAULT_MAX_BODY),
+        pii_fields: top.pii_fields.unwrap_or_default(),
         connector_dirs,
         pipeline_dirs,
         sources,
@@ -342,6 +348,7 @@ impl TopSpec {
             connectors,
             public_url,
             max_body,
+            pii_fields,
             sources,
             sinks,
         } = one;
@@ -354,6 +361,7 @@ impl TopSpec {
         self.connectors = self.connectors.take().or(connectors);
         self.public_url = self.public_url.take().or(public_url);
         self.max_body = self.max_body.take().or(max_body);
+        self.pii_fields = self.pii_fields.take().or(pii_fields);
         self.sources = self.sources.take().or(sources);
         self.sinks = self.sinks.take().or(sinks);
     }

@@ -47,6 +47,8 @@ pub struct Policy {
 
 /// One sink's client, limits and breaker.
 pub struct Lane {
+    /// The sink definition it was built from (`SinkRuntime::fingerprint`).
+    fingerprint: [u8; 32],
     pub client: SinkClient,
     limiter: governor::DefaultDirectRateLimiter,
     permits: Arc<Semaphore>,
@@ -82,6 +84,7 @@ impl Lane {
         let concurrency = s.concurrency.unwrap_or(def.limits.concurrency).max(1);
         let retry = &def.retry;
         Ok(Lane {
+            fingerprint: s.fingerprint(),
             client: s.client()?,
             limiter: RateLimiter::direct(quota),
             permits: Arc::new(Semaphore::new(concurrency)),
@@ -316,10 +319,18 @@ struct Done {
     sent: Sent,
 }
 
-/// Lanes built from one runtime.
-fn lanes(rt: &Runtime) -> HashMap<String, Arc<Lane>> {
+/// Lanes for one runtime: the lane of a sink whose definition did not change is kept (its
+/// limiter, breaker, pause, token cache and in-flight permits carry over a reload).
+fn lanes(rt: &Runtime, old: &HashMap<String, Arc<Lane>>) -> HashMap<String, Arc<Lane>> {
     let mut out = HashMap::new();
     for s in rt.sinks.values() {
+        if let Some(kept) = old
+            .get(&s.name)
+            .filter(|l| l.fingerprint == s.fingerprint())
+        {
+            out.insert(s.name.clone(), kept.clone());
+            continue;
+        }
         match Lane::build(s) {
             Ok(l) => {
                 out.insert(s.name.clone(), Arc::new(l));
@@ -357,7 +368,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut current_rt = runtime();
-    let mut lanes_by_sink = lanes(&current_rt);
+    let mut lanes_by_sink = lanes(&current_rt, &HashMap::new());
     *shared.sinks.lock().expect("lanes lock") = lanes_by_sink.clone();
     let busy = shared.busy.clone();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
@@ -386,7 +397,7 @@ pub async fn run(
         let rt = runtime();
         if !Arc::ptr_eq(&rt, &current_rt) {
             current_rt = rt;
-            lanes_by_sink = lanes(&current_rt);
+            lanes_by_sink = lanes(&current_rt, &lanes_by_sink);
             *shared.sinks.lock().expect("lanes lock") = lanes_by_sink.clone();
         }
         let now = now_ms();
@@ -812,6 +823,31 @@ async fn record(
 
 fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
     let sink = &lane.client.name;
+    // The event's personal data stays out of logs and health (a vendor's reason may quote
+    // the phone number it refused).
+    let personal = crate::redact::Values::listed(job.sensitive.clone());
+    let job = &Job {
+        reason: job.reason.as_deref().map(|r| personal.text(r)),
+        ..job.clone()
+    };
+    let sent = &Sent {
+        outcome: match &sent.outcome {
+            Outcome::Retry {
+                after,
+                reason,
+                uncertain,
+            } => Outcome::Retry {
+                after: *after,
+                reason: personal.text(reason),
+                uncertain: *uncertain,
+            },
+            Outcome::Reject { reason } => Outcome::Reject {
+                reason: personal.text(reason),
+            },
+            other => other.clone(),
+        },
+        ..sent.clone()
+    };
     report_health(sink, sent);
     match job.state {
         JobState::Dead => {

@@ -22,6 +22,7 @@ fn job() -> Job {
         log: Vec::new(),
         kind: crate::outbox::JobKind::Send,
         version: 0,
+        sensitive: Vec::new(),
     }
 }
 

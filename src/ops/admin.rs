@@ -82,6 +82,7 @@ async fn guard(State(app): State<AppState>, req: Request, next: Next) -> Respons
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/api/connectors", get(crate::ops::connectors::connectors))
+        .route("/api/reload", post(crate::reload::reload_endpoint))
         .route("/api/events", get(list_events))
         .route("/api/events/{id}", get(show_event))
         .route("/api/jobs", get(list_jobs))
@@ -116,22 +117,41 @@ async fn list_events(State(app): State<AppState>, Query(q): Query<EventQuery>) -
     }
 }
 
+/// A job as people see it: its event's personal data masked (its `with`, reason, vendor
+/// answers), and the list of those values left out.
+pub fn job_view(job: &crate::outbox::Job) -> Value {
+    let mut v = serde_json::to_value(job).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.remove("sensitive");
+    }
+    if job.sensitive.is_empty() {
+        return v;
+    }
+    crate::redact::Values::listed(job.sensitive.clone()).json(&v)
+}
+
+fn jobs_view(jobs: &[crate::outbox::Job]) -> Value {
+    Value::Array(jobs.iter().map(job_view).collect())
+}
+
 async fn show_event(State(app): State<AppState>, Path(id): Path<String>) -> Response {
     match app.inbox.get(&id) {
         Ok(Some((ev, pending))) => {
+            let personal = app.runtime().personal_data(&ev);
             let mut out = serde_json::to_value(&ev.meta).unwrap_or(Value::Null);
             out["pending"] = json!(pending);
             out["payload_bytes"] = json!(ev.payload.len());
             // JSON payloads are shown as JSON; anything else as base64 of the exact bytes.
             match serde_json::from_slice::<Value>(&ev.payload) {
-                Ok(v) => out["payload"] = v,
+                Ok(v) => out["payload"] = personal.json(&v),
                 Err(_) => {
                     out["payload_base64"] =
                         json!(base64::engine::general_purpose::STANDARD.encode(&ev.payload))
                 }
             }
-            out["trace"] = app.inbox.trace(&id).ok().flatten().unwrap_or(Value::Null);
-            out["jobs"] = json!(app.outbox.event_jobs(&id).unwrap_or_default());
+            let trace = app.inbox.trace(&id).ok().flatten().unwrap_or(Value::Null);
+            out["trace"] = personal.json(&trace);
+            out["jobs"] = jobs_view(&app.outbox.event_jobs(&id).unwrap_or_default());
             Json(out).into_response()
         }
         Ok(None) => (
@@ -151,7 +171,7 @@ struct JobQuery {
 /// Outbox jobs (sink actions waiting for the delivery engine).
 async fn list_jobs(State(app): State<AppState>, Query(q): Query<JobQuery>) -> Response {
     match app.outbox.jobs(q.limit.unwrap_or(100).clamp(1, 1000)) {
-        Ok(jobs) => Json(json!({ "jobs": jobs })).into_response(),
+        Ok(jobs) => Json(json!({ "jobs": jobs_view(&jobs) })).into_response(),
         Err(e) => store_error(e),
     }
 }
@@ -175,7 +195,7 @@ fn bad_request(msg: impl Into<String>) -> Response {
 /// One job with its attempts.
 async fn show_job(State(app): State<AppState>, Path(key): Path<String>) -> Response {
     match app.outbox.job(&key) {
-        Ok(Some(j)) => Json(j).into_response(),
+        Ok(Some(j)) => Json(job_view(&j)).into_response(),
         Ok(None) => not_found("job"),
         Err(e) => store_error(e),
     }
@@ -238,7 +258,7 @@ async fn list_dlq(State(app): State<AppState>, Query(q): Query<DlqQuery>) -> Res
         .outbox
         .dead_letters(&f, q.limit.unwrap_or(100).clamp(1, 10_000))
     {
-        Ok(jobs) => Json(json!({ "dead_letters": jobs })).into_response(),
+        Ok(jobs) => Json(json!({ "dead_letters": jobs_view(&jobs) })).into_response(),
         Err(e) => store_error(e),
     }
 }
@@ -389,6 +409,18 @@ async fn replay_event(
             Err(e) => return store_error(e),
         }
     }
+    let personal = app
+        .inbox
+        .get(&id)
+        .ok()
+        .flatten()
+        .map(|(ev, _)| app.runtime().personal_data(&ev))
+        .unwrap_or_default();
+    let runs: Vec<_> = runs
+        .iter()
+        .map(|r| crate::pipeline::run::redacted(r, &personal))
+        .collect();
+    let items = personal.json(&serde_json::to_value(&items).unwrap_or(Value::Null));
     Json(json!({
         "event": id,
         "confirmed": req.confirm,

@@ -222,10 +222,13 @@ async fn status_page(
         })
         .map(|p| p.events)
         .unwrap_or_default();
-    let dead = app
+    let dead: Vec<Value> = app
         .outbox
         .dead_letters(&Default::default(), 50)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .iter()
+        .map(crate::ops::admin::job_view)
+        .collect();
     let failed: Vec<Value> = failed
         .iter()
         .map(|e| {
@@ -267,11 +270,18 @@ async fn event_page(
         }
         Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     };
-    let runs = app.inbox.trace(&id).ok().flatten().unwrap_or(Value::Null);
-    let jobs = app.outbox.event_jobs(&id).unwrap_or_default();
+    let personal = app.runtime().personal_data(&ev);
+    let runs = personal.json(&app.inbox.trace(&id).ok().flatten().unwrap_or(Value::Null));
+    let jobs: Vec<Value> = app
+        .outbox
+        .event_jobs(&id)
+        .unwrap_or_default()
+        .iter()
+        .map(crate::ops::admin::job_view)
+        .collect();
     let payload = match serde_json::from_slice::<Value>(&ev.payload) {
-        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
-        Err(_) => String::from_utf8_lossy(&ev.payload).into_owned(),
+        Ok(v) => serde_json::to_string_pretty(&personal.json(&v)).unwrap_or_default(),
+        Err(_) => personal.text(&String::from_utf8_lossy(&ev.payload)),
     };
     render(
         StatusCode::OK,

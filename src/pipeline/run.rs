@@ -119,6 +119,27 @@ pub struct Run {
     pub deliveries: Vec<Delivery>,
 }
 
+/// `run` as shown to people: personal data masked in variables, step details, errors and
+/// deliveries (the trace, a dry run's output).
+pub fn redacted(run: &Run, personal: &crate::redact::Values) -> Run {
+    let mut r = run.clone();
+    for v in r.vars.values_mut() {
+        *v = personal.json(v);
+    }
+    for s in &mut r.steps {
+        s.detail = personal.json(&s.detail);
+    }
+    for d in &mut r.deliveries {
+        d.with = personal.json(&d.with);
+    }
+    match &mut r.outcome {
+        Outcome::Failed { error, .. } => *error = personal.text(error),
+        Outcome::Deferred { reason, .. } => *reason = personal.text(reason),
+        _ => {}
+    }
+    r
+}
+
 struct State<'a> {
     engine: &'a Engine,
     lookups: &'a dyn Lookups,

@@ -17,5 +17,6 @@ mod ops;
 mod paypal_api;
 mod paypal_fetch;
 mod pipelines;
+mod reload;
 mod sinks;
 mod worker;

@@ -197,3 +197,84 @@ async fn the_status_page_needs_the_token_and_refuses_cross_origin_posts() {
     assert_eq!(a.status, 403);
     assert!(a.body.contains("disabled"), "{}", a.body);
 }
+
+#[tokio::test]
+async fn personal_data_is_masked_everywhere_people_look_but_sent_as_is() {
+    let (sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/p.yaml"),
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - set: { member: \"{{ event.email }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"{{ event.customer.phone }}\", body: \"Hi {{ event.customer.first_name }} ({{ member }})\" } }\n  - deliver: { to: sms.send_sms, id: bad, with: { to: \"{{ event.email }}\", body: x } }\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("fixtures")).unwrap();
+    for f in ["orders-paid.json", "orders-paid.headers.yaml"] {
+        std::fs::copy(
+            repo(&format!("fixtures/shopify/{f}")),
+            dir.path().join("fixtures").join(f),
+        )
+        .unwrap();
+    }
+    let config = format!(
+        "admin_token: {TOKEN}\npii_fields: [email, phone, first_name]\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: dev-twilio-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let id = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let jobs = crate::delivery::settled_jobs(&c, &d, &id, 2, Duration::from_secs(30)).await;
+    assert!(jobs.iter().any(|j| j["state"] == "delivered"), "{jobs:#?}");
+    assert!(
+        jobs.iter().any(|j| j["state"] == "dead"),
+        "the e-mail is not a phone number: {jobs:#?}"
+    );
+    let personal = ["ada@example.com", "+15555550123", "Ada"];
+    let shown = [
+        api(&c, &d, "GET", &format!("/api/events/{id}"), None)
+            .await
+            .body,
+        api(&c, &d, "GET", "/api/jobs", None).await.body,
+        api(&c, &d, "GET", "/api/dlq", None).await.body,
+        send(c.get(d.url(&format!("/ui/events/{id}"))).bearer_auth(TOKEN))
+            .await
+            .body,
+        send(c.get(d.url("/")).bearer_auth(TOKEN)).await.body,
+        d.log(),
+    ];
+    for (i, text) in shown.iter().enumerate() {
+        for p in personal {
+            assert!(!text.contains(p), "surface {i} shows {p}:\n{text}");
+        }
+    }
+    let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
+        .await
+        .json();
+    assert_eq!(ev["payload"]["email"], "[redacted]");
+    assert_eq!(ev["payload"]["customer"]["phone"], "[redacted]");
+    assert_eq!(ev["payload"]["total_price"], "125.50", "the rest is shown");
+    assert!(ev["jobs"][0].get("sensitive").is_none());
+    // What was sent is the real thing.
+    let got = sb.received();
+    let sms = got
+        .iter()
+        .find(|r| r.vendor == "twilio" && r.status == 201)
+        .unwrap();
+    assert_eq!(sms.body["To"], "+15555550123");
+    assert_eq!(sms.body["Body"], "Hi Ada (ada@example.com)");
+
+    // A dry run masks it too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(["run", "p", "--fixture", "fixtures/orders-paid.json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("deliver sms.send_sms"), "{text}");
+    for p in personal {
+        assert!(!text.contains(p), "the dry run shows {p}:\n{text}");
+    }
+}
