@@ -212,6 +212,8 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     let token = admin_token.as_deref().unwrap_or("<admin_token>");
     println!();
     println!("look around (admin token `{token}`):");
+    println!("  {base}/                 the status page (sign in with the token): connectors, failed runs, dead letters");
+    println!("  perkflow status --url {base} --token {token}      connector health as a table");
     println!("  perkflow events list --url {base} --token {token}");
     println!("  perkflow events show <id> --url {base} --token {token}     every step and delivery attempt");
     println!("  perkflow dlq list --url {base} --token {token}");

@@ -410,6 +410,13 @@ pub async fn run(
             });
             metrics::gauge!("perkflow_deliveries_in_flight", "sink" => name.clone())
                 .set(lane.in_flight() as f64);
+            metrics::gauge!("perkflow_sink_paused", "sink" => name.clone()).set(
+                if lane.paused_until(now).is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
         }
         let mut next_wake = now + IDLE.as_millis() as u64;
         let mut claims: Vec<Claim> = Vec::new();
@@ -624,10 +631,24 @@ fn start_attempt(tracker: &TaskTracker, c: Claim, done: &mpsc::UnboundedSender<D
             .lock()
             .expect("breaker lock")
             .record(signal(&sent), now_ms());
+        let name = lane.client.name.clone();
         if let Some(after) = sink_wide_wait(&sent) {
             lane.pause(now_ms() + after.as_millis() as u64);
+            let status = sent.status.map(|s| s.to_string()).unwrap_or_default();
+            metrics::counter!("perkflow_sink_paused_total", "sink" => name.clone(), "status" => status)
+                .increment(1);
+            let reason = match &sent.outcome {
+                Outcome::Retry { reason, .. } => reason.as_str(),
+                _ => "",
+            };
+            if sent.status == Some(429) {
+                tracing::warn!(sink = %name, pause_s = after.as_secs(), %reason, "the vendor rate-limits this sink: its deliveries wait");
+            } else {
+                // Not a passing rate limit (a quota used up, an account out of funds): someone
+                // has to act; the deliveries wait and are retried slowly meanwhile.
+                tracing::error!(sink = %name, pause_s = after.as_secs(), %reason, "the vendor refuses this sink's deliveries for now: its deliveries are paused and retried slowly");
+            }
         }
-        let name = lane.client.name.clone();
         metrics::counter!("perkflow_deliveries_total", "sink" => name.clone(), "outcome" => sent.outcome.label())
             .increment(1);
         metrics::histogram!("perkflow_delivery_duration_seconds", "sink" => name)

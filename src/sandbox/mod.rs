@@ -11,6 +11,7 @@
 //! before the real handling), `POST /_sandbox/reset`, `POST /_sandbox/giftcard/expire-tokens`.
 
 mod giftcard;
+mod limits;
 mod vendors;
 
 use axum::body::Bytes;
@@ -117,6 +118,8 @@ pub struct Sandbox {
     /// How long a gift-card order stays Pending.
     pub fulfil_after: Duration,
     pub(crate) http: reqwest::Client,
+    /// Each vendor's rate limit.
+    limits: limits::Limits,
 }
 
 impl Sandbox {
@@ -136,6 +139,7 @@ impl Sandbox {
                 .build()
                 .expect("http client"),
             me: me.clone(),
+            limits: limits::Limits::default(),
         })
     }
 
@@ -369,7 +373,10 @@ async fn dispatch(
             }
             a
         }
-        None => vendors::handle(&sb, &vendor, &req).await,
+        None => match sb.limits.check(&vendor) {
+            Some(limited) => limited,
+            None => vendors::handle(&sb, &vendor, &req).await,
+        },
     };
     let mut rec = received(&vendor, &req, answer.status, answer.summary.clone());
     rec.read |= answer.read;

@@ -67,9 +67,10 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
             "giftcard",
             "(1 x STARBUCKS 10) for ben.referrer@example.com",
         ),
-        ("giftcard", "(1 x STARBUCKS 5) for zoe.friend@example.com"),
+        ("giftcard", "(1 x STARBUCKS 5) for claim link, PONumber FRIEND-7390211358771"),
         ("sendgrid", "email to ben.referrer@example.com"),
-        ("sendgrid", "email to zoe.friend@example.com"),
+        // The friend's card is a claim link, texted once the order completes.
+        ("twilio", "SMS to +15555550188: \"Your 5 USD STARBUCKS gift card is ready: https://claim.sandbox.invalid/"),
     ] {
         assert!(
             stdout
@@ -79,6 +80,10 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
         );
     }
     assert!(stdout.contains("16 deliveries to 8 vendors"), "{stdout}");
+    assert!(
+        stdout.contains("the status page (sign in with the token)"),
+        "{stdout}"
+    );
     assert!(
         !stdout.contains("✗"),
         "a vendor refused something:\n{stdout}"

@@ -166,3 +166,68 @@ async fn a_completed_order_emits_reward_fulfilled_for_a_follow_up_pipeline() {
         "announced once"
     );
 }
+
+#[tokio::test]
+async fn insufficient_funds_pauses_the_sink_raises_the_alarm_and_keeps_the_order() {
+    let (_sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    // 100 x 100 USD: more than the sandbox account's prefunded balance.
+    std::fs::write(
+        dir.path().join("pipelines/gift.yaml"),
+        "pipeline: gift\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: rewards.order, with: { product: AMAZON, value: 100, quantity: 100, email: \"{{ event.email }}\" } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  rewards: {{ connector: giftcard, email: dev@example.com, access_token: dev-giftcard-token, base_url: \"{url}/giftcard\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let id = ingest(&c, &d, 1, None).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let rewards = loop {
+        let r = api(&c, &d, "GET", "/api/connectors", None).await.json();
+        let rewards = r["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "rewards")
+            .cloned()
+            .unwrap();
+        if rewards["paused_until_ms"].is_u64() {
+            break rewards;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r:#}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Health says what is wrong and what to do; the order waits (not a dead letter).
+    assert_eq!(rewards["state"], "degraded", "{rewards:#}");
+    let why = rewards["why"].as_str().unwrap();
+    assert!(
+        why.contains("insufficient funds in the prefunded account: fund it"),
+        "{why}"
+    );
+    let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
+        .await
+        .json();
+    assert_eq!(ev["jobs"][0]["state"], "pending", "{ev:#}");
+    assert_eq!(ev["jobs"][0]["attempts"], 1);
+    let wait =
+        ev["jobs"][0]["next_at_ms"].as_u64().unwrap() - crate::helpers::now_unix() as u64 * 1000;
+    assert!(wait > 25 * 60 * 1000, "retried slowly (30 min): {wait} ms");
+    // The alarm: a metric and an ERROR line.
+    let m = get(&c, &d.url("/metrics")).await.body;
+    assert!(
+        m.contains("perkflow_sink_paused{sink=\"rewards\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("perkflow_sink_paused_total{sink=\"rewards\",status=\"422\"} 1"),
+        "{m}"
+    );
+    assert!(
+        d.log().contains("ERROR") && d.log().contains("its deliveries are paused"),
+        "{}",
+        d.log()
+    );
+}

@@ -131,6 +131,10 @@ async fn connector_health_tells_what_is_wrong_and_where() {
     assert!(m.contains("perkflow_queue_depth{sink=\"team\"}"), "{m}");
     assert!(m.contains("perkflow_dead_letters{sink=\"sms\"}"), "{m}");
     assert!(m.contains("perkflow_store_bytes"), "{m}");
+    assert!(
+        m.contains("perkflow_delivery_duration_seconds_bucket{sink=\"email\",le=\"0.1\"}"),
+        "delivery latency is a histogram: {m}"
+    );
     assert!(!m.contains("ev_0"), "no event id in any label");
 
     // Without the token: 401.

@@ -185,3 +185,41 @@ async fn every_sink_handles_success_auth_failure_rate_limits_server_errors_and_r
     }
     assert!(sb.received().len() > CASES.len() * 6);
 }
+
+/// The sandbox enforces each vendor's documented rate limit (Slack: about one message a
+/// second per webhook, short bursts tolerated). A sink configured faster than that gets the
+/// vendor's 429 with Retry-After; the engine waits as told and every message arrives once,
+/// the 429s costing no attempt.
+#[tokio::test]
+async fn a_vendor_rate_limit_is_waited_out_and_nothing_is_lost() {
+    let (sb, url, _stop) = sandbox().await;
+    let (dir, config) = project(
+        &format!("  team: {{ connector: slack, webhook_url: \"{url}/slack/services/T1/B1/x\", rate: 100, concurrency: 4 }}\n"),
+        "{ to: team.post, with: { text: \"order {{ event_id }}\" } }",
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    const N: usize = 34;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let a = post(&c, &d.url("/hooks/shop"), &order(i)).await;
+        assert_eq!(a.status, 200);
+        ids.push(a.json()["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let j = settled_jobs(&c, &d, id, 1, Duration::from_secs(60)).await;
+        assert_eq!(j[0]["state"], "delivered", "{j:#?}");
+        assert_eq!(j[0]["attempts"], 1, "a 429 costs no attempt: {j:#?}");
+    }
+    let got = sb.received();
+    let slack: Vec<_> = got.iter().filter(|r| r.vendor == "slack").collect();
+    assert!(
+        slack.iter().any(|r| r.status == 429),
+        "the vendor limit was hit"
+    );
+    assert_eq!(
+        slack.iter().filter(|r| r.status == 200).count(),
+        N,
+        "each message once"
+    );
+}
