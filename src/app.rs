@@ -392,6 +392,15 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
     };
     let admin = AdminAccess::decide(token);
     if matches!(admin, AdminAccess::Disabled) {
+        // Reachable from other hosts with no admin token: the admin API and status page would
+        // be off, and an operator could not see or replay anything. Refuse rather than run
+        // blind (or be tempted to open the API without protection).
+        if !cfg.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to serve on {} (not a loopback address) without an admin_token: set admin_token (e.g. admin_token: ${{PERKFLOW_ADMIN_TOKEN}}) or listen on 127.0.0.1",
+                cfg.listen
+            );
+        }
         tracing::info!("no admin_token configured: the admin API (/api) answers 403");
     }
     let mut state = AppState::new(
@@ -450,6 +459,14 @@ impl Prepared {
             crate::reload::watched(cfg),
             watcher_stop.clone(),
         ));
+        let retention_stop = CancellationToken::new();
+        let retention = cfg.retention.map(|age| {
+            tokio::spawn(crate::retention::run(
+                self.store.clone(),
+                age,
+                retention_stop.clone(),
+            ))
+        });
         let sampler_stop = CancellationToken::new();
         let sampler = tokio::spawn(crate::ops::connectors::sampler(
             self.state.clone(),
@@ -461,6 +478,10 @@ impl Prepared {
         let _ = sampler.await;
         watcher_stop.cancel();
         let _ = watcher.await;
+        retention_stop.cancel();
+        if let Some(r) = retention {
+            let _ = r.await;
+        }
         // Requests are drained; the worker finishes the event it is on; attempts in flight
         // finish (each bounded by its sink's timeout) and are recorded.
         worker_stop.cancel();

@@ -41,6 +41,10 @@ pub struct EventMeta {
     pub event_time: Option<String>,
     pub received_at_ms: u64,
     pub headers: Vec<(String, String)>,
+    /// When retention removed the payload (the metadata stays, so re-deliveries are still
+    /// recognised as duplicates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -162,7 +166,7 @@ fn dedup_key(source: &str, vendor_id: &str) -> Vec<u8> {
 }
 
 /// `[u32 BE meta length][meta JSON][payload]`: the payload stays byte-exact.
-fn encode(meta: &EventMeta, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn encode(meta: &EventMeta, payload: &[u8]) -> Vec<u8> {
     let m = serde_json::to_vec(meta).expect("event meta serialises");
     let mut out = Vec::with_capacity(4 + m.len() + payload.len());
     out.extend_from_slice(&(m.len() as u32).to_be_bytes());
@@ -171,7 +175,7 @@ fn encode(meta: &EventMeta, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
+pub(crate) fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
     let bad = || StoreError::Corrupt("event record".into());
     let len = u32::from_be_bytes(
         raw.get(..4)
@@ -208,6 +212,7 @@ impl Store {
                     event_time: e.event_time.clone(),
                     received_at_ms: e.received_at_ms,
                     headers: e.headers.clone(),
+                    purged_at_ms: None,
                 };
                 (
                     id,
@@ -734,6 +739,7 @@ mod tests {
             event_time: None,
             received_at_ms: 5,
             headers: vec![],
+            purged_at_ms: None,
         };
         let record = encode(&meta, b"{}");
         {
@@ -802,6 +808,7 @@ mod tests {
             event_time: None,
             received_at_ms: 5,
             headers: vec![],
+            purged_at_ms: None,
         };
         let wal = crate::wal::Wal::start(&wal_dir, 1, None, Default::default()).unwrap();
         wal.append(encode(&meta, b"{\"logged\":true}").into())

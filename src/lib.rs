@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod redact;
 pub mod reload;
+pub mod retention;
 pub mod sandbox;
 pub mod sign;
 pub mod sink;

@@ -250,6 +250,9 @@ pub struct QueueStats {
     pub store_bytes: u64,
     /// The scan stopped at the limit: the counts are lower bounds.
     pub truncated: bool,
+    /// Purged by retention since the store was created.
+    pub purged_events: u64,
+    pub purged_jobs: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -269,6 +272,8 @@ impl Outbox for Store {
         let mut out = QueueStats {
             events_pending: self.pending_len(),
             store_bytes: self.size_on_disk(),
+            purged_events: self.total("purged_events"),
+            purged_jobs: self.total("purged_jobs"),
             ..Default::default()
         };
         let mut seen = 0usize;

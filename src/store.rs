@@ -182,6 +182,33 @@ impl Store {
         Ok(())
     }
 
+    /// Adds `n` to a persistent total (kept across restarts and purges).
+    pub(crate) fn add_total(&self, name: &str, n: u64) -> Result<(), StoreError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let key = format!("total:{name}");
+        self.meta.fetch_and_update(key.as_bytes(), |old| {
+            let v = old
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((v + n).to_be_bytes().to_vec())
+        })?;
+        Ok(())
+    }
+
+    /// A persistent total (0 if never added to).
+    pub fn total(&self, name: &str) -> u64 {
+        self.meta
+            .get(format!("total:{name}").as_bytes())
+            .ok()
+            .flatten()
+            .and_then(|b| b.as_ref().try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0)
+    }
+
     /// Bytes on disk: sled's files and the inbox log.
     pub fn size_on_disk(&self) -> u64 {
         let log: u64 = wal::files(self.wal.dir())

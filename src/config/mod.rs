@@ -41,6 +41,8 @@ struct TopSpec {
     /// Field names whose values are personal data: shown as `[redacted]` in traces, the
     /// admin API, the status page, dry runs and logs.
     pii_fields: Option<Vec<String>>,
+    /// Stored payloads, traces and finished jobs older than this are purged (default: kept).
+    retention: Option<DurationSpec>,
     // Only their shape (a map) is checked here; entries are parsed one by one in `load_text`.
     #[allow(dead_code)]
     sources: Option<IndexMap<String, IgnoredAny>>,
@@ -139,6 +141,8 @@ pub struct Config {
     pub max_body: usize,
     /// Field names whose values are personal data (see `redact`).
     pub pii_fields: Vec<String>,
+    /// Payloads, traces and finished jobs older than this are purged (`None`: kept).
+    pub retention: Option<Duration>,
     pub connector_dirs: Vec<PathBuf>,
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
@@ -294,6 +298,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         public_url: top.public_url.map(|u| u.trim_end_matches('/').to_string()),
         max_body: top.max_body.map(|b| b.0).unwrap_or(DEFAULT_MAX_BODY),
         pii_fields: top.pii_fields.unwrap_or_default(),
+        retention: top.retention.map(|d| d.0),
         connector_dirs,
         pipeline_dirs,
         sources,
@@ -349,6 +354,7 @@ impl TopSpec {
             public_url,
             max_body,
             pii_fields,
+            retention,
             sources,
             sinks,
         } = one;
@@ -362,6 +368,7 @@ impl TopSpec {
         self.public_url = self.public_url.take().or(public_url);
         self.max_body = self.max_body.take().or(max_body);
         self.pii_fields = self.pii_fields.take().or(pii_fields);
+        self.retention = self.retention.take().or(retention);
         self.sources = self.sources.take().or(sources);
         self.sinks = self.sinks.take().or(sinks);
     }

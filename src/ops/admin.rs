@@ -143,6 +143,7 @@ async fn show_event(State(app): State<AppState>, Path(id): Path<String>) -> Resp
             out["payload_bytes"] = json!(ev.payload.len());
             // JSON payloads are shown as JSON; anything else as base64 of the exact bytes.
             match serde_json::from_slice::<Value>(&ev.payload) {
+                _ if ev.meta.purged_at_ms.is_some() => out["payload"] = Value::Null,
                 Ok(v) => out["payload"] = personal.json(&v),
                 Err(_) => {
                     out["payload_base64"] =
@@ -354,6 +355,13 @@ async fn replay_event(
         Ok(None) => return not_found("event"),
         Err(e) => return store_error(e),
     };
+    if ev.meta.purged_at_ms.is_some() {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": "this event's payload was purged by retention: it cannot be run again" })),
+        )
+            .into_response();
+    }
     let existing = match app.outbox.event_jobs(&id) {
         Ok(j) => j,
         Err(e) => return store_error(e),

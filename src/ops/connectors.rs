@@ -177,6 +177,9 @@ pub struct Report {
     pub connectors: Vec<Connector>,
     pub events_pending: usize,
     pub store_bytes: u64,
+    /// Payloads and finished jobs purged by retention, since the store was created.
+    pub purged_events: u64,
+    pub purged_jobs: u64,
     /// The last reload was refused: the old configuration keeps running.
     pub config_error: Option<String>,
     pub config_loaded_at_ms: u64,
@@ -310,6 +313,8 @@ pub fn report(app: &AppState, queues: &QueueStats, now_ms: u64) -> Report {
         connectors,
         events_pending: queues.events_pending,
         store_bytes: queues.store_bytes,
+        purged_events: queues.purged_events,
+        purged_jobs: queues.purged_jobs,
         config_error: reload.error,
         config_loaded_at_ms: reload.loaded_at_ms,
     }
@@ -325,6 +330,9 @@ pub fn publish(queues: &QueueStats, now_ms: u64) {
         metrics::gauge!("perkflow_dead_letters", "sink" => sink.clone()).set(q.dead as f64);
     }
     metrics::gauge!("perkflow_events_pending").set(queues.events_pending as f64);
+    metrics::gauge!("perkflow_retention_purged", "what" => "events")
+        .set(queues.purged_events as f64);
+    metrics::gauge!("perkflow_retention_purged", "what" => "jobs").set(queues.purged_jobs as f64);
     metrics::gauge!("perkflow_store_bytes").set(queues.store_bytes as f64);
 }
 

@@ -20,6 +20,36 @@ const EXCERPT: usize = 512;
 /// Bytes of a vendor answer read at most.
 const MAX_ANSWER: usize = 1 << 20;
 
+/// Why a reconciliation lookup gave no answer.
+#[derive(Debug)]
+enum LookupFailed {
+    /// It never reached the vendor (no token, no connection): nothing is known.
+    NotAsked(String),
+    /// The vendor was asked and answered with an error (or not at all).
+    Failed(String),
+}
+
+impl From<String> for LookupFailed {
+    fn from(s: String) -> Self {
+        LookupFailed::Failed(s)
+    }
+}
+
+impl From<&str> for LookupFailed {
+    fn from(s: &str) -> Self {
+        LookupFailed::Failed(s.to_string())
+    }
+}
+
+impl std::fmt::Display for LookupFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LookupFailed::NotAsked(s) => write!(f, "the lookup could not be sent: {s}"),
+            LookupFailed::Failed(s) => f.write_str(s),
+        }
+    }
+}
+
 /// What one send did.
 #[derive(Debug, Clone)]
 pub struct Sent {
@@ -223,9 +253,11 @@ impl SinkClient {
                         );
                     }
                     Ok(None) => {} // not there: the earlier attempt did not land; send.
-                    // The lookup failed, but the vendor de-duplicates the request itself (a
-                    // repeated PONumber answers 409 with the first order): resending is safe.
-                    Err(why) if act.idempotent => {
+                    // The lookup was answered with an error, but the vendor de-duplicates the
+                    // request itself (a repeated PONumber answers 409 with the first order):
+                    // resending is safe. A lookup that never reached the vendor is retried
+                    // first (below): it is the lookup that decides.
+                    Err(LookupFailed::Failed(why)) if act.idempotent => {
                         tracing::info!(sink = %self.name, job = key, reason = %why, "lookup of an earlier attempt failed; resending with the same idempotency key");
                     }
                     Err(why) => {
@@ -510,7 +542,7 @@ impl SinkClient {
         &self,
         rec: &crate::connector::sink::ReconcileDef,
         ctx: &Json,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, LookupFailed> {
         let url = request::url(
             &self.engine,
             self.base_url.as_deref(),
@@ -525,16 +557,20 @@ impl SinkClient {
             body: None,
             body_text: None,
         };
-        let (status, body) = self
-            .exchange(&req, ctx)
-            .await
-            .map(|(status, _, body)| (status, body))
-            .map_err(|e| e.to_string())?;
+        let (status, body) = match self.exchange(&req, ctx).await {
+            Ok((status, _, body)) => (status, body),
+            // The lookup never reached the vendor (no token, no connection): nothing is
+            // known, so nothing may be resent yet.
+            Err(e @ Exchange::Auth(_)) | Err(e @ Exchange::Send(Failure::NotSent(_))) => {
+                return Err(LookupFailed::NotAsked(e.to_string()))
+            }
+            Err(e) => return Err(LookupFailed::Failed(e.to_string())),
+        };
         if status == 404 {
             return Ok(None);
         }
         if !(200..300).contains(&status) {
-            return Err(format!("lookup answered HTTP {status}"));
+            return Err(format!("lookup answered HTTP {status}").into());
         }
         let json: Json =
             serde_json::from_slice(&body).map_err(|_| "lookup answer is not JSON".to_string())?;

@@ -124,3 +124,32 @@ async fn without_a_token_the_admin_api_is_disabled() {
         200
     );
 }
+
+/// Reachable from other hosts with no admin token, the daemon refuses to start (it never
+/// binds: the refusal comes before).
+#[test]
+fn a_non_loopback_address_without_a_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("perkflow.yaml");
+    std::fs::write(
+        &cfg,
+        "sources:\n  shop: { connector: shopify, secret: s }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(["serve", "-c"])
+        .arg(&cfg)
+        .args(["--listen", "0.0.0.0:0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "refusing to serve on 0.0.0.0:0 (not a loopback address) without an admin_token"
+        ),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "it never listened");
+}

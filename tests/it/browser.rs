@@ -60,6 +60,18 @@ async fn chromedriver() -> Driver {
     driver
 }
 
+/// The element, once the page that has it has loaded (a click that submits a form returns
+/// before the next page is there).
+async fn wait(
+    b: &fantoccini::Client,
+    what: Locator<'_>,
+) -> Result<fantoccini::elements::Element, fantoccini::error::CmdError> {
+    b.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(what)
+        .await
+}
+
 #[tokio::test]
 async fn the_status_page_shows_connectors_links_to_traces_and_replays_dead_letters() {
     let (_sb, url, _stop) = sandbox().await;
@@ -118,10 +130,11 @@ async fn the_status_page_shows_connectors_links_to_traces_and_replays_dead_lette
             .send_keys("not-the-token")
             .await?;
         b.find(Locator::Id("sign-in")).await?.click().await?;
-        let err = b.find(Locator::Id("login-error")).await?.text().await?;
+        let err = wait(&b, Locator::Id("login-error")).await?.text().await?;
         assert_eq!(err, "Wrong token.");
         b.find(Locator::Id("token")).await?.send_keys(TOKEN).await?;
         b.find(Locator::Id("sign-in")).await?.click().await?;
+        wait(&b, Locator::Id("connectors")).await?;
 
         // The connector rows.
         let state = |name: &'static str| {
@@ -154,7 +167,7 @@ async fn the_status_page_shows_connectors_links_to_traces_and_replays_dead_lette
         .await?
         .click()
         .await?;
-        let title = b.find(Locator::Id("event-id")).await?.text().await?;
+        let title = wait(&b, Locator::Id("event-id")).await?.text().await?;
         assert_eq!(title, format!("Event {event}"));
         let failed = b
             .find(Locator::Css(
@@ -178,13 +191,14 @@ async fn the_status_page_shows_connectors_links_to_traces_and_replays_dead_lette
 
         // Back to the status page: replay the dead letter with its button.
         b.goto(&d.url("/")).await?;
+        wait(&b, Locator::Id("dead-letters")).await?;
         b.find(Locator::Css(&format!(
             "#dead-letters tr[data-job=\"{dead_key}\"] button.replay"
         )))
         .await?
         .click()
         .await?;
-        let flash = b.find(Locator::Id("flash")).await?.text().await?;
+        let flash = wait(&b, Locator::Id("flash")).await?.text().await?;
         assert_eq!(
             flash,
             format!("Dead letter {dead_key} queued again (same idempotency key).")

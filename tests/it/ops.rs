@@ -282,3 +282,253 @@ async fn personal_data_is_masked_everywhere_people_look_but_sent_as_is() {
         assert!(!text.contains(p), "the dry run shows {p}:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn retention_purges_old_payloads_traces_and_finished_jobs_but_keeps_dead_letters() {
+    let (_sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/paid.yaml"),
+        "pipeline: paid\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: email.send, with: { to: a@example.com, subject: hi, text: hi } }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: hi } }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/refund.yaml"),
+        "pipeline: refund\non: { source: shop, events: [refunds/create] }\nsteps:\n  - deliver: { to: email.send, with: { to: a@example.com, subject: refund, text: hi } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nretention: 3s\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: wrong, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let paid = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refund_req = sign_fixture(
+        "shopify",
+        "shopify/refunds-create.json",
+        &keys(&["s"]),
+        "",
+        0,
+    );
+    let refund = post(&c, &d.url("/hooks/shop"), &refund_req).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let jobs = crate::delivery::settled_jobs(&c, &d, &paid, 2, Duration::from_secs(20)).await;
+    let dead_key = jobs.iter().find(|j| j["state"] == "dead").unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    crate::delivery::settled_jobs(&c, &d, &refund, 1, Duration::from_secs(20)).await;
+
+    // Older than 3 s: purged by the next pass.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ev = loop {
+        let ev = api(&c, &d, "GET", &format!("/api/events/{refund}"), None)
+            .await
+            .json();
+        if ev["purged_at_ms"].is_u64() {
+            break ev;
+        }
+        assert!(Instant::now() < deadline, "not purged: {ev:#}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ev["payload"], Value::Null, "{ev:#}");
+    assert_eq!(ev["trace"], Value::Null, "{ev:#}");
+    assert_eq!(ev["jobs"], json!([]), "the delivered job went too: {ev:#}");
+    assert_eq!(ev["event_type"], "refunds/create", "the metadata stays");
+    // A late re-delivery is still recognised.
+    let again = post(&c, &d.url("/hooks/shop"), &refund_req).await.json();
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["id"], refund.as_str());
+    // It cannot be run again.
+    let a = api(
+        &c,
+        &d,
+        "POST",
+        &format!("/api/events/{refund}/replay"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(a.status, 409, "{}", a.body);
+
+    // The event holding a dead letter keeps its payload and the dead letter; its delivered
+    // job is purged.
+    let ev = api(&c, &d, "GET", &format!("/api/events/{paid}"), None)
+        .await
+        .json();
+    assert!(ev["purged_at_ms"].is_null(), "{ev:#}");
+    assert_eq!(ev["payload"]["total_price"], "125.50");
+    let keys: Vec<&str> = ev["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [dead_key.as_str()], "{ev:#}");
+    let dlq = api(&c, &d, "GET", "/api/dlq", None).await.json();
+    assert_eq!(dlq["dead_letters"][0]["key"], dead_key.as_str());
+
+    // The counts are kept.
+    let r = api(&c, &d, "GET", "/api/connectors", None).await.json();
+    assert!(r["purged_events"].as_u64().unwrap() >= 1, "{r:#}");
+    assert!(r["purged_jobs"].as_u64().unwrap() >= 2, "{r:#}");
+    assert!(d
+        .log()
+        .contains("retention: purged payloads and traces older than 3s"));
+}
+
+/// Known secrets go in (source secrets, sink credentials, the admin token, a token the
+/// gift-card API mints); traffic runs through success and failure paths; none of them may
+/// appear in the log (at debug level) or anything the API, the status page, the metrics or
+/// the CLI show.
+#[tokio::test]
+async fn no_secret_appears_in_logs_or_any_output() {
+    let creds = perkflow::sandbox::Credentials {
+        twilio_token: "SECRET-twilio-7f3a9c".into(),
+        sendgrid_key: "SG.SECRET-sendgrid-41be07".into(),
+        giftcard_access_token: "SECRET-giftcard-c0ffee".into(),
+        ..Default::default()
+    };
+    let sb = perkflow::sandbox::Sandbox::new(creds);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(perkflow::sandbox::serve(sb.clone(), listener, stop.clone()));
+    let _stop = stop.drop_guard();
+
+    let secrets = [
+        "SECRET-shop-5d1e2f",
+        "SECRET-twilio-7f3a9c",
+        "SG.SECRET-sendgrid-41be07",
+        "SECRET-giftcard-c0ffee",
+        "SECRET-admin-9b8a7c",
+        "SECRET-slack-bot-0a0b",
+        "gc-token-",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/p.yaml"),
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: hi } }\n  - deliver: { to: email.send, with: { to: a@example.com, subject: hi, text: hi } }\n  - deliver: { to: rewards.order, with: { product: CVS, value: 5, email: a@example.com } }\n  - deliver: { to: team.post_message, with: { text: hi } }\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("shop.secret"), "SECRET-shop-5d1e2f").unwrap();
+    let config = format!(
+        "admin_token: SECRET-admin-9b8a7c\nsources:\n  shop: {{ connector: shopify, secret: \"${{file:shop.secret}}\" }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: SECRET-twilio-7f3a9c, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.SECRET-sendgrid-41be07, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n  rewards: {{ connector: giftcard, email: dev@example.com, access_token: SECRET-giftcard-c0ffee, base_url: \"{url}/giftcard\" }}\n  team: {{ connector: slack, webhook_url: \"{url}/slack/services/T1/B1/x\", bot_token: SECRET-slack-bot-0a0b, channel: C1, base_url: \"{url}/slack\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let good = sign_fixture(
+        "shopify",
+        "shopify/orders-paid.json",
+        &keys(&["SECRET-shop-5d1e2f"]),
+        "",
+        0,
+    );
+    let id = post(&c, &d.url("/hooks/shop"), &good).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A forged webhook, and a wrong admin token.
+    let forged = sign_fixture(
+        "shopify",
+        "shopify/orders-paid.json",
+        &keys(&["guess"]),
+        "",
+        0,
+    )
+    .set("X-Shopify-Event-Id", "forged");
+    assert_eq!(post(&c, &d.url("/hooks/shop"), &forged).await.status, 401);
+    assert_eq!(
+        send(
+            c.get(d.url("/api/events"))
+                .bearer_auth("SECRET-admin-9b8a7")
+        )
+        .await
+        .status,
+        401
+    );
+    // Every delivery settles: Twilio, SendGrid and the gift card succeed; Slack refuses the bot
+    // token (the sandbox knows another one): a dead letter with the vendor's answer.
+    let admin = |path: String| {
+        let c = c.clone();
+        let url = d.url(&path);
+        async move { send(c.get(url).bearer_auth("SECRET-admin-9b8a7c")).await }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ev = admin(format!("/api/events/{id}")).await.json();
+        let jobs = ev["jobs"].as_array().cloned().unwrap_or_default();
+        if jobs.len() >= 4
+            && jobs
+                .iter()
+                .all(|j| matches!(j["state"].as_str(), Some("delivered" | "dead")))
+        {
+            assert!(
+                jobs.iter()
+                    .any(|j| j["sink"] == "team" && j["state"] == "dead"),
+                "{jobs:#?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ev:#}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut shown = vec![
+        ("log", d.log()),
+        ("events", admin("/api/events".into()).await.body),
+        ("event", admin(format!("/api/events/{id}")).await.body),
+        ("jobs", admin("/api/jobs".into()).await.body),
+        ("dlq", admin("/api/dlq".into()).await.body),
+        ("connectors", admin("/api/connectors".into()).await.body),
+        ("status page", admin("/".into()).await.body),
+        ("event page", admin(format!("/ui/events/{id}")).await.body),
+        ("metrics", get(&c, &d.url("/metrics")).await.body),
+    ];
+    for args in [
+        vec!["check"],
+        vec!["run", "p", "--fixture", "orders-paid.json"],
+    ] {
+        std::fs::copy(
+            repo("fixtures/shopify/orders-paid.json"),
+            dir.path().join("orders-paid.json"),
+        )
+        .unwrap();
+        std::fs::copy(
+            repo("fixtures/shopify/orders-paid.headers.yaml"),
+            dir.path().join("orders-paid.headers.yaml"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        shown.push((
+            "cli",
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ));
+    }
+    assert!(
+        shown[0].1.contains("DEBUG"),
+        "the log scanned is at debug level"
+    );
+    assert!(
+        shown.iter().any(|(_, t)| t.contains("[redacted]")),
+        "credentials were shown masked"
+    );
+    for (what, text) in &shown {
+        for s in secrets {
+            assert!(!text.contains(s), "{what} shows the secret {s}:\n{text}");
+        }
+    }
+}
