@@ -246,6 +246,7 @@ pub struct Boot {
     pub durability: crate::config::Durability,
     pub flush_interval: std::time::Duration,
     pub admin_token: Option<crate::config::secrets::Interpolated>,
+    pub retention: Option<std::time::Duration>,
 }
 
 impl Boot {
@@ -256,6 +257,7 @@ impl Boot {
             durability: cfg.durability,
             flush_interval: cfg.flush_interval,
             admin_token: cfg.admin_token.clone(),
+            retention: cfg.retention,
         }
     }
 }
@@ -302,6 +304,7 @@ impl AppState {
                 durability: Default::default(),
                 flush_interval: Default::default(),
                 admin_token: None,
+                retention: None,
             }),
         }
     }

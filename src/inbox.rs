@@ -502,8 +502,23 @@ impl Inbox for Store {
         };
         let mut events = Vec::new();
         let mut next = None;
+        // A filter on run outcomes reads traces: the scan is bounded (the page then ends
+        // early and `next` continues from where it stopped).
+        const SCAN: usize = 50_000;
+        let mut scanned = 0;
         for item in self.events.range(..upper.to_be_bytes()).rev() {
             let (key, raw) = item?;
+            scanned += 1;
+            if q.outcome.is_some() && scanned > SCAN {
+                next = Some(format_id(
+                    u64::from_be_bytes(
+                        key.as_ref()
+                            .try_into()
+                            .map_err(|_| StoreError::Corrupt("event key".into()))?,
+                    ) + 1,
+                ));
+                break;
+            }
             let ev = decode(&raw)?;
             let matches = q.source.as_ref().is_none_or(|s| *s == ev.meta.source)
                 && q.event_type

@@ -13,15 +13,19 @@ use std::sync::{Arc, Mutex};
 /// One HTTP client per sink, rebuilt when the runtime (the config) changes.
 #[derive(Default)]
 pub struct Clients {
-    inner: Mutex<(usize, HashMap<String, Arc<SinkClient>>)>,
+    /// The runtime the clients were built from (held, so that its address cannot be reused
+    /// by a later one), and the clients.
+    inner: Mutex<Built>,
 }
+
+/// The runtime the clients were built from, and the clients by sink name.
+type Built = (Option<Arc<Runtime>>, HashMap<String, Arc<SinkClient>>);
 
 impl Clients {
     fn get(&self, runtime: &Arc<Runtime>, sink: &str) -> Result<Arc<SinkClient>, String> {
         let mut guard = self.inner.lock().map_err(|_| "lookup clients poisoned")?;
-        let generation = Arc::as_ptr(runtime) as usize;
-        if guard.0 != generation {
-            *guard = (generation, HashMap::new());
+        if !guard.0.as_ref().is_some_and(|r| Arc::ptr_eq(r, runtime)) {
+            *guard = (Some(runtime.clone()), HashMap::new());
         }
         if let Some(c) = guard.1.get(sink) {
             return Ok(c.clone());

@@ -40,12 +40,9 @@ impl Pii {
         if !self.is_empty() {
             self.collect(payload, false, &mut out);
         }
-        // Longest first, so that a value containing another is replaced whole.
-        out.sort_by_key(|v: &String| std::cmp::Reverse(v.len()));
-        out.dedup();
         Values {
             pii: self.clone(),
-            values: out,
+            values: normalised(out),
         }
     }
 
@@ -64,6 +61,22 @@ impl Pii {
     }
 }
 
+/// Each value also URL- and form-encoded (a vendor request shows `To=%2B1555…`), longest
+/// first so that a value containing another is replaced whole, without repeats.
+fn normalised(values: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(values.len() * 2);
+    for v in values {
+        let form: String = form_urlencoded::byte_serialize(v.as_bytes()).collect();
+        if form != v {
+            out.push(form);
+        }
+        out.push(v);
+    }
+    out.sort_by_key(|v: &String| std::cmp::Reverse(v.len()));
+    out.dedup();
+    out
+}
+
 /// One event's personal data, ready to mask.
 #[derive(Debug, Clone, Default)]
 pub struct Values {
@@ -73,11 +86,24 @@ pub struct Values {
 
 impl Values {
     /// Values known to be personal data (a job's, recorded when it was created).
-    pub fn listed(mut values: Vec<String>) -> Values {
-        values.sort_by_key(|v: &String| std::cmp::Reverse(v.len()));
+    pub fn listed(values: Vec<String>) -> Values {
         Values {
             pii: Pii::default(),
-            values,
+            values: normalised(values),
+        }
+    }
+
+    /// These values and `other`'s (an event's, and what its lookups read).
+    pub fn merged(&self, other: Values) -> Values {
+        let mut all = self.values.clone();
+        all.extend(other.values);
+        Values {
+            pii: if self.pii.is_empty() {
+                other.pii
+            } else {
+                self.pii.clone()
+            },
+            values: normalised(all),
         }
     }
 
@@ -160,6 +186,11 @@ mod tests {
             "21211: invalid 'To' number [redacted]"
         );
         assert_eq!(v.text("bad phone +15555550123"), "bad phone [redacted]");
+        // Encoded as a vendor request carries it.
+        assert_eq!(
+            v.text("To=%2B15555550123&Email=ada%40example.com"),
+            "To=[redacted]&Email=[redacted]"
+        );
         // "Ada" is 3 characters: masked too.
         assert_eq!(v.text("Ada"), MASK);
     }

@@ -62,6 +62,9 @@ pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
     if cfg.admin_token != boot.admin_token {
         need_restart.push("admin_token");
     }
+    if cfg.retention != boot.retention {
+        need_restart.push("retention");
+    }
     let summary = Reloaded {
         sources: rt.sources.len(),
         sinks: rt.sinks.len(),

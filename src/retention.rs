@@ -3,7 +3,8 @@
 //! `with` holds the same personal data). What stays:
 //! - each event's metadata (id, source, type, vendor id, times), so a late re-delivery is
 //!   still answered as a duplicate and the event still appears in listings, marked purged;
-//! - dead letters (and their events), until they are replayed or dropped;
+//! - dead letters, with their event's payload and every other job of that event (so that a
+//!   replay still knows what was delivered), until they are replayed or dropped;
 //! - anything not finished: pending events, jobs waiting or in flight, orders being tracked;
 //! - the aggregated counts (metrics, and the persistent totals of what was purged).
 
@@ -20,111 +21,131 @@ pub struct Purged {
     pub jobs: u64,
     /// Events old enough but kept (not finished, or holding dead letters).
     pub kept: u64,
-    /// The first event id the next pass needs to look at.
+    /// The first new event id the next pass looks at.
     pub resume_at: u64,
 }
 
-/// Events examined per pass at most (a pass is bounded; the next one continues).
+/// New events examined per pass at most (a pass is bounded; the next one continues).
 const PASS: usize = 10_000;
 
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Purged,
+    /// Not finished, or holding dead letters: looked at again next pass.
+    Kept,
+    /// Already purged, or no longer there.
+    Gone,
+}
+
 impl Store {
-    /// Purges what was received before `cutoff_ms`, starting at event id `from`.
-    pub fn purge(&self, cutoff_ms: u64, now_ms: u64, from: u64) -> Result<Purged, StoreError> {
+    /// Purges what was received before `cutoff_ms`: first the events kept by earlier passes
+    /// (`recheck`: unfinished then, or holding dead letters), then new ones from event id
+    /// `from` on, at most `PASS` of them. Events kept this time are added to `recheck`.
+    pub fn purge(
+        &self,
+        cutoff_ms: u64,
+        now_ms: u64,
+        from: u64,
+        recheck: &mut std::collections::BTreeSet<u64>,
+    ) -> Result<Purged, StoreError> {
         let mut out = Purged {
             resume_at: from,
             ..Default::default()
         };
-        // The oldest event kept (not finished): later passes start there.
-        let mut first_kept: Option<u64> = None;
-        let mut last: Option<u64> = None;
-        let mut examined = 0;
-        for item in self.events.range(from.to_be_bytes()..) {
+        for id in recheck.clone() {
+            match self.purge_one(id, now_ms, &mut out)? {
+                Verdict::Kept => {}
+                Verdict::Purged | Verdict::Gone => {
+                    recheck.remove(&id);
+                }
+            }
+        }
+        for (examined, item) in self.events.range(from.to_be_bytes()..).enumerate() {
             let (key, raw) = item?;
             let id = u64::from_be_bytes(
                 key.as_ref()
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("event key".into()))?,
             );
-            let ev = decode(&raw)?;
-            if ev.meta.received_at_ms >= cutoff_ms {
-                // Ids grow with time: nothing later is old enough.
-                out.resume_at = first_kept.unwrap_or(id);
-                self.add_total("purged_events", out.events)?;
-                self.add_total("purged_jobs", out.jobs)?;
-                return Ok(out);
+            // Ids grow with time: nothing from here on is old enough yet.
+            if decode(&raw)?.meta.received_at_ms >= cutoff_ms || examined == PASS {
+                break;
             }
-            examined += 1;
-            if examined > PASS {
-                out.resume_at = first_kept.unwrap_or(id);
-                self.add_total("purged_events", out.events)?;
-                self.add_total("purged_jobs", out.jobs)?;
-                return Ok(out);
+            out.resume_at = id + 1;
+            if self.purge_one(id, now_ms, &mut out)? == Verdict::Kept {
+                recheck.insert(id);
             }
-            last = Some(id);
-            if ev.meta.purged_at_ms.is_some() {
-                continue;
-            }
-            if self.pending.contains_key(&key)? {
-                out.kept += 1;
-                first_kept.get_or_insert(id);
-                continue;
-            }
-            let jobs = self.event_jobs(&format_id(id))?;
-            let unfinished = jobs
-                .iter()
-                .any(|j| matches!(j.state, JobState::Pending | JobState::InFlight));
-            if unfinished {
-                out.kept += 1;
-                first_kept.get_or_insert(id);
-                continue;
-            }
-            let dead = jobs.iter().any(|j| j.state == JobState::Dead);
-            // Finished jobs go (their `with` is personal data); dead letters stay with
-            // their event's payload, so that a replay can still run.
-            for j in jobs
-                .iter()
-                .filter(|j| matches!(j.state, JobState::Delivered | JobState::Dropped))
-            {
-                self.remove_finished_job(id, j)?;
-                out.jobs += 1;
-            }
-            if dead {
-                out.kept += 1;
-                first_kept.get_or_insert(id);
-                continue;
-            }
-            self.traces.remove(key.as_ref())?;
-            let mut meta = ev.meta.clone();
-            meta.purged_at_ms = Some(now_ms);
-            self.events
-                .compare_and_swap(key.as_ref(), Some(raw.as_ref()), Some(encode(&meta, &[])))?
-                .ok();
-            out.events += 1;
         }
-        out.resume_at = first_kept.unwrap_or(last.map(|l| l + 1).unwrap_or(from));
+        out.kept = recheck.len() as u64;
         self.add_total("purged_events", out.events)?;
         self.add_total("purged_jobs", out.jobs)?;
         Ok(out)
     }
 
-    fn remove_finished_job(&self, event: u64, j: &Job) -> Result<(), StoreError> {
-        // The job only if it is still the one read (an operator's replay would have changed
-        // it); then its index entry.
-        let current = self.outbox.get(j.key.as_bytes())?;
-        if let Some(cur) = current {
-            let still: Option<Job> = serde_json::from_slice(&cur).ok();
-            if still.is_some_and(|s| s.version == j.version) {
-                self.outbox
-                    .compare_and_swap(j.key.as_bytes(), Some(cur), None as Option<&[u8]>)?
-                    .ok();
-            } else {
-                return Ok(());
+    /// Purges one event old enough, unless it is unfinished or holds dead letters.
+    fn purge_one(&self, id: u64, now_ms: u64, out: &mut Purged) -> Result<Verdict, StoreError> {
+        let key = id.to_be_bytes();
+        let Some(raw) = self.events.get(key)? else {
+            return Ok(Verdict::Gone);
+        };
+        let ev = decode(&raw)?;
+        if ev.meta.purged_at_ms.is_some() {
+            return Ok(Verdict::Gone);
+        }
+        if self.pending.contains_key(key)? {
+            return Ok(Verdict::Kept);
+        }
+        let jobs = self.event_jobs(&format_id(id))?;
+        // Unfinished work, or a dead letter (kept with its event's payload and every other
+        // job of the event, so that a replay still knows what was delivered): kept whole.
+        let keep = jobs.iter().any(|j| {
+            matches!(
+                j.state,
+                JobState::Pending | JobState::InFlight | JobState::Dead
+            )
+        });
+        if keep {
+            return Ok(Verdict::Kept);
+        }
+        // Finished jobs go (their `with` is personal data), then the trace and the payload.
+        for j in &jobs {
+            if self.remove_finished_job(id, j)? {
+                out.jobs += 1;
             }
+        }
+        self.traces.remove(key)?;
+        let mut meta = ev.meta.clone();
+        meta.purged_at_ms = Some(now_ms);
+        let swapped =
+            self.events
+                .compare_and_swap(key, Some(raw.as_ref()), Some(encode(&meta, &[])))?;
+        if swapped.is_ok() {
+            out.events += 1;
+            Ok(Verdict::Purged)
+        } else {
+            // Changed meanwhile: looked at again next pass.
+            Ok(Verdict::Kept)
+        }
+    }
+
+    /// Removes a finished job if it is still the one read (an operator's replay would have
+    /// changed it), then its index entry. Returns whether it was removed.
+    fn remove_finished_job(&self, event: u64, j: &Job) -> Result<bool, StoreError> {
+        let mut removed = false;
+        if let Some(cur) = self.outbox.get(j.key.as_bytes())? {
+            let still: Option<Job> = serde_json::from_slice(&cur).ok();
+            if !still.is_some_and(|s| s.version == j.version) {
+                return Ok(false);
+            }
+            removed = self
+                .outbox
+                .compare_and_swap(j.key.as_bytes(), Some(cur), None as Option<&[u8]>)?
+                .is_ok();
         }
         let mut k = event.to_be_bytes().to_vec();
         k.extend_from_slice(j.key.as_bytes());
         self.event_jobs.remove(k)?;
-        Ok(())
+        Ok(removed)
     }
 }
 
@@ -132,13 +153,20 @@ impl Store {
 pub async fn run(store: Store, age: Duration, stop: CancellationToken) {
     let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
     let mut from = 0u64;
+    let mut recheck = std::collections::BTreeSet::new();
     loop {
         let s = store.clone();
         let now = crate::delivery::now_ms();
         let cutoff = now.saturating_sub(age.as_millis() as u64);
-        let pass = tokio::task::spawn_blocking(move || s.purge(cutoff, now, from)).await;
+        let mut kept = std::mem::take(&mut recheck);
+        let pass = tokio::task::spawn_blocking(move || {
+            let r = s.purge(cutoff, now, from, &mut kept);
+            (r, kept)
+        })
+        .await;
         match pass {
-            Ok(Ok(p)) => {
+            Ok((Ok(p), kept)) => {
+                recheck = kept;
                 from = p.resume_at;
                 metrics::counter!("perkflow_retention_purged_total", "what" => "events")
                     .increment(p.events);
@@ -154,7 +182,10 @@ pub async fn run(store: Store, age: Duration, stop: CancellationToken) {
                     );
                 }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed; trying again later"),
+            Ok((Err(e), kept)) => {
+                recheck = kept;
+                tracing::warn!(error = %e, "retention pass failed; trying again later")
+            }
             Err(e) => tracing::warn!(error = %e, "retention pass failed; trying again later"),
         }
         tokio::select! {

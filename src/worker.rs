@@ -116,6 +116,8 @@ pub fn process(
                     }
                     Outcome::Completed => {}
                 }
+                // What lookups read about the customer is personal data too.
+                let personal = with_lookups(runtime, &personal, &r);
                 jobs.extend(r.deliveries.iter().map(|d| {
                     let mut j = Job::from_delivery(ev, &p.name, d, now_ms);
                     j.sensitive = personal.list().to_vec();
@@ -130,6 +132,20 @@ pub fn process(
     }
     store.complete(&done)?;
     Ok(out)
+}
+
+/// An event's personal data plus what its run's variables hold under `pii_fields` names
+/// (the answers of lookup steps: a QuickBooks customer's `PrimaryEmailAddr`, …).
+pub fn with_lookups(
+    runtime: &Runtime,
+    event: &crate::redact::Values,
+    run: &crate::pipeline::run::Run,
+) -> crate::redact::Values {
+    if runtime.pii.is_empty() {
+        return event.clone();
+    }
+    let vars = serde_json::to_value(&run.vars).unwrap_or(Json::Null);
+    event.merged(runtime.pii.of(&vars))
 }
 
 /// Events whose runs wait for another try: when, and how many tries they had.
@@ -286,8 +302,10 @@ pub fn plan_replay(
         if let Outcome::Deferred { reason, .. } = &r.outcome {
             return Err(reason.clone());
         }
+        let personal = with_lookups(runtime, &runtime.personal_data(ev), &r);
         for d in &r.deliveries {
-            let job = Job::from_delivery(ev, &p.name, d, now_ms);
+            let mut job = Job::from_delivery(ev, &p.name, d, now_ms);
+            job.sensitive = personal.list().to_vec();
             produced.insert(job.key.clone());
             let old = existing.iter().find(|j| j.key == job.key);
             let (change, sends) = match old {

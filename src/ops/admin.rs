@@ -424,9 +424,13 @@ async fn replay_event(
         .flatten()
         .map(|(ev, _)| app.runtime().personal_data(&ev))
         .unwrap_or_default();
+    let rt = app.runtime();
     let runs: Vec<_> = runs
         .iter()
-        .map(|r| crate::pipeline::run::redacted(r, &personal))
+        .map(|r| {
+            let personal = crate::worker::with_lookups(&rt, &personal, r);
+            crate::pipeline::run::redacted(r, &personal)
+        })
         .collect();
     let items = personal.json(&serde_json::to_value(&items).unwrap_or(Value::Null));
     Json(json!({

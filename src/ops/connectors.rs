@@ -320,9 +320,17 @@ pub fn report(app: &AppState, queues: &QueueStats, now_ms: u64) -> Report {
     }
 }
 
-/// Publishes the queue figures as metrics (called by the sampler and on each report).
-pub fn publish(queues: &QueueStats, now_ms: u64) {
-    for (sink, q) in &queues.sinks {
+/// Publishes the queue figures as metrics (called by the sampler and on each report): for
+/// every configured sink, zero when nothing waits (a gauge left at its last value would keep
+/// an alert firing).
+pub fn publish(app: &AppState, queues: &QueueStats, now_ms: u64) {
+    let configured: Vec<String> = app.runtime().sinks.keys().cloned().collect();
+    let empty = crate::outbox::SinkQueue::default();
+    let all = configured
+        .iter()
+        .map(|s| (s, queues.sinks.get(s).unwrap_or(&empty)))
+        .chain(queues.sinks.iter().filter(|(s, _)| !configured.contains(s)));
+    for (sink, q) in all {
         metrics::gauge!("perkflow_queue_depth", "sink" => sink.clone()).set(q.depth as f64);
         let overdue = q.next_due_ms.map(|d| now_ms.saturating_sub(d)).unwrap_or(0);
         metrics::gauge!("perkflow_queue_oldest_overdue_seconds", "sink" => sink.clone())
@@ -356,7 +364,7 @@ pub async fn sampler(
     loop {
         let started = std::time::Instant::now();
         let q = queues(&app).await;
-        publish(&q, crate::delivery::now_ms());
+        publish(&app, &q, crate::delivery::now_ms());
         let wait = every.max(started.elapsed() * 20);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -371,7 +379,7 @@ pub async fn connectors(
 ) -> axum::Json<Report> {
     let q = queues(&app).await;
     let now = crate::delivery::now_ms();
-    publish(&q, now);
+    publish(&app, &q, now);
     axum::Json(report(&app, &q, now))
 }
 

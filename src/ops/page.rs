@@ -141,19 +141,32 @@ fn login_page(app: &AppState, error: Option<&str>) -> Response {
     )
 }
 
-/// A form post from another origin is refused (the cookie is SameSite=Strict too).
+/// A form post from another origin is refused (the cookie is SameSite=Strict too). Behind
+/// a reverse proxy the origin is the forwarded host.
 fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    origin
+    let origin_host = origin
         .split_once("://")
-        .map(|(_, rest)| rest.trim_end_matches('/'))
-        == Some(host)
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    [header::HOST.as_str(), "x-forwarded-host"]
+        .iter()
+        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .any(|host| origin_host == Some(host))
+}
+
+/// `Secure` when the page is served over HTTPS (by a proxy that says so).
+fn secure(headers: &HeaderMap) -> &'static str {
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    if https {
+        "; Secure"
+    } else {
+        ""
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -178,7 +191,10 @@ async fn login(
     (
         [(
             header::SET_COOKIE,
-            format!("{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/"),
+            format!(
+                "{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/{}",
+                secure(&headers)
+            ),
         )],
         Redirect::to("/"),
     )
@@ -211,24 +227,29 @@ async fn status_page(
     }
     let queues = crate::ops::connectors::queues(&app).await;
     let now = crate::delivery::now_ms();
-    crate::ops::connectors::publish(&queues, now);
+    crate::ops::connectors::publish(&app, &queues, now);
     let report = crate::ops::connectors::report(&app, &queues, now);
-    let failed = app
-        .inbox
-        .list(&EventQuery {
-            outcome: Some("failed".into()),
-            limit: Some(20),
-            ..Default::default()
-        })
-        .map(|p| p.events)
-        .unwrap_or_default();
-    let dead: Vec<Value> = app
-        .outbox
-        .dead_letters(&Default::default(), 50)
-        .unwrap_or_default()
-        .iter()
-        .map(crate::ops::admin::job_view)
-        .collect();
+    // Store reads off the async threads (webhooks are answered on those).
+    let (inbox, outbox) = (app.inbox.clone(), app.outbox.clone());
+    let (failed, dead) = tokio::task::spawn_blocking(move || {
+        let failed = inbox
+            .list(&EventQuery {
+                outcome: Some("failed".into()),
+                limit: Some(20),
+                ..Default::default()
+            })
+            .map(|p| p.events)
+            .unwrap_or_default();
+        let dead: Vec<Value> = outbox
+            .dead_letters(&Default::default(), 50)
+            .unwrap_or_default()
+            .iter()
+            .map(crate::ops::admin::job_view)
+            .collect();
+        (failed, dead)
+    })
+    .await
+    .unwrap_or_default();
     let failed: Vec<Value> = failed
         .iter()
         .map(|e| {
@@ -352,6 +373,16 @@ mod tests {
         assert!(same_origin(&h));
         h.insert(header::ORIGIN, "https://evil.example".parse().unwrap());
         assert!(!same_origin(&h));
+        // Behind a proxy.
+        h.insert(
+            header::ORIGIN,
+            "https://status.example.com".parse().unwrap(),
+        );
+        h.insert("x-forwarded-host", "status.example.com".parse().unwrap());
+        assert!(same_origin(&h));
+        assert_eq!(secure(&h), "");
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert_eq!(secure(&h), "; Secure");
     }
 
     #[test]

@@ -17,7 +17,7 @@ fn project(sandbox: &str) -> (tempfile::TempDir, String) {
     )
     .unwrap();
     let config = format!(
-        "admin_token: {TOKEN}\nsources:\n  qbo: {{ connector: quickbooks, secret: s }}\nsinks:\n  accounting: {{ connector: quickbooks, access_token: dev-qbo-access-token, base_url: \"{sandbox}/quickbooks\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{sandbox}/sendgrid\" }}\n"
+        "admin_token: {TOKEN}\npii_fields: [PrimaryEmailAddr, GivenName]\nsources:\n  qbo: {{ connector: quickbooks, secret: s }}\nsinks:\n  accounting: {{ connector: quickbooks, access_token: dev-qbo-access-token, base_url: \"{sandbox}/quickbooks\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{sandbox}/sendgrid\" }}\n"
     );
     (dir, config)
 }
@@ -58,7 +58,25 @@ async fn lookups_read_the_entities_a_failing_one_defers_the_run_and_a_missing_on
     let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(30)).await;
     assert_eq!(jobs.len(), 1, "{jobs:#?}");
     assert_eq!(jobs[0]["state"], "delivered", "{:#}", jobs[0]);
-    assert_eq!(jobs[0]["with"]["to"], "dana@harborstreetbakery.example");
+    // What the lookup read about the customer is personal data (`pii_fields` names it):
+    // masked in what people see, sent as is.
+    assert_eq!(jobs[0]["with"]["to"], "[redacted]", "{:#}", jobs[0]);
+    let sent = sb
+        .received()
+        .into_iter()
+        .find(|r| r.vendor == "sendgrid")
+        .expect("the e-mail was sent");
+    assert_eq!(
+        sent.body["personalizations"][0]["to"][0]["email"],
+        "dana@harborstreetbakery.example"
+    );
+    let shown = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
+        .await
+        .body;
+    assert!(
+        !shown.contains("dana@harborstreetbakery.example") && !shown.contains("\"Dana\""),
+        "{shown}"
+    );
     assert_eq!(jobs[0]["with"]["subject"], "You earned 250 points");
 
     let got = sb.received();
