@@ -134,7 +134,7 @@ impl Store {
         let mut removed = false;
         if let Some(cur) = self.outbox.get(j.key.as_bytes())? {
             let still: Option<Job> = serde_json::from_slice(&cur).ok();
-            if !still.is_some_and(|s| s.version == j.version) {
+            if still.is_none_or(|s| s.version != j.version) {
                 return Ok(false);
             }
             removed = self
