@@ -16,7 +16,13 @@ pub struct Clients {
     /// The runtime the clients were built from (held, so that its address cannot be reused
     /// by a later one), and the clients.
     inner: Mutex<Built>,
+    /// Sinks whose last lookup failed for now, until when they are not asked again (a
+    /// vendor that times out costs one timeout per pause, not one per waiting event).
+    resting: Mutex<HashMap<String, (std::time::Instant, String)>>,
 }
+
+/// How long a sink whose lookup failed for now is not asked again.
+const REST: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The runtime the clients were built from, and the clients by sink name.
 type Built = (Option<Arc<Runtime>>, HashMap<String, Arc<SinkClient>>);
@@ -51,6 +57,25 @@ pub struct Live<'a> {
 
 impl Lookups for Live<'_> {
     fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
+        let resting = self
+            .clients
+            .resting
+            .lock()
+            .map_err(|_| LookupError::Retry("lookup state poisoned".into()))?
+            .get(call.sink)
+            .filter(|(until, _)| *until > std::time::Instant::now())
+            .cloned();
+        if let Some((until, why)) = resting {
+            let secs = until
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs();
+            if !self.last_try {
+                return Err(LookupError::Retry(format!(
+                    "not asked: `{}` failed moments ago ({why}); asking again in {secs}s",
+                    call.sink
+                )));
+            }
+        }
         let client = self
             .clients
             .get(self.runtime, call.sink)
@@ -72,6 +97,19 @@ impl Lookups for Live<'_> {
         metrics::counter!("perkflow_lookups_total", "sink" => call.sink.to_string(), "outcome" => outcome)
             .increment(1);
         crate::delivery::report_health(call.sink, &sent);
+        if let Ok(mut resting) = self.clients.resting.lock() {
+            match &sent.outcome {
+                Outcome::Retry { reason, .. } => {
+                    resting.insert(
+                        call.sink.to_string(),
+                        (std::time::Instant::now() + REST, reason.clone()),
+                    );
+                }
+                _ => {
+                    resting.remove(call.sink);
+                }
+            }
+        }
         let status = sent
             .status
             .map(|s| format!("HTTP {s}: "))
