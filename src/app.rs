@@ -230,6 +230,10 @@ pub struct AppState {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// When the running configuration was loaded, and why the last reload was refused.
     reload: Arc<RwLock<ReloadStatus>>,
+    /// The store itself (the ledger).
+    pub store: Store,
+    /// Apps allowed to call the member API.
+    pub api_keys: Arc<Vec<crate::ops::members::ApiKey>>,
     /// One reload at a time.
     pub reload_lock: Arc<tokio::sync::Mutex<()>>,
     /// The config file reloads read (`None`: the defaults).
@@ -277,12 +281,15 @@ pub const BODY_BUDGET_KIB: usize = 256 * 1024;
 impl AppState {
     pub fn new(
         runtime: Runtime,
-        inbox: Arc<dyn Inbox>,
-        outbox: Arc<dyn crate::outbox::Outbox>,
+        store: Store,
         metrics: Option<PrometheusHandle>,
         admin: AdminAccess,
     ) -> Self {
+        let inbox: Arc<dyn Inbox> = Arc::new(store.clone());
+        let outbox: Arc<dyn crate::outbox::Outbox> = Arc::new(store.clone());
         AppState {
+            store,
+            api_keys: Default::default(),
             runtime: Arc::new(RwLock::new(Arc::new(runtime))),
             inbox,
             outbox,
@@ -348,6 +355,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(crate::ops::health::metrics))
         .merge(crate::ops::admin::routes(state.clone()))
         .merge(crate::ops::page::routes())
+        .merge(crate::ops::members::routes())
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -406,13 +414,31 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
         }
         tracing::info!("no admin_token configured: the admin API (/api) answers 403");
     }
-    let mut state = AppState::new(
-        runtime,
-        Arc::new(store.clone()),
-        Arc::new(store.clone()),
-        metrics_handle(),
-        admin,
-    );
+    let mut api_keys = Vec::new();
+    for (name, k) in &cfg.api_keys {
+        let key = k.key.resolve(&cfg.base_dir).map_err(|m| {
+            anyhow::anyhow!(
+                "invalid configuration:\n{}",
+                cfg.diag(&format!("api_keys.{name}.key"), m)
+            )
+        })?;
+        if key.expose().len() < 16 {
+            anyhow::bail!(
+                "invalid configuration:\n{}",
+                cfg.diag(
+                    &format!("api_keys.{name}.key"),
+                    "an API key is at least 16 characters"
+                )
+            );
+        }
+        api_keys.push(crate::ops::members::ApiKey {
+            name: name.clone(),
+            key,
+            scopes: k.scopes.clone(),
+        });
+    }
+    let mut state = AppState::new(runtime, store.clone(), metrics_handle(), admin);
+    state.api_keys = Arc::new(api_keys);
     state.config_path = cfg.file.clone();
     state.boot = Arc::new(Boot::of(&cfg));
     Ok(Prepared { cfg, state, store })

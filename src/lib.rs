@@ -12,6 +12,7 @@ pub mod demo;
 pub mod http;
 pub mod inbox;
 pub mod ingest;
+pub mod ledger;
 pub mod lookups;
 pub mod ops;
 pub mod outbox;

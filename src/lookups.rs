@@ -3,7 +3,7 @@
 //! blocking thread.
 
 use crate::app::Runtime;
-use crate::pipeline::run::{LookupCall, LookupError, Lookups};
+use crate::pipeline::run::{Effects, LookupCall, LookupError};
 use crate::sink::classify::Outcome;
 use crate::sink::SinkClient;
 use serde_json::Value as Json;
@@ -49,13 +49,23 @@ impl Clients {
 /// Lookups through the live sinks. `last_try`: a failure worth retrying fails the run
 /// instead of deferring it.
 pub struct Live<'a> {
+    /// The ledger `loyalty.*` steps write.
+    pub store: &'a crate::store::Store,
     pub runtime: &'a Arc<Runtime>,
     pub clients: &'a Clients,
     pub handle: tokio::runtime::Handle,
     pub last_try: bool,
 }
 
-impl Lookups for Live<'_> {
+impl Effects for Live<'_> {
+    fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
+        use crate::ledger::LedgerError;
+        self.store.ledger_apply(op).map_err(|e| match e {
+            LedgerError::Store(s) => LookupError::Retry(s),
+            other => LookupError::Fail(other.to_string()),
+        })
+    }
+
     fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
         let resting = self
             .clients

@@ -412,7 +412,7 @@ struct DryLookups {
     asked: std::cell::RefCell<Vec<(String, String, String, serde_json::Value)>>,
 }
 
-impl perkflow::pipeline::run::Lookups for DryLookups {
+impl perkflow::pipeline::run::Effects for DryLookups {
     fn fetch(
         &self,
         call: &perkflow::pipeline::run::LookupCall,

@@ -59,6 +59,12 @@ pub struct Store {
     /// Keys of jobs in flight (`outbox`): after a restart, their outcome is unknown.
     pub(crate) leases: sled::Tree,
     meta: sled::Tree,
+    /// Loyalty members by external id (`ledger`).
+    pub(crate) members: sled::Tree,
+    /// Ledger entries by (member, sequence) (`ledger`).
+    pub(crate) ledger: sled::Tree,
+    /// Ledger idempotency keys -> entry key (`ledger`).
+    pub(crate) ledger_keys: sled::Tree,
     pub(crate) wal: Wal,
     pub(crate) durability: Durability,
     /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
@@ -115,6 +121,9 @@ impl Store {
             event_jobs: db.open_tree("event_jobs")?,
             leases: db.open_tree("leases")?,
             meta: db.open_tree("meta")?,
+            members: db.open_tree("members")?,
+            ledger: db.open_tree("ledger")?,
+            ledger_keys: db.open_tree("ledger_keys")?,
             events,
             wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())
                 .map_err(|e| io("log", e))?,

@@ -85,6 +85,7 @@ pub fn process(
             let input = input(ev);
             let id = crate::inbox::parse_id(&ev.meta.id).unwrap_or_default();
             let live = crate::lookups::Live {
+                store,
                 runtime,
                 clients: lookups,
                 handle: handle.clone(),
@@ -281,7 +282,7 @@ pub struct ReplayItem {
 pub fn plan_replay(
     runtime: &Runtime,
     engine: &Engine,
-    lookups: &dyn crate::pipeline::run::Lookups,
+    lookups: &dyn crate::pipeline::run::Effects,
     ev: &StoredEvent,
     existing: &[Job],
     resend_delivered: bool,

@@ -25,6 +25,18 @@ use yaml::{join, Document, Locations};
 pub const DEFAULT_FILE: &str = "perkflow.yaml";
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 
+/// An app allowed to call the member API, and what it may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySpec {
+    pub key: Interpolated,
+    /// `members:read` (balance, tier, history), `members:redeem`.
+    pub scopes: Vec<String>,
+}
+
+/// The scopes an API key may have.
+pub const API_SCOPES: &[&str] = &["members:read", "members:redeem"];
+
 /// Top level of `perkflow.yaml`. Sources and sinks are parsed entry by entry afterwards.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +55,8 @@ struct TopSpec {
     pii_fields: Option<Vec<String>>,
     /// Stored payloads, traces and finished jobs older than this are purged (default: kept).
     retention: Option<DurationSpec>,
+    /// Keys of the apps that call the member API (checkout, self-service portal).
+    api_keys: Option<IndexMap<String, ApiKeySpec>>,
     // Only their shape (a map) is checked here; entries are parsed one by one in `load_text`.
     #[allow(dead_code)]
     sources: Option<IndexMap<String, IgnoredAny>>,
@@ -143,6 +157,8 @@ pub struct Config {
     pub pii_fields: Vec<String>,
     /// Payloads, traces and finished jobs older than this are purged (`None`: kept).
     pub retention: Option<Duration>,
+    /// Member API keys by app name.
+    pub api_keys: IndexMap<String, ApiKeySpec>,
     pub connector_dirs: Vec<PathBuf>,
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
@@ -207,6 +223,22 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
             SocketAddr::from(([127, 0, 0, 1], 8080))
         }),
     };
+    for (name, k) in top.api_keys.iter().flatten() {
+        for (i, scope) in k.scopes.iter().enumerate() {
+            if !API_SCOPES.contains(&scope.as_str()) {
+                let hint = diagnostic::did_you_mean(scope, API_SCOPES.iter().copied())
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                diags.push(doc.at(
+                    &format!("api_keys.{name}.scopes[{i}]"),
+                    format!(
+                        "unknown scope `{scope}`{hint}; scopes: {}",
+                        API_SCOPES.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
     if let Some(u) = &top.public_url {
         if let Err(m) = check_url(u) {
             diags.push(doc.at("public_url", m));
@@ -299,6 +331,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         max_body: top.max_body.map(|b| b.0).unwrap_or(DEFAULT_MAX_BODY),
         pii_fields: top.pii_fields.unwrap_or_default(),
         retention: top.retention.map(|d| d.0),
+        api_keys: top.api_keys.unwrap_or_default(),
         connector_dirs,
         pipeline_dirs,
         sources,
@@ -355,6 +388,7 @@ impl TopSpec {
             max_body,
             pii_fields,
             retention,
+            api_keys,
             sources,
             sinks,
         } = one;
@@ -369,6 +403,7 @@ impl TopSpec {
         self.max_body = self.max_body.take().or(max_body);
         self.pii_fields = self.pii_fields.take().or(pii_fields);
         self.retention = self.retention.take().or(retention);
+        self.api_keys = self.api_keys.take().or(api_keys);
         self.sources = self.sources.take().or(sources);
         self.sinks = self.sinks.take().or(sinks);
     }

@@ -368,11 +368,13 @@ async fn replay_event(
     };
     let rt = app.runtime();
     let resend = req.resend_delivered;
+    let store = app.store.clone();
     // Lookup steps read through the sinks (blocking calls): off the async threads.
     let plan = tokio::task::spawn_blocking(move || {
         let engine = crate::pipeline::expr::Engine::new();
         let clients = crate::lookups::Clients::default();
         let live = crate::lookups::Live {
+            store: &store,
             runtime: &rt,
             clients: &clients,
             handle: tokio::runtime::Handle::current(),

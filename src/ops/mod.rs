@@ -4,4 +4,5 @@ pub mod admin;
 pub mod client;
 pub mod connectors;
 pub mod health;
+pub mod members;
 pub mod page;

@@ -1,6 +1,6 @@
-//! Running a pipeline on one event, every step recorded. Pure except `lookup` steps, which
-//! read through a `Lookups` the caller provides (the live sinks in the worker, stubs in
-//! tests and dry runs).
+//! Running a pipeline on one event, every step recorded. Pure except `lookup` and
+//! `loyalty.*` steps, which go through the `Effects` the caller provides (the live sinks and
+//! the ledger in the worker; stubs and an in-memory ledger in tests and dry runs).
 
 use super::expr::Engine;
 use super::spec::{Pipeline, Step, Tmpl};
@@ -83,16 +83,52 @@ pub enum LookupError {
     Fail(String),
 }
 
-/// What `lookup` steps read through.
-pub trait Lookups {
+/// What a run's side effects go through: `lookup` steps read, `loyalty.*` steps write the
+/// ledger.
+pub trait Effects {
     fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError>;
+    /// Applies a ledger operation (idempotent on `op.idempotency_key`). The default keeps an
+    /// in-memory ledger per run: dry runs and tests write nothing.
+    fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
+        dry_ledger(op)
+    }
+}
+
+/// A ledger that starts every member at 0 and forgets: what dry runs and tests see.
+fn dry_ledger(op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
+    use crate::ledger::{Entry, Kind};
+    let points = match op.kind {
+        Kind::Accrue | Kind::Adjust => op.points,
+        _ => -op.points,
+    };
+    if points < 0 {
+        return Err(LookupError::Fail(format!(
+            "insufficient points: the balance is 0, {} asked (dry run: every member starts at 0)",
+            -points
+        )));
+    }
+    Ok(crate::ledger::Applied {
+        entry: Entry {
+            member: op.member.clone(),
+            seq: 1,
+            kind: op.kind,
+            points,
+            balance_after: points,
+            lifetime_after: if op.kind == Kind::Accrue { points } else { 0 },
+            reason: op.reason.clone(),
+            source: op.source.clone(),
+            idempotency_key: op.idempotency_key.clone(),
+            at_ms: 0,
+        },
+        duplicate: false,
+    })
 }
 
 /// Answers given in advance, by variable name (pipeline tests, `perkflow run --lookup`).
 #[derive(Debug, Default, Clone)]
 pub struct Stubs(pub IndexMap<String, Json>);
 
-impl Lookups for Stubs {
+impl Effects for Stubs {
     fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
         self.0.get(call.name).cloned().ok_or_else(|| {
             LookupError::Fail(format!(
@@ -142,7 +178,8 @@ pub fn redacted(run: &Run, personal: &crate::redact::Values) -> Run {
 
 struct State<'a> {
     engine: &'a Engine,
-    lookups: &'a dyn Lookups,
+    effects: &'a dyn Effects,
+    source: &'a str,
     event_id: &'a str,
     pipeline: &'a str,
     ctx: Map<String, Json>,
@@ -158,7 +195,7 @@ enum Flow {
 
 /// Runs `p` on `input`, reading `lookup` steps through `lookups`. A failed or deferred run
 /// delivers nothing.
-pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Lookups) -> Run {
+pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Effects) -> Run {
     // A bug in a filter must fail this run, not the worker that runs every event.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run_unguarded(p, engine, input, lookups)
@@ -182,7 +219,7 @@ pub fn run(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Look
     })
 }
 
-fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Lookups) -> Run {
+fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dyn Effects) -> Run {
     let mut ctx = Map::new();
     ctx.insert("event".into(), input.event.clone());
     ctx.insert("source".into(), json!(input.source));
@@ -191,7 +228,8 @@ fn run_unguarded(p: &Pipeline, engine: &Engine, input: &EventInput, lookups: &dy
     ctx.insert("headers".into(), Json::Object(input.headers.clone()));
     let mut st = State {
         engine,
-        lookups,
+        effects: lookups,
+        source: &input.source,
         event_id: &input.event_id,
         pipeline: &p.name,
         ctx,
@@ -337,7 +375,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 pipeline: st.pipeline,
                 event_id: st.event_id,
             };
-            match st.lookups.fetch(&call) {
+            match st.effects.fetch(&call) {
                 Ok(answer) => {
                     st.steps.push(StepTrace {
                         step: path.clone(),
@@ -361,6 +399,105 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                         ),
                     })
                 }
+            }
+        }
+        Step::Ledger {
+            path,
+            kind,
+            member,
+            points,
+            reason,
+            when,
+        } => {
+            if let Some(w) = when {
+                match st.engine.condition(w, &ctx) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        st.steps.push(StepTrace {
+                            step: path.clone(),
+                            detail: json!({"skipped": w}),
+                        });
+                        return Flow::Continue;
+                    }
+                    Err(e) => return fail(st, &format!("{path}.when"), e),
+                }
+            }
+            let member = match eval_tree(st.engine, member, &ctx) {
+                Ok(Json::String(m)) if !m.is_empty() => m,
+                Ok(Json::Number(n)) => n.to_string(),
+                Ok(other) => {
+                    return fail(
+                        st,
+                        &format!("{path}.member"),
+                        format!("a member id is a non-empty string, not {other}"),
+                    )
+                }
+                Err(e) => return fail(st, &format!("{path}.member"), e),
+            };
+            let points = match eval_tree(st.engine, points, &ctx) {
+                Ok(v) => match v.as_i64() {
+                    Some(p) => p,
+                    None => {
+                        return fail(
+                            st,
+                            &format!("{path}.points"),
+                            format!("points are a whole number, not {v}"),
+                        )
+                    }
+                },
+                Err(e) => return fail(st, &format!("{path}.points"), e),
+            };
+            let reason = match reason.as_ref().map(|r| eval_tree(st.engine, r, &ctx)) {
+                Some(Ok(Json::String(r))) => r,
+                Some(Ok(other)) => other.to_string(),
+                Some(Err(e)) => return fail(st, &format!("{path}.reason"), e),
+                None => format!("pipeline {}", st.pipeline),
+            };
+            if points == 0 && *kind != crate::ledger::Kind::Adjust {
+                // Nothing earned or spent: no entry.
+                st.steps.push(StepTrace {
+                    step: path.clone(),
+                    detail: json!({"member": member, "points": 0, "skipped": "0 points"}),
+                });
+                return Flow::Continue;
+            }
+            let op = crate::ledger::Op {
+                member,
+                kind: *kind,
+                points,
+                reason,
+                source: format!("{}:{}", st.source, st.event_id),
+                // One entry per event, pipeline and step, whatever the retries and replays.
+                idempotency_key: format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+            };
+            match st.effects.ledger(&op) {
+                Ok(a) => {
+                    let result = json!({
+                        "member": a.entry.member,
+                        "points": a.entry.points,
+                        "balance": a.entry.balance_after,
+                        "lifetime": a.entry.lifetime_after,
+                        "duplicate": a.duplicate,
+                    });
+                    for (k, v) in [
+                        ("balance", json!(a.entry.balance_after)),
+                        ("lifetime", json!(a.entry.lifetime_after)),
+                        ("loyalty", result.clone()),
+                    ] {
+                        st.ctx.insert(k.into(), v.clone());
+                        st.vars.insert(k.into(), v);
+                    }
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: result,
+                    });
+                    Flow::Continue
+                }
+                Err(LookupError::Fail(e)) => fail(st, path, format!("ledger: {e}")),
+                Err(LookupError::Retry(reason)) => Flow::Stop(Outcome::Deferred {
+                    step: path.clone(),
+                    reason: format!("pipeline `{}`, {path}: ledger: {reason}", st.pipeline),
+                }),
             }
         }
         Step::Deliver {
@@ -570,7 +707,7 @@ mod tests {
         std::cell::Cell<usize>,
     );
 
-    impl Lookups for Scripted {
+    impl Effects for Scripted {
         fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {
             self.1.set(self.1.get() + 1);
             assert_eq!(call.event_id, "e1");

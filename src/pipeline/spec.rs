@@ -46,6 +46,26 @@ enum StepSpec {
     Lookup(LookupSpec),
     /// A sink action.
     Deliver(DeliverSpec),
+    /// Points earned (the ledger; idempotent per event and step).
+    #[serde(rename = "loyalty.accrue")]
+    LoyaltyAccrue(LedgerSpec),
+    /// Points spent; refused (the run fails) beyond the balance.
+    #[serde(rename = "loyalty.redeem")]
+    LoyaltyRedeem(LedgerSpec),
+    /// A correction, either way.
+    #[serde(rename = "loyalty.adjust")]
+    LoyaltyAdjust(LedgerSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerSpec {
+    member: serde_yaml::Value,
+    points: serde_yaml::Value,
+    #[serde(default)]
+    reason: Option<serde_yaml::Value>,
+    #[serde(default)]
+    when: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +160,15 @@ pub enum Step {
         action: String,
         when: Option<String>,
         with: IndexMap<String, Tmpl>,
+    },
+    /// A ledger operation; its result is `balance`, `lifetime` and `loyalty` for later steps.
+    Ledger {
+        path: String,
+        kind: crate::ledger::Kind,
+        member: Tmpl,
+        points: Tmpl,
+        reason: Option<Tmpl>,
+        when: Option<String>,
     },
 }
 
@@ -496,6 +525,38 @@ fn check_step(
                 action,
                 when,
                 with,
+            }
+        }
+        spec @ (StepSpec::LoyaltyAccrue(_)
+        | StepSpec::LoyaltyRedeem(_)
+        | StepSpec::LoyaltyAdjust(_)) => {
+            let (name, kind, l) = match spec {
+                StepSpec::LoyaltyAccrue(l) => ("loyalty.accrue", crate::ledger::Kind::Accrue, l),
+                StepSpec::LoyaltyRedeem(l) => ("loyalty.redeem", crate::ledger::Kind::Redeem, l),
+                StepSpec::LoyaltyAdjust(l) => ("loyalty.adjust", crate::ledger::Kind::Adjust, l),
+                _ => unreachable!("matched above"),
+            };
+            let lpath = join(path, name);
+            let when = check_when(doc, &lpath, l.when, scope, diags);
+            let member = compile_tree(doc, &join(&lpath, "member"), &l.member, scope, diags);
+            let points = compile_tree(doc, &join(&lpath, "points"), &l.points, scope, diags);
+            let reason = l
+                .reason
+                .as_ref()
+                .map(|r| compile_tree(doc, &join(&lpath, "reason"), r, scope, diags));
+            {
+                let mut known = scope.known.borrow_mut();
+                for v in ["balance", "lifetime", "loyalty"] {
+                    known.insert(v.to_string());
+                }
+            }
+            Step::Ledger {
+                path: lpath,
+                kind,
+                member,
+                points,
+                reason,
+                when,
             }
         }
         StepSpec::Deliver(d) => {

@@ -33,6 +33,7 @@ const CASES: &[&str] = &[
     "several_problems",
     "top_level_and_sources",
     "user_connectors",
+    "api_key_scope",
 ];
 
 /// The valid config: its secrets reference a variable that is never set.

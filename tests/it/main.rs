@@ -13,6 +13,7 @@ mod giftcard;
 mod helpers;
 mod ingest;
 mod lookups;
+mod loyalty;
 mod ops;
 mod paypal_api;
 mod paypal_fetch;

@@ -1,0 +1,348 @@
+//! The points ledger: members keyed by an external id, an append-only log of entries
+//! (accrue, redeem, adjust, expire, reverse), each with a reason, a source and an idempotency
+//! key; the balance and lifetime points derived with it. Integer points only.
+//!
+//! Every operation is one sled transaction over the member, the entry and the idempotency
+//! index, and is made durable before it is answered: a balance never goes below zero (a
+//! redeem larger than the balance is refused), concurrent operations on one member serialise,
+//! and an operation repeated with the same idempotency key returns the first one's result
+//! without a second entry.
+
+use crate::store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+/// What an entry does to the balance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Earned (counts towards lifetime points).
+    Accrue,
+    /// Spent.
+    Redeem,
+    /// A correction by an operator, either way.
+    Adjust,
+    /// Expired points.
+    Expire,
+    /// Takes back an earlier entry (a refund reverses what its order earned).
+    Reverse,
+}
+
+/// One ledger operation, as asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Op {
+    pub member: String,
+    pub kind: Kind,
+    /// Positive; the kind says which way it goes (`Adjust` may be negative).
+    pub points: i64,
+    pub reason: String,
+    /// The stored event it comes from, or the API caller.
+    pub source: String,
+    /// The same key twice is the same operation.
+    pub idempotency_key: String,
+}
+
+/// A member's account.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Member {
+    pub id: String,
+    pub balance: i64,
+    /// Points ever earned (accruals, less what was reversed).
+    pub lifetime: i64,
+    pub entries: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// An entry of the log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub member: String,
+    pub seq: u64,
+    pub kind: Kind,
+    /// Signed: what it did to the balance.
+    pub points: i64,
+    pub balance_after: i64,
+    pub lifetime_after: i64,
+    pub reason: String,
+    pub source: String,
+    pub idempotency_key: String,
+    pub at_ms: u64,
+}
+
+/// The outcome of an operation.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Applied {
+    pub entry: Entry,
+    /// The key was seen before: this is the first operation's entry, nothing was changed.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    #[error("insufficient points: the balance is {balance}, {wanted} asked")]
+    Insufficient { balance: i64, wanted: i64 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the idempotency key `{0}` was used for a different operation")]
+    KeyReused(String),
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl From<StoreError> for LedgerError {
+    fn from(e: StoreError) -> Self {
+        LedgerError::Store(e.to_string())
+    }
+}
+
+fn entry_key(member: &str, seq: u64) -> Vec<u8> {
+    let mut k = member.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn now_ms() -> u64 {
+    crate::delivery::now_ms()
+}
+
+/// Member ids are external ids (a customer id, an e-mail): printable, bounded.
+pub fn check_member_id(id: &str) -> Result<(), LedgerError> {
+    if id.is_empty() || id.len() > 200 || id.chars().any(|c| c.is_control()) {
+        return Err(LedgerError::Invalid(
+            "a member id is 1 to 200 printable characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Applies `op` (see the module docs). Blocking: call it off the async threads.
+    pub fn ledger_apply(&self, op: &Op) -> Result<Applied, LedgerError> {
+        check_member_id(&op.member)?;
+        if op.idempotency_key.is_empty() || op.idempotency_key.len() > 256 {
+            return Err(LedgerError::Invalid(
+                "an idempotency key is 1 to 256 characters".into(),
+            ));
+        }
+        let delta = match op.kind {
+            Kind::Accrue | Kind::Redeem | Kind::Expire | Kind::Reverse if op.points <= 0 => {
+                return Err(LedgerError::Invalid(
+                    "points must be a positive integer".into(),
+                ))
+            }
+            Kind::Adjust if op.points == 0 => {
+                return Err(LedgerError::Invalid("an adjustment of 0 points".into()))
+            }
+            Kind::Accrue | Kind::Adjust => op.points,
+            Kind::Redeem | Kind::Expire | Kind::Reverse => -op.points,
+        };
+        let now = now_ms();
+        let result = (&self.members, &self.ledger, &self.ledger_keys).transaction(
+            |(members, ledger, keys)| {
+                if let Some(seen) = keys.get(op.idempotency_key.as_bytes())? {
+                    let Some(raw) = ledger.get(&seen)? else {
+                        return Err(ConflictableTransactionError::Abort(LedgerError::Store(
+                            "an idempotency key points at no entry".into(),
+                        )));
+                    };
+                    let entry: Entry = serde_json::from_slice(&raw).map_err(|e| {
+                        ConflictableTransactionError::Abort(LedgerError::Store(e.to_string()))
+                    })?;
+                    if entry.member != op.member || entry.kind != op.kind {
+                        return Err(ConflictableTransactionError::Abort(LedgerError::KeyReused(
+                            op.idempotency_key.clone(),
+                        )));
+                    }
+                    return Ok(Applied {
+                        entry,
+                        duplicate: true,
+                    });
+                }
+                let mut m: Member = match members.get(op.member.as_bytes())? {
+                    Some(raw) => serde_json::from_slice(&raw).map_err(|e| {
+                        ConflictableTransactionError::Abort(LedgerError::Store(e.to_string()))
+                    })?,
+                    None => Member {
+                        id: op.member.clone(),
+                        created_at_ms: now,
+                        ..Default::default()
+                    },
+                };
+                let balance = m.balance + delta;
+                if balance < 0 {
+                    return Err(ConflictableTransactionError::Abort(
+                        LedgerError::Insufficient {
+                            balance: m.balance,
+                            wanted: -delta,
+                        },
+                    ));
+                }
+                m.balance = balance;
+                match op.kind {
+                    Kind::Accrue => m.lifetime += op.points,
+                    Kind::Reverse => m.lifetime = (m.lifetime - op.points).max(0),
+                    _ => {}
+                }
+                m.entries += 1;
+                m.updated_at_ms = now;
+                let entry = Entry {
+                    member: op.member.clone(),
+                    seq: m.entries,
+                    kind: op.kind,
+                    points: delta,
+                    balance_after: m.balance,
+                    lifetime_after: m.lifetime,
+                    reason: op.reason.clone(),
+                    source: op.source.clone(),
+                    idempotency_key: op.idempotency_key.clone(),
+                    at_ms: now,
+                };
+                let key = entry_key(&op.member, entry.seq);
+                ledger.insert(key.clone(), enc(&entry)?)?;
+                members.insert(op.member.as_bytes(), enc(&m)?)?;
+                keys.insert(op.idempotency_key.as_bytes(), key)?;
+                Ok(Applied {
+                    entry,
+                    duplicate: false,
+                })
+            },
+        );
+        let applied = match result {
+            Ok(a) => a,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(LedgerError::Store(e.to_string())),
+        };
+        if !applied.duplicate {
+            // Money: durable before anyone is told.
+            self.db
+                .flush()
+                .map_err(|e| LedgerError::Store(e.to_string()))?;
+        }
+        Ok(applied)
+    }
+
+    /// A member's account, if it has one.
+    pub fn member(&self, id: &str) -> Result<Option<Member>, StoreError> {
+        self.members
+            .get(id.as_bytes())?
+            .map(|raw| serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    /// A member's entries, newest first, at most `limit`.
+    pub fn member_entries(&self, id: &str, limit: usize) -> Result<Vec<Entry>, StoreError> {
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(0);
+        self.ledger
+            .scan_prefix(prefix)
+            .rev()
+            .take(limit)
+            .map(|r| {
+                let (_, v) = r?;
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, ConflictableTransactionError<LedgerError>> {
+    serde_json::to_vec(v)
+        .map_err(|e| ConflictableTransactionError::Abort(LedgerError::Store(e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(
+            dir.path(),
+            Durability::Fsync,
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap();
+        (dir, s)
+    }
+
+    fn op(kind: Kind, points: i64, key: &str) -> Op {
+        Op {
+            member: "m-1".into(),
+            kind,
+            points,
+            reason: "test".into(),
+            source: "test".into(),
+            idempotency_key: key.into(),
+        }
+    }
+
+    #[test]
+    fn balances_lifetime_and_idempotency() {
+        let (_d, s) = store();
+        let a = s.ledger_apply(&op(Kind::Accrue, 500, "a")).unwrap();
+        assert_eq!((a.entry.balance_after, a.entry.lifetime_after), (500, 500));
+        // The same key again: the first entry, nothing changed.
+        let again = s.ledger_apply(&op(Kind::Accrue, 500, "a")).unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.entry, a.entry);
+        let r = s.ledger_apply(&op(Kind::Redeem, 200, "r")).unwrap();
+        assert_eq!(
+            (
+                r.entry.points,
+                r.entry.balance_after,
+                r.entry.lifetime_after
+            ),
+            (-200, 300, 500)
+        );
+        assert_eq!(
+            s.ledger_apply(&op(Kind::Redeem, 301, "r2")).unwrap_err(),
+            LedgerError::Insufficient {
+                balance: 300,
+                wanted: 301
+            }
+        );
+        let v = s.ledger_apply(&op(Kind::Reverse, 100, "v")).unwrap();
+        assert_eq!((v.entry.balance_after, v.entry.lifetime_after), (200, 400));
+        assert_eq!(
+            s.ledger_apply(&op(Kind::Redeem, 5, "a")).unwrap_err(),
+            LedgerError::KeyReused("a".into())
+        );
+        assert!(matches!(
+            s.ledger_apply(&op(Kind::Accrue, 0, "z")),
+            Err(LedgerError::Invalid(_))
+        ));
+        let m = s.member("m-1").unwrap().unwrap();
+        assert_eq!((m.balance, m.lifetime, m.entries), (200, 400, 3));
+        let h = s.member_entries("m-1", 10).unwrap();
+        assert_eq!(h.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 2, 1]);
+    }
+
+    #[test]
+    fn concurrent_redeems_never_overspend() {
+        let (_d, s) = store();
+        s.ledger_apply(&op(Kind::Accrue, 100, "seed")).unwrap();
+        let ok = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|t| {
+            for i in 0..8 {
+                let (s, ok) = (&s, &ok);
+                t.spawn(move || {
+                    for j in 0..10 {
+                        if s.ledger_apply(&op(Kind::Redeem, 3, &format!("r-{i}-{j}")))
+                            .is_ok()
+                        {
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let m = s.member("m-1").unwrap().unwrap();
+        let ok = ok.into_inner() as i64;
+        assert_eq!(ok, 33, "100 points / 3 per redeem");
+        assert_eq!(m.balance, 100 - 3 * ok);
+        assert_eq!(m.entries as i64, 1 + ok);
+    }
+}

@@ -1,0 +1,188 @@
+//! The member API for checkout and self-service portals: `GET /api/members/{id}` (balance,
+//! lifetime points, history) and `POST /api/members/{id}/redeem` (atomic, idempotent, never
+//! below zero), plus `POST /api/members/{id}/adjust` for operators.
+//!
+//! Callers authenticate with `Authorization: Bearer <key>`: an app's key from `api_keys`
+//! (scoped: `members:read`, `members:redeem`) or the admin token (everything). Keys are
+//! compared in constant time; a known key without the scope gets 403.
+
+use crate::app::AppState;
+use crate::config::secrets::Secret;
+use crate::ledger::{Kind, LedgerError, Op};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// An app allowed to call the member API.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub key: Secret,
+    pub scopes: Vec<String>,
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/members/{id}", get(show))
+        .route("/api/members/{id}/redeem", post(redeem))
+        .route("/api/members/{id}/adjust", post(adjust))
+        .layer(DefaultBodyLimit::max(16 * 1024))
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn same(a: &str, b: &str) -> bool {
+    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    bool::from(x.ct_eq(&y))
+}
+
+/// The caller's name if its key allows `scope` (`None`: the admin token is needed).
+/// Why a caller may not: the status and the message of the answer.
+type Denied = (StatusCode, String);
+
+fn authorize(app: &AppState, headers: &HeaderMap, scope: Option<&str>) -> Result<String, Denied> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if app.admin.allows(auth).is_ok() {
+        return Ok("admin".into());
+    }
+    let given = auth.and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+    if given.is_empty() {
+        return Err((StatusCode::UNAUTHORIZED, "missing bearer key".into()));
+    }
+    // Every key is compared (no early exit on a match) so timing tells nothing.
+    let mut found: Option<&ApiKey> = None;
+    for k in app.api_keys.iter() {
+        if same(given, k.key.expose()) && found.is_none() {
+            found = Some(k);
+        }
+    }
+    let Some(k) = found else {
+        return Err((StatusCode::UNAUTHORIZED, "unknown key".into()));
+    };
+    match scope {
+        Some(s) if k.scopes.iter().any(|x| x == s) => Ok(k.name.clone()),
+        Some(s) => Err((
+            StatusCode::FORBIDDEN,
+            format!("the key of `{}` lacks the scope `{s}`", k.name),
+        )),
+        None => Err((
+            StatusCode::FORBIDDEN,
+            "only the admin token may do this".into(),
+        )),
+    }
+}
+
+async fn show(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err((code, msg)) = authorize(&app, &headers, Some("members:read")) {
+        return error(code, msg);
+    }
+    if let Err(e) = crate::ledger::check_member_id(&id) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let store = app.store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::StoreError>((store.member(&id)?, store.member_entries(&id, 50)?))
+    })
+    .await;
+    match found {
+        Ok(Ok((Some(m), history))) => Json(json!({
+            "member": m.id,
+            "balance": m.balance,
+            "lifetime": m.lifetime,
+            "entries": m.entries,
+            "created_at_ms": m.created_at_ms,
+            "updated_at_ms": m.updated_at_ms,
+            "history": history,
+        }))
+        .into_response(),
+        Ok(Ok((None, _))) => error(StatusCode::NOT_FOUND, "no such member"),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Change {
+    points: i64,
+    /// The same key twice is the same redemption (a checkout retrying).
+    idempotency_key: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn apply(app: AppState, id: String, caller: String, kind: Kind, c: Change) -> Response {
+    let op = Op {
+        member: id,
+        kind,
+        points: c.points,
+        reason: c
+            .reason
+            .unwrap_or_else(|| format!("{kind:?} through the API").to_lowercase()),
+        source: format!("api:{caller}"),
+        // Keys are per caller: two apps cannot collide on each other's keys.
+        idempotency_key: format!("api:{caller}:{}", c.idempotency_key),
+    };
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.ledger_apply(&op)).await {
+        Ok(Ok(a)) => Json(json!({
+            "member": a.entry.member,
+            "balance": a.entry.balance_after,
+            "lifetime": a.entry.lifetime_after,
+            "duplicate": a.duplicate,
+            "entry": a.entry,
+        }))
+        .into_response(),
+        Ok(Err(e @ LedgerError::Insufficient { balance, .. })) => (
+            StatusCode::CONFLICT,
+            Json(json!({ "error": e.to_string(), "balance": balance })),
+        )
+            .into_response(),
+        Ok(Err(e @ (LedgerError::Invalid(_) | LedgerError::KeyReused(_)))) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        Ok(Err(e @ LedgerError::Store(_))) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
+async fn redeem(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<Change>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let caller = match authorize(&app, &headers, Some("members:redeem")) {
+        Ok(c) => c,
+        Err((code, msg)) => return error(code, msg),
+    };
+    match body {
+        Ok(Json(c)) => apply(app, id, caller, Kind::Redeem, c).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e.body_text()),
+    }
+}
+
+async fn adjust(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<Change>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let caller = match authorize(&app, &headers, None) {
+        Ok(c) => c,
+        Err((code, msg)) => return error(code, msg),
+    };
+    match body {
+        Ok(Json(c)) => apply(app, id, caller, Kind::Adjust, c).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e.body_text()),
+    }
+}

@@ -1,0 +1,188 @@
+//! The points ledger with the daemon as a real process: a paid order accrues once however
+//! often it is re-delivered or replayed; the member API shows the balance and history, and
+//! 1,000 concurrent redeems never overspend; API keys are scoped.
+
+use crate::delivery::{api, order, settled_jobs, TOKEN};
+use crate::helpers::*;
+use serde_json::json;
+use std::time::Duration;
+
+const READ_KEY: &str = "portal-key-0123456789abcdef";
+const CHECKOUT_KEY: &str = "checkout-key-0123456789abcdef";
+
+fn project(sandbox: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/points.yaml"),
+        "pipeline: points\non: { source: shop, events: [orders/paid] }\nsteps:\n  - set: { points: \"{{ (event.total_price | money(event.currency)).minor * 10 // 100 }}\" }\n  - loyalty.accrue: { member: \"{{ event.email }}\", points: \"{{ points }}\", reason: \"order {{ event.name }}\" }\n  - deliver: { to: team.post, when: \"balance >= 1000\", with: { text: \"{{ event.email }} has {{ balance }} points\" } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\napi_keys:\n  portal: {{ key: {READ_KEY}, scopes: [members:read] }}\n  checkout: {{ key: {CHECKOUT_KEY}, scopes: [members:read, members:redeem] }}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  team: {{ connector: webhook, url: \"{sandbox}/webhook/x\" }}\n"
+    );
+    (dir, config)
+}
+
+#[tokio::test]
+async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
+    let (_sb, url, _stop) = sandbox().await;
+    let (dir, config) = project(&url);
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let id = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let member_url = d.url("/api/members/ada@example.com");
+    let member = |key: &'static str| {
+        let (c, url) = (c.clone(), member_url.clone());
+        async move { send(c.get(url).bearer_auth(key)).await }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = member(READ_KEY).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} {}",
+            a.status,
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = member(READ_KEY).await.json();
+    assert_eq!(m["balance"], 1255, "{m:#}");
+    assert_eq!(m["lifetime"], 1255);
+    assert_eq!(m["history"][0]["reason"], "order #1042");
+    assert_eq!(m["history"][0]["kind"], "accrue");
+    // Later steps saw the new balance.
+    let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
+        .await
+        .json();
+    assert_eq!(
+        ev["jobs"][0]["with"]["text"], "ada@example.com has 1255 points",
+        "{ev:#}"
+    );
+
+    // Re-delivered, then replayed: never a second accrual.
+    assert_eq!(
+        post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["duplicate"],
+        true
+    );
+    let r = api(
+        &c,
+        &d,
+        "POST",
+        &format!("/api/events/{id}/replay"),
+        Some(json!({"confirm": true, "resend_delivered": true})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
+    let m = member(READ_KEY).await.json();
+    assert_eq!(
+        (m["balance"].as_i64(), m["entries"].as_i64()),
+        (Some(1255), Some(1)),
+        "{m:#}"
+    );
+
+    // 1,000 concurrent redeems of 5 points: exactly 251 accepted, the balance never below 0.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (c, url) = (c.clone(), d.url("/api/members/ada@example.com/redeem"));
+        set.spawn(async move {
+            send(
+                c.post(url)
+                    .bearer_auth(CHECKOUT_KEY)
+                    .json(&json!({"points": 5, "idempotency_key": format!("cart-{i}")})),
+            )
+            .await
+        });
+    }
+    let (mut ok, mut refused) = (0, 0);
+    while let Some(a) = set.join_next().await {
+        let a = a.unwrap();
+        match a.status {
+            200 => {
+                ok += 1;
+                assert!(a.json()["balance"].as_i64().unwrap() >= 0);
+            }
+            409 => {
+                refused += 1;
+                assert!(a.json()["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("insufficient points"));
+            }
+            other => panic!("{other}: {}", a.body),
+        }
+    }
+    assert_eq!((ok, refused), (251, 749));
+    let m = member(READ_KEY).await.json();
+    assert_eq!(m["balance"], 0, "{m:#}");
+    assert_eq!(m["entries"], 252, "every accepted redeem recorded once");
+    // A checkout retrying the same redeem gets the first answer, nothing more is spent.
+    let again = send(
+        c.post(d.url("/api/members/ada@example.com/redeem"))
+            .bearer_auth(CHECKOUT_KEY)
+            .json(&json!({"points": 5, "idempotency_key": "cart-7"})),
+    )
+    .await;
+    assert!(matches!(again.status, 200 | 409), "{}", again.body);
+    if again.status == 200 {
+        assert_eq!(again.json()["duplicate"], true);
+    }
+    assert_eq!(member(READ_KEY).await.json()["entries"], 252);
+
+    // Scopes: the portal may read, not redeem; unknown keys get nothing; the admin token may
+    // adjust.
+    let a = send(
+        c.post(d.url("/api/members/ada@example.com/redeem"))
+            .bearer_auth(READ_KEY)
+            .json(&json!({"points": 1, "idempotency_key": "x"})),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(member("not-a-key-0123456789").await.status, 401);
+    let a = send(
+        c.post(d.url("/api/members/ada@example.com/adjust"))
+            .bearer_auth(CHECKOUT_KEY)
+            .json(&json!({"points": 10, "idempotency_key": "goodwill-1"})),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let a = send(
+        c.post(d.url("/api/members/ada@example.com/adjust"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"points": 10, "idempotency_key": "goodwill-1", "reason": "goodwill"})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["balance"], 10);
+    // Bad input: a clear 4xx, nothing stored.
+    let a = send(
+        c.post(d.url("/api/members/ada@example.com/redeem"))
+            .bearer_auth(CHECKOUT_KEY)
+            .json(&json!({"points": -5, "idempotency_key": "neg"})),
+    )
+    .await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    let a = send(
+        c.post(d.url("/api/members/ada@example.com/redeem"))
+            .bearer_auth(CHECKOUT_KEY)
+            .header("content-type", "application/json")
+            .body("{\"points\": \"lots\"}"),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(member(READ_KEY).await.json()["entries"], 253);
+    assert_eq!(
+        send(c.get(d.url("/api/members/nobody")).bearer_auth(READ_KEY))
+            .await
+            .status,
+        404
+    );
+}
