@@ -407,6 +407,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             member,
             points,
             reason,
+            key,
             when,
         } => {
             if let Some(w) = when {
@@ -461,14 +462,29 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 });
                 return Flow::Continue;
             }
+            // One entry per event, pipeline and step, whatever the retries and replays; or
+            // per the step's own `key` (an order id) within the source and pipeline.
+            let idempotency_key = match key.as_ref().map(|k| eval_tree(st.engine, k, &ctx)) {
+                None => format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+                Some(Ok(k)) if !k.is_null() && k != json!("") => {
+                    let k = k
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| k.to_string());
+                    format!("{}:{}:key:{k}", st.source, st.pipeline)
+                }
+                Some(Ok(k)) => {
+                    return fail(st, &format!("{path}.key"), format!("an empty key ({k})"))
+                }
+                Some(Err(e)) => return fail(st, &format!("{path}.key"), e),
+            };
             let op = crate::ledger::Op {
                 member,
                 kind: *kind,
                 points,
                 reason,
                 source: format!("{}:{}", st.source, st.event_id),
-                // One entry per event, pipeline and step, whatever the retries and replays.
-                idempotency_key: format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+                idempotency_key,
             };
             match st.effects.ledger(&op) {
                 Ok(a) => {

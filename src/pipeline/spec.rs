@@ -64,6 +64,10 @@ struct LedgerSpec {
     points: serde_yaml::Value,
     #[serde(default)]
     reason: Option<serde_yaml::Value>,
+    /// What makes two operations the same (default: the event and the step). An order id
+    /// here awards an order once even when the vendor sends it again as a new event.
+    #[serde(default)]
+    key: Option<serde_yaml::Value>,
     #[serde(default)]
     when: Option<String>,
 }
@@ -168,6 +172,7 @@ pub enum Step {
         member: Tmpl,
         points: Tmpl,
         reason: Option<Tmpl>,
+        key: Option<Tmpl>,
         when: Option<String>,
     },
 }
@@ -544,6 +549,10 @@ fn check_step(
                 .reason
                 .as_ref()
                 .map(|r| compile_tree(doc, &join(&lpath, "reason"), r, scope, diags));
+            let key = l
+                .key
+                .as_ref()
+                .map(|k| compile_tree(doc, &join(&lpath, "key"), k, scope, diags));
             {
                 let mut known = scope.known.borrow_mut();
                 for v in ["balance", "lifetime", "loyalty"] {
@@ -556,6 +565,7 @@ fn check_step(
                 member,
                 points,
                 reason,
+                key,
                 when,
             }
         }

@@ -186,3 +186,74 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
         404
     );
 }
+
+/// WooCommerce sends every edit of a completed order as a new event: the shipped pipeline's
+/// accrual is keyed on the order, so the order earns once and is e-mailed once.
+#[tokio::test]
+async fn a_woocommerce_order_edited_after_completion_earns_once() {
+    let (sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::copy(
+        repo("pipelines/woocommerce-order-points.yaml"),
+        dir.path().join("pipelines/woo.yaml"),
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  woo: {{ connector: woocommerce, secret: w }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let (body, headers) =
+        perkflow::sign::read_fixture(&repo("fixtures/woocommerce/order-updated-completed.json"))
+            .unwrap();
+    let mut ids = Vec::new();
+    for edit in ["2026-11-20T10:15:30", "2026-11-21T08:00:00"] {
+        let mut order: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        order["date_modified_gmt"] = json!(edit);
+        let req = sign_body(
+            "woocommerce",
+            serde_json::to_vec(&order).unwrap(),
+            headers.clone(),
+            &keys(&["w"]),
+            "",
+            0,
+        );
+        let a = post(&c, &d.url("/hooks/woo"), &req).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.json()["duplicate"], false, "each edit is a new event");
+        ids.push(a.json()["id"].as_str().unwrap().to_string());
+    }
+    settled_jobs(&c, &d, &ids[0], 1, Duration::from_secs(20)).await;
+    // The second event's run completed too, with the accrual seen as a duplicate.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ev = loop {
+        let ev = api(&c, &d, "GET", &format!("/api/events/{}", ids[1]), None)
+            .await
+            .json();
+        if ev["pending"] == false {
+            break ev;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ev:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        ev["trace"][0]["vars"]["loyalty"]["duplicate"], true,
+        "{ev:#}"
+    );
+    assert_eq!(ev["jobs"], json!([]), "no second e-mail: {ev:#}");
+    let m = api(&c, &d, "GET", "/api/members/zoe@example.com", None)
+        .await
+        .json();
+    assert_eq!(
+        (m["balance"].as_i64(), m["entries"].as_i64()),
+        (Some(89), Some(1)),
+        "{m:#}"
+    );
+    let emails = sb
+        .received()
+        .iter()
+        .filter(|r| r.vendor == "sendgrid")
+        .count();
+    assert_eq!(emails, 1);
+}
