@@ -40,6 +40,10 @@ pub struct Op {
     pub source: String,
     /// The same key twice is the same operation.
     pub idempotency_key: String,
+    /// A second key to index the entry under, in the same transaction (a reversal is
+    /// indexed under the entry it reverses).
+    #[serde(skip)]
+    pub also_index: Option<String>,
 }
 
 /// A member's account.
@@ -94,6 +98,33 @@ impl From<StoreError> for LedgerError {
     fn from(e: StoreError) -> Self {
         LedgerError::Store(e.to_string())
     }
+}
+
+impl From<sled::Error> for LedgerError {
+    fn from(e: sled::Error) -> Self {
+        LedgerError::Store(e.to_string())
+    }
+}
+
+/// The idempotency key of an operation named by a step's own `key` (an order id), within
+/// its source: the same key in another pipeline of that source names the same award (a
+/// refund pipeline reverses it by that key).
+pub fn keyed(source: &str, key: &str) -> String {
+    format!("{source}:key:{key}")
+}
+
+/// A reversal of an earlier entry (a refund taking back what its order earned).
+#[derive(Debug, Clone)]
+pub struct Reversal {
+    /// The idempotency key of the entry to reverse.
+    pub of: String,
+    /// At most this many points (a partial refund); default: all it earned, less what was
+    /// reversed already.
+    pub points: Option<i64>,
+    pub reason: String,
+    pub source: String,
+    /// The reversal's own key (the refund).
+    pub idempotency_key: String,
 }
 
 fn entry_key(member: &str, seq: u64) -> Vec<u8> {
@@ -202,6 +233,9 @@ impl Store {
                 let key = entry_key(&op.member, entry.seq);
                 ledger.insert(key.clone(), enc(&entry)?)?;
                 members.insert(op.member.as_bytes(), enc(&m)?)?;
+                if let Some(extra) = &op.also_index {
+                    keys.insert(extra.as_bytes(), key.clone())?;
+                }
                 keys.insert(op.idempotency_key.as_bytes(), key)?;
                 Ok(Applied {
                     entry,
@@ -221,6 +255,84 @@ impl Store {
                 .map_err(|e| LedgerError::Store(e.to_string()))?;
         }
         Ok(applied)
+    }
+
+    /// Reverses (part of) an earlier accrual: never more than it earned in all, and never
+    /// below a zero balance (points already spent cannot be taken back: the reversal takes
+    /// what is left and its entry says so). `Ok(None)`: there is no such entry.
+    pub fn ledger_reverse(&self, r: &Reversal) -> Result<Option<Applied>, LedgerError> {
+        if let Some(seen) = self.ledger_keys.get(r.idempotency_key.as_bytes())? {
+            let raw = self
+                .ledger
+                .get(&seen)?
+                .ok_or_else(|| LedgerError::Store("a key points at no entry".into()))?;
+            let entry: Entry =
+                serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
+            return Ok(Some(Applied {
+                entry,
+                duplicate: true,
+            }));
+        }
+        let Some(at) = self.ledger_keys.get(r.of.as_bytes())? else {
+            return Ok(None);
+        };
+        let original: Entry = match self.ledger.get(&at)? {
+            Some(raw) => {
+                serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?
+            }
+            None => return Ok(None),
+        };
+        if original.kind != Kind::Accrue {
+            return Err(LedgerError::Invalid(format!(
+                "`{}` is a {:?} entry; only accruals are reversed",
+                r.of, original.kind
+            )));
+        }
+        // What was reversed of it already (every reversal of an entry is indexed under it).
+        let prefix = format!("{}\u{0}reversal\u{0}", r.of);
+        let mut reversed = 0i64;
+        for item in self.ledger_keys.scan_prefix(prefix.as_bytes()) {
+            let (_, v) = item?;
+            if let Some(raw) = self.ledger.get(&v)? {
+                let e: Entry =
+                    serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
+                reversed += -e.points;
+            }
+        }
+        let left = (original.points - reversed).max(0);
+        let wanted = r.points.map(|p| p.min(left)).unwrap_or(left);
+        let balance = self
+            .member(&original.member)?
+            .map(|m| m.balance)
+            .unwrap_or(0);
+        let points = wanted.min(balance);
+        if points <= 0 {
+            return Err(LedgerError::Invalid(if left == 0 {
+                format!("`{}` was reversed in full already", r.of)
+            } else {
+                format!(
+                    "nothing to take back: the member's balance is {balance} (the points were spent)"
+                )
+            }));
+        }
+        let reason = if points < wanted {
+            format!(
+                "{} ({} of {wanted} points: the rest was spent)",
+                r.reason, points
+            )
+        } else {
+            r.reason.clone()
+        };
+        let applied = self.ledger_apply(&Op {
+            member: original.member.clone(),
+            kind: Kind::Reverse,
+            points,
+            reason,
+            source: r.source.clone(),
+            idempotency_key: r.idempotency_key.clone(),
+            also_index: Some(format!("{prefix}{}", r.idempotency_key)),
+        })?;
+        Ok(Some(applied))
     }
 
     /// A member's account, if it has one.
@@ -276,6 +388,7 @@ mod tests {
             reason: "test".into(),
             source: "test".into(),
             idempotency_key: key.into(),
+            also_index: None,
         }
     }
 
@@ -318,6 +431,69 @@ mod tests {
         assert_eq!((m.balance, m.lifetime, m.entries), (200, 400, 3));
         let h = s.member_entries("m-1", 10).unwrap();
         assert_eq!(h.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 2, 1]);
+    }
+
+    #[test]
+    fn reversals_take_back_at_most_what_was_earned_and_what_is_left() {
+        let (_d, s) = store();
+        s.ledger_apply(&op(Kind::Accrue, 100, &keyed("shop", "order-1")))
+            .unwrap();
+        let rev = |points: Option<i64>, key: &str| Reversal {
+            of: keyed("shop", "order-1"),
+            points,
+            reason: "refund".into(),
+            source: "test".into(),
+            idempotency_key: key.into(),
+        };
+        // A partial refund, then the same again (duplicate), then the rest.
+        let a = s
+            .ledger_reverse(&rev(Some(30), "refund-1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.entry.points, a.entry.balance_after), (-30, 70));
+        assert!(
+            s.ledger_reverse(&rev(Some(30), "refund-1"))
+                .unwrap()
+                .unwrap()
+                .duplicate
+        );
+        // 20 points are spent meanwhile: only 50 are left to take back of the 70.
+        s.ledger_apply(&op(Kind::Redeem, 20, "spend")).unwrap();
+        let b = s.ledger_reverse(&rev(None, "refund-2")).unwrap().unwrap();
+        assert_eq!((b.entry.points, b.entry.balance_after), (-50, 0));
+        assert!(
+            b.entry
+                .reason
+                .contains("50 of 70 points: the rest was spent"),
+            "{}",
+            b.entry.reason
+        );
+        // Nothing more: 80 of 100 reversed, but the balance is 0.
+        assert!(matches!(
+            s.ledger_reverse(&rev(None, "refund-3")),
+            Err(LedgerError::Invalid(m)) if m.contains("the points were spent")
+        ));
+        // An unknown order: nothing to reverse.
+        let none = Reversal {
+            of: keyed("shop", "order-9"),
+            ..rev(None, "refund-4")
+        };
+        assert!(s.ledger_reverse(&none).unwrap().is_none());
+        // In full: refused.
+        s.ledger_apply(&op(Kind::Accrue, 10, &keyed("shop", "order-2")))
+            .unwrap();
+        let full = |k: &str| Reversal {
+            of: keyed("shop", "order-2"),
+            ..rev(None, k)
+        };
+        assert_eq!(
+            s.ledger_reverse(&full("r5")).unwrap().unwrap().entry.points,
+            -10
+        );
+        assert!(matches!(
+            s.ledger_reverse(&full("r6")),
+            Err(LedgerError::Invalid(m)) if m.contains("reversed in full already")
+        ));
     }
 
     #[test]

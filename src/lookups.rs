@@ -58,6 +58,17 @@ pub struct Live<'a> {
 }
 
 impl Effects for Live<'_> {
+    fn reverse(
+        &self,
+        r: &crate::ledger::Reversal,
+    ) -> Result<Option<crate::ledger::Applied>, LookupError> {
+        use crate::ledger::LedgerError;
+        self.store.ledger_reverse(r).map_err(|e| match e {
+            LedgerError::Store(s) => LookupError::Retry(s),
+            other => LookupError::Fail(other.to_string()),
+        })
+    }
+
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
         use crate::ledger::LedgerError;
         self.store.ledger_apply(op).map_err(|e| match e {

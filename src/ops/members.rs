@@ -131,6 +131,7 @@ async fn apply(app: AppState, id: String, caller: String, kind: Kind, c: Change)
         source: format!("api:{caller}"),
         // Keys are per caller: two apps cannot collide on each other's keys.
         idempotency_key: format!("api:{caller}:{}", c.idempotency_key),
+        also_index: None,
     };
     let store = app.store.clone();
     match tokio::task::spawn_blocking(move || store.ledger_apply(&op)).await {

@@ -92,6 +92,21 @@ pub trait Effects {
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
         dry_ledger(op)
     }
+    /// Reverses a keyed accrual; `Ok(None)` when there is none.
+    fn reverse(
+        &self,
+        r: &crate::ledger::Reversal,
+    ) -> Result<Option<crate::ledger::Applied>, LookupError> {
+        dry_reverse(r)
+    }
+}
+
+/// Takes back what a keyed accrual earned. The default (dry runs, tests) finds nothing to
+/// take back.
+fn dry_reverse(
+    _r: &crate::ledger::Reversal,
+) -> Result<Option<crate::ledger::Applied>, LookupError> {
+    Ok(None)
 }
 
 /// A ledger that starts every member at 0 and forgets: what dry runs and tests see.
@@ -471,7 +486,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                         .as_str()
                         .map(str::to_string)
                         .unwrap_or_else(|| k.to_string());
-                    format!("{}:{}:key:{k}", st.source, st.pipeline)
+                    crate::ledger::keyed(st.source, &k)
                 }
                 Some(Ok(k)) => {
                     return fail(st, &format!("{path}.key"), format!("an empty key ({k})"))
@@ -485,6 +500,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 reason,
                 source: format!("{}:{}", st.source, st.event_id),
                 idempotency_key,
+                also_index: None,
             };
             match st.effects.ledger(&op) {
                 Ok(a) => {
@@ -503,6 +519,106 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                         st.ctx.insert(k.into(), v.clone());
                         st.vars.insert(k.into(), v);
                     }
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: result,
+                    });
+                    Flow::Continue
+                }
+                Err(LookupError::Fail(e)) => fail(st, path, format!("ledger: {e}")),
+                Err(LookupError::Retry(reason)) => Flow::Stop(Outcome::Deferred {
+                    step: path.clone(),
+                    reason: format!("pipeline `{}`, {path}: ledger: {reason}", st.pipeline),
+                }),
+            }
+        }
+        Step::Reverse {
+            path,
+            key,
+            points,
+            reason,
+            when,
+        } => {
+            if let Some(w) = when {
+                match st.engine.condition(w, &ctx) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        st.steps.push(StepTrace {
+                            step: path.clone(),
+                            detail: json!({"skipped": w}),
+                        });
+                        return Flow::Continue;
+                    }
+                    Err(e) => return fail(st, &format!("{path}.when"), e),
+                }
+            }
+            let key = match eval_tree(st.engine, key, &ctx) {
+                Ok(Json::String(k)) if !k.is_empty() => k,
+                Ok(Json::Number(n)) => n.to_string(),
+                Ok(other) => {
+                    return fail(
+                        st,
+                        &format!("{path}.key"),
+                        format!("an empty key ({other})"),
+                    )
+                }
+                Err(e) => return fail(st, &format!("{path}.key"), e),
+            };
+            let points = match points.as_ref().map(|p| eval_tree(st.engine, p, &ctx)) {
+                None => None,
+                Some(Ok(v)) => match v.as_i64() {
+                    Some(p) if p > 0 => Some(p),
+                    _ => {
+                        return fail(
+                            st,
+                            &format!("{path}.points"),
+                            format!("points are a positive whole number, not {v}"),
+                        )
+                    }
+                },
+                Some(Err(e)) => return fail(st, &format!("{path}.points"), e),
+            };
+            let reason = match reason.as_ref().map(|r| eval_tree(st.engine, r, &ctx)) {
+                Some(Ok(Json::String(r))) => r,
+                Some(Ok(other)) => other.to_string(),
+                Some(Err(e)) => return fail(st, &format!("{path}.reason"), e),
+                None => format!("pipeline {}: reversal of {key}", st.pipeline),
+            };
+            let r = crate::ledger::Reversal {
+                of: crate::ledger::keyed(st.source, &key),
+                points,
+                reason,
+                source: format!("{}:{}", st.source, st.event_id),
+                idempotency_key: format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+            };
+            match st.effects.reverse(&r) {
+                Ok(Some(a)) => {
+                    let result = json!({
+                        "found": true,
+                        "member": a.entry.member,
+                        "points": a.entry.points,
+                        "balance": a.entry.balance_after,
+                        "lifetime": a.entry.lifetime_after,
+                        "duplicate": a.duplicate,
+                    });
+                    for (k, v) in [
+                        ("balance", json!(a.entry.balance_after)),
+                        ("lifetime", json!(a.entry.lifetime_after)),
+                        ("loyalty", result.clone()),
+                    ] {
+                        st.ctx.insert(k.into(), v.clone());
+                        st.vars.insert(k.into(), v);
+                    }
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: result,
+                    });
+                    Flow::Continue
+                }
+                Ok(None) => {
+                    let result = json!({"found": false, "key": key, "points": 0});
+                    st.ctx.insert("loyalty".into(), result.clone());
+                    st.vars.insert("loyalty".into(), result.clone());
                     st.steps.push(StepTrace {
                         step: path.clone(),
                         detail: result,

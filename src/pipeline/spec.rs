@@ -55,6 +55,23 @@ enum StepSpec {
     /// A correction, either way.
     #[serde(rename = "loyalty.adjust")]
     LoyaltyAdjust(LedgerSpec),
+    /// Takes back what an earlier keyed accrual earned (a refund).
+    #[serde(rename = "loyalty.reverse")]
+    LoyaltyReverse(ReverseSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReverseSpec {
+    /// The `key` of the accrual to take back (an order id).
+    key: serde_yaml::Value,
+    /// At most this many points (a partial refund); default: all it earned.
+    #[serde(default)]
+    points: Option<serde_yaml::Value>,
+    #[serde(default)]
+    reason: Option<serde_yaml::Value>,
+    #[serde(default)]
+    when: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +181,14 @@ pub enum Step {
         action: String,
         when: Option<String>,
         with: IndexMap<String, Tmpl>,
+    },
+    /// Takes back what the accrual with this `key` earned.
+    Reverse {
+        path: String,
+        key: Tmpl,
+        points: Option<Tmpl>,
+        reason: Option<Tmpl>,
+        when: Option<String>,
     },
     /// A ledger operation; its result is `balance`, `lifetime` and `loyalty` for later steps.
     Ledger {
@@ -566,6 +591,32 @@ fn check_step(
                 points,
                 reason,
                 key,
+                when,
+            }
+        }
+        StepSpec::LoyaltyReverse(r) => {
+            let rpath = join(path, "loyalty.reverse");
+            let when = check_when(doc, &rpath, r.when, scope, diags);
+            let key = compile_tree(doc, &join(&rpath, "key"), &r.key, scope, diags);
+            let points = r
+                .points
+                .as_ref()
+                .map(|p| compile_tree(doc, &join(&rpath, "points"), p, scope, diags));
+            let reason = r
+                .reason
+                .as_ref()
+                .map(|x| compile_tree(doc, &join(&rpath, "reason"), x, scope, diags));
+            {
+                let mut known = scope.known.borrow_mut();
+                for v in ["balance", "lifetime", "loyalty"] {
+                    known.insert(v.to_string());
+                }
+            }
+            Step::Reverse {
+                path: rpath,
+                key,
+                points,
+                reason,
                 when,
             }
         }

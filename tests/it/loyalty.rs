@@ -257,3 +257,106 @@ async fn a_woocommerce_order_edited_after_completion_earns_once() {
         .count();
     assert_eq!(emails, 1);
 }
+
+/// A refund reverses exactly what its order earned, once: the shipped order and refund
+/// pipelines, a re-delivered refund, and a second refund of the same order (refused, visibly).
+#[tokio::test]
+async fn a_refund_reverses_exactly_what_its_order_earned() {
+    let (sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    for p in ["shopify-order-points", "shopify-refund-points"] {
+        let text = std::fs::read_to_string(repo(&format!("pipelines/{p}.yaml")))
+            .unwrap()
+            .replace("source: shop-main", "source: shop");
+        std::fs::write(dir.path().join(format!("pipelines/{p}.yaml")), text).unwrap();
+    }
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: dev-twilio-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let paid = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    settled_jobs(&c, &d, &paid, 1, Duration::from_secs(20)).await;
+    let balance = |c: reqwest::Client, url: String| async move {
+        send(c.get(url).bearer_auth(TOKEN)).await.json()
+    };
+    let m = balance(c.clone(), d.url("/api/members/ada@example.com")).await;
+    assert_eq!(m["balance"], 1255, "{m:#}");
+
+    let refund = sign_fixture(
+        "shopify",
+        "shopify/refunds-create.json",
+        &keys(&["s"]),
+        "",
+        0,
+    );
+    let id = post(&c, &d.url("/hooks/shop"), &refund).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        jobs[0]["with"]["text"],
+        "Your refund took back 1255 points. Your balance is 0 points."
+    );
+    let m = balance(c.clone(), d.url("/api/members/ada@example.com")).await;
+    assert_eq!(
+        (m["balance"].as_i64(), m["lifetime"].as_i64()),
+        (Some(0), Some(0)),
+        "{m:#}"
+    );
+    assert_eq!(m["history"][0]["kind"], "reverse");
+    assert_eq!(m["history"][0]["points"], -1255);
+    // Re-delivered: nothing more.
+    assert_eq!(
+        post(&c, &d.url("/hooks/shop"), &refund).await.json()["duplicate"],
+        true
+    );
+    // Another refund of the same order: nothing left to take back; the run fails visibly.
+    let second = refund.clone().set("X-Shopify-Event-Id", "refund-2");
+    let id2 = post(&c, &d.url("/hooks/shop"), &second).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ev = loop {
+        let ev = api(&c, &d, "GET", &format!("/api/events/{id2}"), None)
+            .await
+            .json();
+        if ev["pending"] == false {
+            break ev;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ev:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let run = ev["trace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pipeline"] == "shopify-refund-points")
+        .unwrap();
+    assert_eq!(run["outcome"]["outcome"], "failed", "{run:#}");
+    assert!(
+        run["outcome"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("was reversed in full already"),
+        "{run:#}"
+    );
+    let m = balance(c.clone(), d.url("/api/members/ada@example.com")).await;
+    assert_eq!(
+        (m["balance"].as_i64(), m["entries"].as_i64()),
+        (Some(0), Some(2)),
+        "{m:#}"
+    );
+    let emails = sb
+        .received()
+        .iter()
+        .filter(|r| r.vendor == "sendgrid")
+        .count();
+    assert_eq!(emails, 1, "one e-mail, for the one reversal");
+}
