@@ -110,6 +110,8 @@ pub struct Runtime {
     pub pipelines: IndexMap<String, crate::pipeline::spec::Pipeline>,
     /// The configured personal-data fields.
     pub pii: crate::redact::Pii,
+    /// Tiers and thresholds of the points program.
+    pub loyalty: crate::ledger::Rules,
 }
 
 impl Runtime {
@@ -206,6 +208,7 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
             sinks,
             pipelines: cfg.pipelines.clone(),
             pii: crate::redact::Pii::new(&cfg.pii_fields),
+            loyalty: cfg.loyalty.clone(),
         })
     } else {
         Err(diags)

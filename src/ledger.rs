@@ -12,6 +12,73 @@ use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+/// The points program's rules (`loyalty:` in the config).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Tiers on lifetime points, lowest first (the first one starts at 0).
+    #[serde(default)]
+    pub tiers: Vec<Tier>,
+    /// Balances whose crossing (upwards) emits `loyalty.threshold_crossed`.
+    #[serde(default)]
+    pub thresholds: Vec<i64>,
+}
+
+/// A tier: from `from` lifetime points on, accruals earn `earn_percent` % of their points.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub name: String,
+    pub from: i64,
+    #[serde(default = "hundred")]
+    pub earn_percent: i64,
+}
+
+fn hundred() -> i64 {
+    100
+}
+
+impl Rules {
+    /// What `check` reports about the rules.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(first) = self.tiers.first() {
+            if first.from != 0 {
+                return Err(format!(
+                    "the first tier (`{}`) starts at 0 lifetime points",
+                    first.name
+                ));
+            }
+        }
+        for w in self.tiers.windows(2) {
+            if w[1].from <= w[0].from {
+                return Err(format!(
+                    "tiers go up: `{}` starts at {}, not above `{}` ({})",
+                    w[1].name, w[1].from, w[0].name, w[0].from
+                ));
+            }
+        }
+        if let Some(t) = self
+            .tiers
+            .iter()
+            .find(|t| !(1..=1000).contains(&t.earn_percent))
+        {
+            return Err(format!(
+                "tier `{}`: earn_percent is 1 to 1000 (100 = the points as computed)",
+                t.name
+            ));
+        }
+        if let Some(t) = self.thresholds.iter().find(|t| **t <= 0) {
+            return Err(format!("threshold {t}: thresholds are positive"));
+        }
+        Ok(())
+    }
+
+    /// The tier for `lifetime` points (none without tiers).
+    pub fn tier(&self, lifetime: i64) -> Option<&Tier> {
+        self.tiers.iter().rev().find(|t| lifetime >= t.from)
+    }
+}
+
 /// What an entry does to the balance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,7 +139,66 @@ pub struct Entry {
     pub source: String,
     pub idempotency_key: String,
     pub at_ms: u64,
+    /// An accrual multiplied by the tier: the points asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_points: Option<i64>,
+    /// Thresholds the balance crossed upwards with this entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crossed: Vec<i64>,
+    /// The tier before and after, when this entry changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_change: Option<(String, String)>,
 }
+
+impl Entry {
+    /// The internal events this entry emits (`loyalty.threshold_crossed`,
+    /// `loyalty.tier_changed`), with ids derived from the entry: emitted again (after a
+    /// crash, on a replay) they are de-duplicated by the inbox, so each happens once.
+    pub fn events(&self, rules: &Rules, now_ms: u64) -> Vec<crate::inbox::NewEvent> {
+        let tier = rules.tier(self.lifetime_after).map(|t| t.name.clone());
+        let mut out = Vec::new();
+        let mut push = |vendor_id: String, event_type: &str, payload: serde_json::Value| {
+            out.push(crate::inbox::NewEvent {
+                source: SOURCE.into(),
+                connector: SOURCE.into(),
+                vendor_id,
+                event_type: event_type.into(),
+                event_time: None,
+                received_at_ms: now_ms,
+                headers: Vec::new(),
+                payload: bytes::Bytes::from(serde_json::to_vec(&payload).unwrap_or_default()),
+            })
+        };
+        for t in &self.crossed {
+            push(
+                format!("{}:threshold:{t}:{}", self.member, self.seq),
+                THRESHOLD_CROSSED,
+                serde_json::json!({
+                    "member": self.member, "threshold": t, "balance": self.balance_after,
+                    "lifetime": self.lifetime_after, "tier": tier, "entry": self.seq,
+                    "reason": self.reason,
+                }),
+            );
+        }
+        if let Some((from, to)) = &self.tier_change {
+            push(
+                format!("{}:tier:{}", self.member, self.seq),
+                TIER_CHANGED,
+                serde_json::json!({
+                    "member": self.member, "from": from, "to": to,
+                    "up": rules.tiers.iter().position(|t| &t.name == to) > rules.tiers.iter().position(|t| &t.name == from),
+                    "lifetime": self.lifetime_after, "balance": self.balance_after, "entry": self.seq,
+                }),
+            );
+        }
+        out
+    }
+}
+
+/// The internal source the ledger's events come from (`on: { source: loyalty, … }`).
+pub const SOURCE: &str = "loyalty";
+pub const THRESHOLD_CROSSED: &str = "loyalty.threshold_crossed";
+pub const TIER_CHANGED: &str = "loyalty.tier_changed";
 
 /// The outcome of an operation.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -150,7 +276,7 @@ pub fn check_member_id(id: &str) -> Result<(), LedgerError> {
 
 impl Store {
     /// Applies `op` (see the module docs). Blocking: call it off the async threads.
-    pub fn ledger_apply(&self, op: &Op) -> Result<Applied, LedgerError> {
+    pub fn ledger_apply(&self, op: &Op, rules: &Rules) -> Result<Applied, LedgerError> {
         check_member_id(&op.member)?;
         if op.idempotency_key.is_empty() || op.idempotency_key.len() > 256 {
             return Err(LedgerError::Invalid(
@@ -201,6 +327,15 @@ impl Store {
                         ..Default::default()
                     },
                 };
+                // An accrual earns the tier's percentage (integer points, rounded down).
+                let base = delta;
+                let delta = match (op.kind, rules.tier(m.lifetime)) {
+                    (Kind::Accrue, Some(t)) if t.earn_percent != 100 => {
+                        (delta * t.earn_percent / 100).max(1)
+                    }
+                    _ => delta,
+                };
+                let before = (m.balance, m.lifetime);
                 let balance = m.balance + delta;
                 if balance < 0 {
                     return Err(ConflictableTransactionError::Abort(
@@ -212,10 +347,22 @@ impl Store {
                 }
                 m.balance = balance;
                 match op.kind {
-                    Kind::Accrue => m.lifetime += op.points,
+                    Kind::Accrue => m.lifetime += delta,
                     Kind::Reverse => m.lifetime = (m.lifetime - op.points).max(0),
                     _ => {}
                 }
+                let crossed: Vec<i64> = rules
+                    .thresholds
+                    .iter()
+                    .copied()
+                    .filter(|t| before.0 < *t && m.balance >= *t)
+                    .collect();
+                let tier_change = match (rules.tier(before.1), rules.tier(m.lifetime)) {
+                    (Some(a), Some(b)) if a.name != b.name => {
+                        Some((a.name.clone(), b.name.clone()))
+                    }
+                    _ => None,
+                };
                 m.entries += 1;
                 m.updated_at_ms = now;
                 let entry = Entry {
@@ -229,6 +376,9 @@ impl Store {
                     source: op.source.clone(),
                     idempotency_key: op.idempotency_key.clone(),
                     at_ms: now,
+                    base_points: (base != delta).then_some(base),
+                    crossed,
+                    tier_change,
                 };
                 let key = entry_key(&op.member, entry.seq);
                 ledger.insert(key.clone(), enc(&entry)?)?;
@@ -260,7 +410,11 @@ impl Store {
     /// Reverses (part of) an earlier accrual: never more than it earned in all, and never
     /// below a zero balance (points already spent cannot be taken back: the reversal takes
     /// what is left and its entry says so). `Ok(None)`: there is no such entry.
-    pub fn ledger_reverse(&self, r: &Reversal) -> Result<Option<Applied>, LedgerError> {
+    pub fn ledger_reverse(
+        &self,
+        r: &Reversal,
+        rules: &Rules,
+    ) -> Result<Option<Applied>, LedgerError> {
         if let Some(seen) = self.ledger_keys.get(r.idempotency_key.as_bytes())? {
             let raw = self
                 .ledger
@@ -323,15 +477,18 @@ impl Store {
         } else {
             r.reason.clone()
         };
-        let applied = self.ledger_apply(&Op {
-            member: original.member.clone(),
-            kind: Kind::Reverse,
-            points,
-            reason,
-            source: r.source.clone(),
-            idempotency_key: r.idempotency_key.clone(),
-            also_index: Some(format!("{prefix}{}", r.idempotency_key)),
-        })?;
+        let applied = self.ledger_apply(
+            &Op {
+                member: original.member.clone(),
+                kind: Kind::Reverse,
+                points,
+                reason,
+                source: r.source.clone(),
+                idempotency_key: r.idempotency_key.clone(),
+                also_index: Some(format!("{prefix}{}", r.idempotency_key)),
+            },
+            rules,
+        )?;
         Ok(Some(applied))
     }
 
@@ -395,13 +552,19 @@ mod tests {
     #[test]
     fn balances_lifetime_and_idempotency() {
         let (_d, s) = store();
-        let a = s.ledger_apply(&op(Kind::Accrue, 500, "a")).unwrap();
+        let a = s
+            .ledger_apply(&op(Kind::Accrue, 500, "a"), &Rules::default())
+            .unwrap();
         assert_eq!((a.entry.balance_after, a.entry.lifetime_after), (500, 500));
         // The same key again: the first entry, nothing changed.
-        let again = s.ledger_apply(&op(Kind::Accrue, 500, "a")).unwrap();
+        let again = s
+            .ledger_apply(&op(Kind::Accrue, 500, "a"), &Rules::default())
+            .unwrap();
         assert!(again.duplicate);
         assert_eq!(again.entry, a.entry);
-        let r = s.ledger_apply(&op(Kind::Redeem, 200, "r")).unwrap();
+        let r = s
+            .ledger_apply(&op(Kind::Redeem, 200, "r"), &Rules::default())
+            .unwrap();
         assert_eq!(
             (
                 r.entry.points,
@@ -411,20 +574,24 @@ mod tests {
             (-200, 300, 500)
         );
         assert_eq!(
-            s.ledger_apply(&op(Kind::Redeem, 301, "r2")).unwrap_err(),
+            s.ledger_apply(&op(Kind::Redeem, 301, "r2"), &Rules::default())
+                .unwrap_err(),
             LedgerError::Insufficient {
                 balance: 300,
                 wanted: 301
             }
         );
-        let v = s.ledger_apply(&op(Kind::Reverse, 100, "v")).unwrap();
+        let v = s
+            .ledger_apply(&op(Kind::Reverse, 100, "v"), &Rules::default())
+            .unwrap();
         assert_eq!((v.entry.balance_after, v.entry.lifetime_after), (200, 400));
         assert_eq!(
-            s.ledger_apply(&op(Kind::Redeem, 5, "a")).unwrap_err(),
+            s.ledger_apply(&op(Kind::Redeem, 5, "a"), &Rules::default())
+                .unwrap_err(),
             LedgerError::KeyReused("a".into())
         );
         assert!(matches!(
-            s.ledger_apply(&op(Kind::Accrue, 0, "z")),
+            s.ledger_apply(&op(Kind::Accrue, 0, "z"), &Rules::default()),
             Err(LedgerError::Invalid(_))
         ));
         let m = s.member("m-1").unwrap().unwrap();
@@ -436,8 +603,11 @@ mod tests {
     #[test]
     fn reversals_take_back_at_most_what_was_earned_and_what_is_left() {
         let (_d, s) = store();
-        s.ledger_apply(&op(Kind::Accrue, 100, &keyed("shop", "order-1")))
-            .unwrap();
+        s.ledger_apply(
+            &op(Kind::Accrue, 100, &keyed("shop", "order-1")),
+            &Rules::default(),
+        )
+        .unwrap();
         let rev = |points: Option<i64>, key: &str| Reversal {
             of: keyed("shop", "order-1"),
             points,
@@ -447,19 +617,23 @@ mod tests {
         };
         // A partial refund, then the same again (duplicate), then the rest.
         let a = s
-            .ledger_reverse(&rev(Some(30), "refund-1"))
+            .ledger_reverse(&rev(Some(30), "refund-1"), &Rules::default())
             .unwrap()
             .unwrap();
         assert_eq!((a.entry.points, a.entry.balance_after), (-30, 70));
         assert!(
-            s.ledger_reverse(&rev(Some(30), "refund-1"))
+            s.ledger_reverse(&rev(Some(30), "refund-1"), &Rules::default())
                 .unwrap()
                 .unwrap()
                 .duplicate
         );
         // 20 points are spent meanwhile: only 50 are left to take back of the 70.
-        s.ledger_apply(&op(Kind::Redeem, 20, "spend")).unwrap();
-        let b = s.ledger_reverse(&rev(None, "refund-2")).unwrap().unwrap();
+        s.ledger_apply(&op(Kind::Redeem, 20, "spend"), &Rules::default())
+            .unwrap();
+        let b = s
+            .ledger_reverse(&rev(None, "refund-2"), &Rules::default())
+            .unwrap()
+            .unwrap();
         assert_eq!((b.entry.points, b.entry.balance_after), (-50, 0));
         assert!(
             b.entry
@@ -470,7 +644,7 @@ mod tests {
         );
         // Nothing more: 80 of 100 reversed, but the balance is 0.
         assert!(matches!(
-            s.ledger_reverse(&rev(None, "refund-3")),
+            s.ledger_reverse(&rev(None, "refund-3"), &Rules::default()),
             Err(LedgerError::Invalid(m)) if m.contains("the points were spent")
         ));
         // An unknown order: nothing to reverse.
@@ -478,36 +652,128 @@ mod tests {
             of: keyed("shop", "order-9"),
             ..rev(None, "refund-4")
         };
-        assert!(s.ledger_reverse(&none).unwrap().is_none());
+        assert!(s
+            .ledger_reverse(&none, &Rules::default())
+            .unwrap()
+            .is_none());
         // In full: refused.
-        s.ledger_apply(&op(Kind::Accrue, 10, &keyed("shop", "order-2")))
-            .unwrap();
+        s.ledger_apply(
+            &op(Kind::Accrue, 10, &keyed("shop", "order-2")),
+            &Rules::default(),
+        )
+        .unwrap();
         let full = |k: &str| Reversal {
             of: keyed("shop", "order-2"),
             ..rev(None, k)
         };
         assert_eq!(
-            s.ledger_reverse(&full("r5")).unwrap().unwrap().entry.points,
+            s.ledger_reverse(&full("r5"), &Rules::default())
+                .unwrap()
+                .unwrap()
+                .entry
+                .points,
             -10
         );
         assert!(matches!(
-            s.ledger_reverse(&full("r6")),
+            s.ledger_reverse(&full("r6"), &Rules::default()),
             Err(LedgerError::Invalid(m)) if m.contains("reversed in full already")
         ));
     }
 
     #[test]
+    fn tiers_multiply_accruals_and_crossings_are_recorded_once() {
+        let (_d, s) = store();
+        let rules = Rules {
+            tiers: vec![
+                Tier {
+                    name: "Bronze".into(),
+                    from: 0,
+                    earn_percent: 100,
+                },
+                Tier {
+                    name: "Silver".into(),
+                    from: 1000,
+                    earn_percent: 150,
+                },
+            ],
+            thresholds: vec![500, 1000],
+        };
+        assert!(rules.check().is_ok());
+        let a = s
+            .ledger_apply(&op(Kind::Accrue, 1200, "a"), &rules)
+            .unwrap()
+            .entry;
+        // Bronze when it happened: 100 %; both thresholds crossed at once; now Silver.
+        assert_eq!((a.points, a.base_points), (1200, None));
+        assert_eq!(a.crossed, [500, 1000]);
+        assert_eq!(a.tier_change, Some(("Bronze".into(), "Silver".into())));
+        let b = s
+            .ledger_apply(&op(Kind::Accrue, 100, "b"), &rules)
+            .unwrap()
+            .entry;
+        assert_eq!(
+            (b.points, b.base_points),
+            (150, Some(100)),
+            "Silver earns 150 %"
+        );
+        assert!(b.crossed.is_empty() && b.tier_change.is_none());
+        // Down below and up again: a new crossing (a new entry, so a new event id).
+        s.ledger_apply(&op(Kind::Redeem, 1000, "r"), &rules)
+            .unwrap();
+        let c = s
+            .ledger_apply(&op(Kind::Accrue, 400, "c"), &rules)
+            .unwrap()
+            .entry;
+        assert_eq!(c.crossed, [500]);
+        let ids: Vec<String> = c
+            .events(&rules, 0)
+            .iter()
+            .map(|e| e.vendor_id.clone())
+            .collect();
+        assert_eq!(ids, ["m-1:threshold:500:4"]);
+        // The same operation again: the same entry, so the same event ids (de-duplicated).
+        let again = s.ledger_apply(&op(Kind::Accrue, 400, "c"), &rules).unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.entry.events(&rules, 0)[0].vendor_id, ids[0]);
+        let events = a.events(&rules, 0);
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.event_type.as_str(), e.vendor_id.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (THRESHOLD_CROSSED, "m-1:threshold:500:1"),
+                (THRESHOLD_CROSSED, "m-1:threshold:1000:1"),
+                (TIER_CHANGED, "m-1:tier:1")
+            ]
+        );
+        let bad = Rules {
+            tiers: vec![Tier {
+                name: "A".into(),
+                from: 5,
+                earn_percent: 100,
+            }],
+            thresholds: vec![],
+        };
+        assert!(bad.check().unwrap_err().contains("starts at 0"));
+    }
+
+    #[test]
     fn concurrent_redeems_never_overspend() {
         let (_d, s) = store();
-        s.ledger_apply(&op(Kind::Accrue, 100, "seed")).unwrap();
+        s.ledger_apply(&op(Kind::Accrue, 100, "seed"), &Rules::default())
+            .unwrap();
         let ok = std::sync::atomic::AtomicU32::new(0);
         std::thread::scope(|t| {
             for i in 0..8 {
                 let (s, ok) = (&s, &ok);
                 t.spawn(move || {
                     for j in 0..10 {
-                        if s.ledger_apply(&op(Kind::Redeem, 3, &format!("r-{i}-{j}")))
-                            .is_ok()
+                        if s.ledger_apply(
+                            &op(Kind::Redeem, 3, &format!("r-{i}-{j}")),
+                            &Rules::default(),
+                        )
+                        .is_ok()
                         {
                             ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }

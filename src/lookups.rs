@@ -57,24 +57,54 @@ pub struct Live<'a> {
     pub last_try: bool,
 }
 
+impl Live<'_> {
+    /// Stores the events an entry emits (thresholds, tier changes). Their ids come from the
+    /// entry, so emitting again (a re-run after a crash, a replay) stores nothing new.
+    fn emit(&self, a: &crate::ledger::Applied) -> Result<(), LookupError> {
+        use crate::inbox::Inbox;
+        let events = a
+            .entry
+            .events(&self.runtime.loyalty, crate::delivery::now_ms());
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.handle
+            .block_on(self.store.append(events))
+            .map(|_| ())
+            .map_err(|e| LookupError::Retry(format!("storing the ledger's events: {e}")))
+    }
+}
+
 impl Effects for Live<'_> {
     fn reverse(
         &self,
         r: &crate::ledger::Reversal,
     ) -> Result<Option<crate::ledger::Applied>, LookupError> {
         use crate::ledger::LedgerError;
-        self.store.ledger_reverse(r).map_err(|e| match e {
-            LedgerError::Store(s) => LookupError::Retry(s),
-            other => LookupError::Fail(other.to_string()),
-        })
+        let applied = self
+            .store
+            .ledger_reverse(r, &self.runtime.loyalty)
+            .map_err(|e| match e {
+                LedgerError::Store(s) => LookupError::Retry(s),
+                other => LookupError::Fail(other.to_string()),
+            })?;
+        if let Some(a) = &applied {
+            self.emit(a)?;
+        }
+        Ok(applied)
     }
 
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
         use crate::ledger::LedgerError;
-        self.store.ledger_apply(op).map_err(|e| match e {
-            LedgerError::Store(s) => LookupError::Retry(s),
-            other => LookupError::Fail(other.to_string()),
-        })
+        let applied = self
+            .store
+            .ledger_apply(op, &self.runtime.loyalty)
+            .map_err(|e| match e {
+                LedgerError::Store(s) => LookupError::Retry(s),
+                other => LookupError::Fail(other.to_string()),
+            })?;
+        self.emit(&applied)?;
+        Ok(applied)
     }
 
     fn fetch(&self, call: &LookupCall) -> Result<Json, LookupError> {

@@ -57,6 +57,8 @@ struct TopSpec {
     retention: Option<DurationSpec>,
     /// Keys of the apps that call the member API (checkout, self-service portal).
     api_keys: Option<IndexMap<String, ApiKeySpec>>,
+    /// Tiers and thresholds of the points program.
+    loyalty: Option<crate::ledger::Rules>,
     // Only their shape (a map) is checked here; entries are parsed one by one in `load_text`.
     #[allow(dead_code)]
     sources: Option<IndexMap<String, IgnoredAny>>,
@@ -159,6 +161,8 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// Member API keys by app name.
     pub api_keys: IndexMap<String, ApiKeySpec>,
+    /// Tiers and thresholds of the points program.
+    pub loyalty: crate::ledger::Rules,
     pub connector_dirs: Vec<PathBuf>,
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
@@ -223,6 +227,11 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
             SocketAddr::from(([127, 0, 0, 1], 8080))
         }),
     };
+    if let Some(rules) = &top.loyalty {
+        if let Err(m) = rules.check() {
+            diags.push(doc.at("loyalty", m));
+        }
+    }
     for (name, k) in top.api_keys.iter().flatten() {
         for (i, scope) in k.scopes.iter().enumerate() {
             if !API_SCOPES.contains(&scope.as_str()) {
@@ -332,6 +341,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         pii_fields: top.pii_fields.unwrap_or_default(),
         retention: top.retention.map(|d| d.0),
         api_keys: top.api_keys.unwrap_or_default(),
+        loyalty: top.loyalty.unwrap_or_default(),
         connector_dirs,
         pipeline_dirs,
         sources,
@@ -389,6 +399,7 @@ impl TopSpec {
             pii_fields,
             retention,
             api_keys,
+            loyalty,
             sources,
             sinks,
         } = one;
@@ -404,6 +415,7 @@ impl TopSpec {
         self.pii_fields = self.pii_fields.take().or(pii_fields);
         self.retention = self.retention.take().or(retention);
         self.api_keys = self.api_keys.take().or(api_keys);
+        self.loyalty = self.loyalty.take().or(loyalty);
         self.sources = self.sources.take().or(sources);
         self.sinks = self.sinks.take().or(sinks);
     }

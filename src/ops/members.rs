@@ -98,6 +98,7 @@ async fn show(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<St
             "member": m.id,
             "balance": m.balance,
             "lifetime": m.lifetime,
+            "tier": app.runtime().loyalty.tier(m.lifetime).map(|t| t.name.clone()),
             "entries": m.entries,
             "created_at_ms": m.created_at_ms,
             "updated_at_ms": m.updated_at_ms,
@@ -134,7 +135,23 @@ async fn apply(app: AppState, id: String, caller: String, kind: Kind, c: Change)
         also_index: None,
     };
     let store = app.store.clone();
-    match tokio::task::spawn_blocking(move || store.ledger_apply(&op)).await {
+    let rules = app.runtime().loyalty.clone();
+    let applied = tokio::task::spawn_blocking(move || store.ledger_apply(&op, &rules)).await;
+    if let Ok(Ok(a)) = &applied {
+        // Thresholds crossed, tiers changed: their events (de-duplicated by id).
+        let events = a
+            .entry
+            .events(&app.runtime().loyalty, crate::delivery::now_ms());
+        if !events.is_empty() {
+            match app.inbox.append(events).await {
+                Ok(_) => app.wake.notify_one(),
+                Err(e) => {
+                    tracing::error!(member = %a.entry.member, error = %e, "storing the ledger's events failed; repeating the call (same idempotency key) stores them")
+                }
+            }
+        }
+    }
+    match applied {
         Ok(Ok(a)) => Json(json!({
             "member": a.entry.member,
             "balance": a.entry.balance_after,

@@ -134,6 +134,9 @@ fn dry_ledger(op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupEr
             source: op.source.clone(),
             idempotency_key: op.idempotency_key.clone(),
             at_ms: 0,
+            base_points: None,
+            crossed: Vec::new(),
+            tier_change: None,
         },
         duplicate: false,
     })

@@ -369,6 +369,31 @@ pub fn load_one(
 }
 
 fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics) {
+    // The ledger's own events.
+    if on.source == crate::ledger::SOURCE && !scope.sources.contains_key(&on.source) {
+        let emits = [
+            crate::ledger::THRESHOLD_CROSSED,
+            crate::ledger::TIER_CHANGED,
+        ];
+        for (i, ev) in on.events.iter().enumerate() {
+            if !emits.contains(&ev.as_str()) {
+                let hint = did_you_mean(ev, emits.iter().copied())
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                diags.push(doc.at(
+                    &format!("on.events[{i}]"),
+                    format!(
+                        "the ledger does not emit `{ev}`{hint}; it emits: {}",
+                        emits.join(", ")
+                    ),
+                ));
+            }
+        }
+        if on.events.is_empty() {
+            diags.push(doc.at("on.events", "list at least one event type"));
+        }
+        return;
+    }
     // A sink that follows what it created emits internal events under its own name.
     if !scope.sources.contains_key(&on.source) {
         if let Some(sink) = scope.sinks.get(&on.source) {

@@ -35,9 +35,11 @@ pub fn input_from_fixture(
     extra: &[(String, String)],
 ) -> Result<EventInput, String> {
     let path = resolve(cfg, fixture);
-    // An internal event (a sink's `reward.fulfilled`): the fixture is its payload.
-    if !cfg.sources.contains_key(&pipeline.on.source) && cfg.sinks.contains_key(&pipeline.on.source)
-    {
+    // An internal event (a sink's `reward.fulfilled`, the ledger's thresholds): the fixture
+    // is its payload.
+    let internal =
+        cfg.sinks.contains_key(&pipeline.on.source) || pipeline.on.source == crate::ledger::SOURCE;
+    if !cfg.sources.contains_key(&pipeline.on.source) && internal {
         let (body, _) = crate::sign::read_fixture(&path)?;
         let event: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;

@@ -360,3 +360,88 @@ async fn a_refund_reverses_exactly_what_its_order_earned() {
         .count();
     assert_eq!(emails, 1, "one e-mail, for the one reversal");
 }
+
+/// 50 concurrent adjustments of +100 from 0 cross the 1,000 threshold in exactly one entry:
+/// one `loyalty.threshold_crossed` event, one pipeline run, one job; repeating the calls
+/// (same keys, as after a crash) emits nothing new.
+#[tokio::test]
+async fn a_threshold_crossed_once_emits_one_event_under_concurrency_and_repeats() {
+    let (_sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(
+        dir.path().join("pipelines/threshold.yaml"),
+        "pipeline: threshold\non: { source: loyalty, events: [loyalty.threshold_crossed, loyalty.tier_changed] }\nsteps:\n  - deliver: { to: team.post, with: { text: \"{{ type }} {{ event.member }} {{ event.threshold | default(event.to) }}\" } }\n",
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nloyalty:\n  tiers: [{{ name: Bronze, from: 0 }}, {{ name: Silver, from: 2000 }}]\n  thresholds: [1000]\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  team: {{ connector: webhook, url: \"{url}/webhook/x\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let adjust = |i: usize| {
+        let (c, url) = (c.clone(), d.url("/api/members/m-7/adjust"));
+        async move {
+            send(
+                c.post(url)
+                    .bearer_auth(TOKEN)
+                    .json(&json!({"points": 100, "idempotency_key": format!("bonus-{i}")})),
+            )
+            .await
+        }
+    };
+    for round in 0..2 {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            set.spawn(adjust(i));
+        }
+        while let Some(a) = set.join_next().await {
+            let a = a.unwrap();
+            assert_eq!(a.status, 200, "{}", a.body);
+            assert_eq!(a.json()["duplicate"], round == 1);
+        }
+    }
+    let m = send(c.get(d.url("/api/members/m-7")).bearer_auth(TOKEN))
+        .await
+        .json();
+    // Adjustments are not earnings: the balance moves, lifetime points and the tier do not.
+    assert_eq!(
+        (
+            m["balance"].as_i64(),
+            m["lifetime"].as_i64(),
+            m["tier"].as_str()
+        ),
+        (Some(5000), Some(0), Some("Bronze")),
+        "{m:#}"
+    );
+    let crossings: Vec<_> = m["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["crossed"] == json!([1000]))
+        .collect();
+    assert_eq!(crossings.len(), 1, "one entry crossed 1,000: {m:#}");
+    // One event for the crossing, run once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = api(&c, &d, "GET", "/api/events?source=loyalty", None)
+            .await
+            .json();
+        let events = page["events"].as_array().unwrap();
+        if events.len() == 1 && events[0]["pending"] == false {
+            assert_eq!(events[0]["event_type"], "loyalty.threshold_crossed");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{page:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let jobs = api(&c, &d, "GET", "/api/jobs", None).await.json();
+    let mut texts: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["with"]["text"].as_str().unwrap())
+        .collect();
+    texts.sort();
+    assert_eq!(texts, ["loyalty.threshold_crossed m-7 1000"]);
+}
