@@ -112,6 +112,8 @@ pub struct Runtime {
     pub pii: crate::redact::Pii,
     /// Tiers and thresholds of the points program.
     pub loyalty: crate::ledger::Rules,
+    /// Promo code pools.
+    pub promo_codes: IndexMap<String, crate::codes::PoolSpec>,
 }
 
 impl Runtime {
@@ -209,6 +211,7 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
             pipelines: cfg.pipelines.clone(),
             pii: crate::redact::Pii::new(&cfg.pii_fields),
             loyalty: cfg.loyalty.clone(),
+            promo_codes: cfg.promo_codes.clone(),
         })
     } else {
         Err(diags)

@@ -5,6 +5,7 @@
 //! into a checked configuration; `app` wires it all; `ops` serves health and metrics.
 
 pub mod app;
+pub mod codes;
 pub mod config;
 pub mod connector;
 pub mod delivery;

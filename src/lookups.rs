@@ -76,6 +76,22 @@ impl Live<'_> {
 }
 
 impl Effects for Live<'_> {
+    fn issue_code(&self, pool: &str, member: &str, key: &str) -> Result<Json, LookupError> {
+        use crate::codes::CodeError;
+        let spec = self.runtime.promo_codes.get(pool).ok_or_else(|| {
+            LookupError::Fail(format!("no promo code pool `{pool}` (the config changed?)"))
+        })?;
+        let (c, duplicate) = self
+            .store
+            .assign_code(pool, spec, member, key, crate::delivery::now_ms())
+            .map_err(|e| match e {
+                CodeError::Store(s) => LookupError::Retry(s),
+                other => LookupError::Fail(other.to_string()),
+            })?;
+        Ok(serde_json::json!({
+            "code": c.code, "pool": c.pool, "expires_at_ms": c.expires_at_ms, "duplicate": duplicate,
+        }))
+    }
     fn reverse(
         &self,
         r: &crate::ledger::Reversal,

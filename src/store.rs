@@ -65,6 +65,12 @@ pub struct Store {
     pub(crate) ledger: sled::Tree,
     /// Ledger idempotency keys -> entry key (`ledger`).
     pub(crate) ledger_keys: sled::Tree,
+    /// Promo codes by code (`codes`).
+    pub(crate) codes: sled::Tree,
+    /// Available codes by (pool, code) (`codes`).
+    pub(crate) code_pool: sled::Tree,
+    /// Assignment keys -> code (`codes`).
+    pub(crate) code_keys: sled::Tree,
     pub(crate) wal: Wal,
     pub(crate) durability: Durability,
     /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
@@ -124,6 +130,9 @@ impl Store {
             members: db.open_tree("members")?,
             ledger: db.open_tree("ledger")?,
             ledger_keys: db.open_tree("ledger_keys")?,
+            codes: db.open_tree("codes")?,
+            code_pool: db.open_tree("code_pool")?,
+            code_keys: db.open_tree("code_keys")?,
             events,
             wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())
                 .map_err(|e| io("log", e))?,

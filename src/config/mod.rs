@@ -35,7 +35,7 @@ pub struct ApiKeySpec {
 }
 
 /// The scopes an API key may have.
-pub const API_SCOPES: &[&str] = &["members:read", "members:redeem"];
+pub const API_SCOPES: &[&str] = &["members:read", "members:redeem", "codes:redeem"];
 
 /// Top level of `perkflow.yaml`. Sources and sinks are parsed entry by entry afterwards.
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +59,8 @@ struct TopSpec {
     api_keys: Option<IndexMap<String, ApiKeySpec>>,
     /// Tiers and thresholds of the points program.
     loyalty: Option<crate::ledger::Rules>,
+    /// Promo code pools.
+    promo_codes: Option<IndexMap<String, crate::codes::PoolSpec>>,
     // Only their shape (a map) is checked here; entries are parsed one by one in `load_text`.
     #[allow(dead_code)]
     sources: Option<IndexMap<String, IgnoredAny>>,
@@ -163,6 +165,8 @@ pub struct Config {
     pub api_keys: IndexMap<String, ApiKeySpec>,
     /// Tiers and thresholds of the points program.
     pub loyalty: crate::ledger::Rules,
+    /// Promo code pools by name.
+    pub promo_codes: IndexMap<String, crate::codes::PoolSpec>,
     pub connector_dirs: Vec<PathBuf>,
     pub pipeline_dirs: Vec<PathBuf>,
     pub sources: IndexMap<String, Source>,
@@ -230,6 +234,11 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
     if let Some(rules) = &top.loyalty {
         if let Err(m) = rules.check() {
             diags.push(doc.at("loyalty", m));
+        }
+    }
+    for (name, pool) in top.promo_codes.iter().flatten() {
+        if let Err(m) = pool.check(name) {
+            diags.push(doc.at(&format!("promo_codes.{name}"), m));
         }
     }
     for (name, k) in top.api_keys.iter().flatten() {
@@ -304,10 +313,12 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
     }
 
     let engine = crate::pipeline::expr::Engine::new();
+    let no_pools = IndexMap::new();
     let scope = crate::pipeline::spec::Scope {
         sources: &sources,
         sinks: &sinks,
         connectors: &connectors,
+        pools: top.promo_codes.as_ref().unwrap_or(&no_pools),
         engine: &engine,
         deliver_count: Default::default(),
         deliver_ids: Default::default(),
@@ -342,6 +353,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         retention: top.retention.map(|d| d.0),
         api_keys: top.api_keys.unwrap_or_default(),
         loyalty: top.loyalty.unwrap_or_default(),
+        promo_codes: top.promo_codes.unwrap_or_default(),
         connector_dirs,
         pipeline_dirs,
         sources,
@@ -400,6 +412,7 @@ impl TopSpec {
             retention,
             api_keys,
             loyalty,
+            promo_codes,
             sources,
             sinks,
         } = one;
@@ -416,6 +429,7 @@ impl TopSpec {
         self.retention = self.retention.take().or(retention);
         self.api_keys = self.api_keys.take().or(api_keys);
         self.loyalty = self.loyalty.take().or(loyalty);
+        self.promo_codes = self.promo_codes.take().or(promo_codes);
         self.sources = self.sources.take().or(sources);
         self.sinks = self.sinks.take().or(sinks);
     }

@@ -1,6 +1,8 @@
 //! The member API for checkout and self-service portals: `GET /api/members/{id}` (balance,
-//! lifetime points, history) and `POST /api/members/{id}/redeem` (atomic, idempotent, never
-//! below zero), plus `POST /api/members/{id}/adjust` for operators.
+//! lifetime points, tier, history) and `POST /api/members/{id}/redeem` (atomic, idempotent,
+//! never below zero), `POST /api/members/{id}/adjust` for operators; promo codes:
+//! `POST /api/codes/{code}/redeem` (exactly once), `GET /api/codes/{code}`, and
+//! `POST /api/codes/generate` (operators, bulk into a pool).
 //!
 //! Callers authenticate with `Authorization: Bearer <key>`: an app's key from `api_keys`
 //! (scoped: `members:read`, `members:redeem`) or the admin token (everything). Keys are
@@ -31,6 +33,9 @@ pub fn routes() -> Router<AppState> {
         .route("/api/members/{id}", get(show))
         .route("/api/members/{id}/redeem", post(redeem))
         .route("/api/members/{id}/adjust", post(adjust))
+        .route("/api/codes/generate", post(generate_codes))
+        .route("/api/codes/{code}", get(show_code))
+        .route("/api/codes/{code}/redeem", post(redeem_code))
         .layer(DefaultBodyLimit::max(16 * 1024))
 }
 
@@ -202,5 +207,95 @@ async fn adjust(
     match body {
         Ok(Json(c)) => apply(app, id, caller, Kind::Adjust, c).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.body_text()),
+    }
+}
+
+async fn show_code(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+) -> Response {
+    if let Err((status, msg)) = authorize(&app, &headers, Some("codes:redeem")) {
+        return error(status, msg);
+    }
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.code(&code)).await {
+        Ok(Ok(Some(c))) => Json(c).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no such code"),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
+/// Redeems a code exactly once: 200 the first time, 409 after, 410 expired or voided.
+async fn redeem_code(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+) -> Response {
+    use crate::codes::CodeError;
+    let caller = match authorize(&app, &headers, Some("codes:redeem")) {
+        Ok(c) => c,
+        Err((status, msg)) => return error(status, msg),
+    };
+    let store = app.store.clone();
+    let now = crate::delivery::now_ms();
+    match tokio::task::spawn_blocking(move || store.redeem_code(&code, &caller, now)).await {
+        Ok(Ok(c)) => Json(json!({ "redeemed": true, "code": c })).into_response(),
+        Ok(Err(e @ CodeError::NotFound)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Ok(Err(e @ CodeError::Redeemed)) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e @ (CodeError::Expired | CodeError::Void))) => {
+            error(StatusCode::GONE, e.to_string())
+        }
+        Ok(Err(e @ CodeError::Invalid(_))) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        Ok(Err(e @ CodeError::Store(_))) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Generate {
+    pool: String,
+    count: usize,
+}
+
+/// Generates codes into a pool ahead (operators: the admin token).
+async fn generate_codes(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<Generate>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err((status, msg)) = authorize(&app, &headers, None) {
+        return error(status, msg);
+    }
+    let g = match body {
+        Ok(Json(g)) => g,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if !(1..=10_000).contains(&g.count) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "count is 1 to 10,000 per call",
+        );
+    }
+    let Some(spec) = app.runtime().promo_codes.get(&g.pool).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no promo code pool `{}` in the config", g.pool),
+        );
+    };
+    let store = app.store.clone();
+    let now = crate::delivery::now_ms();
+    let pool = g.pool.clone();
+    match tokio::task::spawn_blocking(move || store.generate_codes(&pool, &spec, g.count, now))
+        .await
+    {
+        Ok(Ok(codes)) => Json(json!({ "pool": g.pool, "generated": codes.len(), "codes": codes }))
+            .into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     }
 }

@@ -92,6 +92,14 @@ pub trait Effects {
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
         dry_ledger(op)
     }
+    /// Assigns a promo code of `pool` to `member` under `key` (the same key: the same code).
+    /// The default (dry runs, tests) makes up a placeholder.
+    fn issue_code(&self, pool: &str, member: &str, key: &str) -> Result<Json, LookupError> {
+        let _ = (member, key);
+        Ok(
+            json!({"code": format!("{}-DRY-RUN", pool.to_uppercase()), "pool": pool, "duplicate": false}),
+        )
+    }
     /// Reverses a keyed accrual; `Ok(None)` when there is none.
     fn reverse(
         &self,
@@ -535,6 +543,57 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 }),
             }
         }
+        Step::IssueCode {
+            path,
+            pool,
+            member,
+            when,
+        } => {
+            if let Some(w) = when {
+                match st.engine.condition(w, &ctx) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        st.ctx.insert("code".into(), Json::Null);
+                        st.vars.insert("code".into(), Json::Null);
+                        st.steps.push(StepTrace {
+                            step: path.clone(),
+                            detail: json!({"skipped": w}),
+                        });
+                        return Flow::Continue;
+                    }
+                    Err(e) => return fail(st, &format!("{path}.when"), e),
+                }
+            }
+            let member = match eval_tree(st.engine, member, &ctx) {
+                Ok(Json::String(m)) if !m.is_empty() => m,
+                Ok(Json::Number(n)) => n.to_string(),
+                Ok(other) => {
+                    return fail(
+                        st,
+                        &format!("{path}.member"),
+                        format!("a member id is a non-empty string, not {other}"),
+                    )
+                }
+                Err(e) => return fail(st, &format!("{path}.member"), e),
+            };
+            let key = format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline);
+            match st.effects.issue_code(pool, &member, &key) {
+                Ok(code) => {
+                    st.ctx.insert("code".into(), code.clone());
+                    st.vars.insert("code".into(), code.clone());
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: json!({"pool": pool, "member": member, "code": code}),
+                    });
+                    Flow::Continue
+                }
+                Err(LookupError::Fail(e)) => fail(st, path, format!("promo code: {e}")),
+                Err(LookupError::Retry(reason)) => Flow::Stop(Outcome::Deferred {
+                    step: path.clone(),
+                    reason: format!("pipeline `{}`, {path}: promo code: {reason}", st.pipeline),
+                }),
+            }
+        }
         Step::Reverse {
             path,
             key,
@@ -720,6 +779,7 @@ mod tests {
             sources: &cfg.sources,
             sinks: &cfg.sinks,
             connectors: &cfg.connectors,
+            pools: &cfg.promo_codes,
             engine: &engine,
             deliver_count: Default::default(),
             deliver_ids: Default::default(),

@@ -58,6 +58,18 @@ enum StepSpec {
     /// Takes back what an earlier keyed accrual earned (a refund).
     #[serde(rename = "loyalty.reverse")]
     LoyaltyReverse(ReverseSpec),
+    /// Assigns a unique promo code from a pool to a member (once per event and step).
+    #[serde(rename = "loyalty.issue_code")]
+    LoyaltyIssueCode(IssueCodeSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueCodeSpec {
+    pool: String,
+    member: serde_yaml::Value,
+    #[serde(default)]
+    when: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +194,13 @@ pub enum Step {
         when: Option<String>,
         with: IndexMap<String, Tmpl>,
     },
+    /// Assigns a code of `pool` to `member`; the result is `code` for later steps.
+    IssueCode {
+        path: String,
+        pool: String,
+        member: Tmpl,
+        when: Option<String>,
+    },
     /// Takes back what the accrual with this `key` earned.
     Reverse {
         path: String,
@@ -255,6 +274,8 @@ pub struct Scope<'a> {
     pub sources: &'a IndexMap<String, Source>,
     pub sinks: &'a IndexMap<String, Sink>,
     pub connectors: &'a crate::connector::Registry,
+    /// Promo code pools (`loyalty.issue_code`).
+    pub pools: &'a IndexMap<String, crate::codes::PoolSpec>,
     pub engine: &'a Engine,
     /// Per pipeline file: deliver steps seen so far, and their ids.
     pub deliver_count: std::cell::Cell<usize>,
@@ -616,6 +637,32 @@ fn check_step(
                 points,
                 reason,
                 key,
+                when,
+            }
+        }
+        StepSpec::LoyaltyIssueCode(c) => {
+            let cpath = join(path, "loyalty.issue_code");
+            if !scope.pools.contains_key(&c.pool) {
+                let hint = did_you_mean(&c.pool, scope.pools.keys().map(String::as_str))
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                let known: Vec<&str> = scope.pools.keys().map(String::as_str).collect();
+                diags.push(doc.at(
+                    &join(&cpath, "pool"),
+                    format!(
+                        "unknown promo code pool `{}`{hint}; pools (promo_codes: in the config): {}",
+                        c.pool,
+                        if known.is_empty() { "none".into() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            let when = check_when(doc, &cpath, c.when, scope, diags);
+            let member = compile_tree(doc, &join(&cpath, "member"), &c.member, scope, diags);
+            scope.known.borrow_mut().insert("code".to_string());
+            Step::IssueCode {
+                path: cpath,
+                pool: c.pool,
+                member,
                 when,
             }
         }

@@ -79,7 +79,7 @@ fn the_demo_delivers_to_every_shipped_sink_and_stops_cleanly() {
             "no delivery to {vendor} ({what}) in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("20 deliveries to 8 vendors"), "{stdout}");
+    assert!(stdout.contains("21 deliveries to 8 vendors"), "{stdout}");
     assert!(
         stdout.contains("the status page (sign in with the token)"),
         "{stdout}"

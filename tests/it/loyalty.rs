@@ -445,3 +445,134 @@ async fn a_threshold_crossed_once_emits_one_event_under_concurrency_and_repeats(
     texts.sort();
     assert_eq!(texts, ["loyalty.threshold_crossed m-7 1000"]);
 }
+
+/// Promo codes: the shipped welcome pipeline assigns a unique code once per signup and
+/// e-mails it; 50 concurrent redemptions of it succeed exactly once; operators generate codes
+/// in bulk; scopes apply.
+#[tokio::test]
+async fn a_welcome_code_is_issued_once_and_redeemed_exactly_once() {
+    let (sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    let text = std::fs::read_to_string(repo("pipelines/shopify-welcome-code.yaml"))
+        .unwrap()
+        .replace("source: shop-main", "source: shop");
+    std::fs::write(dir.path().join("pipelines/welcome.yaml"), text).unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\napi_keys:\n  checkout: {{ key: {CHECKOUT_KEY}, scopes: [codes:redeem] }}\n  portal: {{ key: {READ_KEY}, scopes: [members:read] }}\npromo_codes:\n  welcome: {{ prefix: WELCOME-, length: 10, expires_after: 90d }}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let signup = sign_fixture(
+        "shopify",
+        "shopify/customers-create.json",
+        &keys(&["s"]),
+        "",
+        0,
+    );
+    let id = post(&c, &d.url("/hooks/shop"), &signup).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
+    let text = jobs[0]["with"]["text"].as_str().unwrap().to_string();
+    let code = text
+        .split_whitespace()
+        .find(|w| w.starts_with("WELCOME-"))
+        .unwrap()
+        .to_string();
+    assert_eq!(code.len(), "WELCOME-".len() + 10, "{text}");
+    // Replayed: the same code, no second one.
+    let r = api(
+        &c,
+        &d,
+        "POST",
+        &format!("/api/events/{id}/replay"),
+        Some(json!({"confirm": true, "resend_delivered": true})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains(&code),
+        "the replay assigns the same code: {}",
+        r.body
+    );
+    let shown = send(
+        c.get(d.url(&format!("/api/codes/{code}")))
+            .bearer_auth(CHECKOUT_KEY),
+    )
+    .await
+    .json();
+    assert_eq!(shown["state"], "assigned", "{shown:#}");
+    assert_eq!(shown["member"], "sam.walkin@example.com");
+
+    // 50 checkouts at once: one wins.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (c, url) = (
+            c.clone(),
+            d.url(&format!("/api/codes/{}/redeem", code.to_lowercase())),
+        );
+        set.spawn(async move { send(c.post(url).bearer_auth(CHECKOUT_KEY)).await.status });
+    }
+    let mut statuses = Vec::new();
+    while let Some(s) = set.join_next().await {
+        statuses.push(s.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        49,
+        "{statuses:?}"
+    );
+
+    // Operators generate in bulk; apps without the scope cannot redeem.
+    let g = api(
+        &c,
+        &d,
+        "POST",
+        "/api/codes/generate",
+        Some(json!({"pool": "welcome", "count": 5})),
+    )
+    .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    let codes: Vec<String> = g.json()["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(codes.len(), 5);
+    let a = send(
+        c.post(d.url(&format!("/api/codes/{}/redeem", codes[0])))
+            .bearer_auth(READ_KEY),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let a = send(
+        c.post(d.url("/api/codes/generate"))
+            .bearer_auth(CHECKOUT_KEY)
+            .json(&json!({"pool": "welcome", "count": 1})),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(
+        send(
+            c.post(d.url("/api/codes/WELCOME-NOTACODE00/redeem"))
+                .bearer_auth(CHECKOUT_KEY)
+        )
+        .await
+        .status,
+        404
+    );
+    let emails = sb
+        .received()
+        .iter()
+        .filter(|r| r.vendor == "sendgrid")
+        .count();
+    assert_eq!(emails, 2, "the e-mail, and its replay (resend_delivered)");
+}
