@@ -308,16 +308,7 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(
-            dir.path(),
-            crate::config::Durability::Fsync,
-            Duration::from_millis(200),
-        )
-        .unwrap();
-        (dir, s)
-    }
+    use crate::store::temp_store as store;
 
     fn spec() -> PoolSpec {
         PoolSpec {

@@ -524,18 +524,8 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, ConflictableTransactionError<Ledg
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Durability;
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(
-            dir.path(),
-            Durability::Fsync,
-            std::time::Duration::from_millis(200),
-        )
-        .unwrap();
-        (dir, s)
-    }
+    use crate::store::temp_store as store;
 
     fn op(kind: Kind, points: i64, key: &str) -> Op {
         Op {

@@ -336,6 +336,15 @@ fn sync_tree(dir: &Path, skip: &Path) -> std::io::Result<()> {
     wal::sync_dir(dir)
 }
 
+/// A store in a new temporary directory (tests).
+#[cfg(test)]
+pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(200))
+        .expect("store opens");
+    (dir, s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

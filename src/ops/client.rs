@@ -222,19 +222,7 @@ fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
 }
 
-/// How long ago, short (`12s`, `5m`, `3h`, `2d`).
-fn ago(now_ms: u64, at: Option<u64>) -> String {
-    let Some(at) = at else {
-        return "-".into();
-    };
-    let s = now_ms.saturating_sub(at) / 1000;
-    match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m ago", s / 60),
-        3600..=86_399 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86_400),
-    }
-}
+use crate::ops::page::ago;
 
 fn rate(v: &Value) -> String {
     v.as_f64()

@@ -57,7 +57,8 @@ fn env() -> &'static Environment<'static> {
     })
 }
 
-fn ago(now_ms: u64, at: Option<u64>) -> String {
+/// How long ago, short (`12s ago`, `5m ago`, `3h ago`, `2d ago`, `never`).
+pub fn ago(now_ms: u64, at: Option<u64>) -> String {
     let Some(at) = at else {
         return "never".into();
     };

@@ -295,6 +295,84 @@ fn fail(st: &State, step: &str, error: String) -> Flow {
     })
 }
 
+/// A step's own `when`: `Ok(true)` to go on, `Ok(false)` when it skips the step (recorded),
+/// `Err` when the condition fails the run.
+fn step_when(st: &mut State, path: &str, when: &Option<String>, ctx: &Json) -> Result<bool, Flow> {
+    let Some(w) = when else {
+        return Ok(true);
+    };
+    match st.engine.condition(w, ctx) {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            st.steps.push(StepTrace {
+                step: path.to_string(),
+                detail: json!({"skipped": w}),
+            });
+            Ok(false)
+        }
+        Err(e) => Err(fail(st, &format!("{path}.when"), e)),
+    }
+}
+
+/// A member id evaluated from `t` (a non-empty string; a number is taken as text).
+fn member_id(st: &State, path: &str, t: &Tmpl, ctx: &Json) -> Result<String, Flow> {
+    match eval_tree(st.engine, t, ctx) {
+        Ok(Json::String(m)) if !m.is_empty() => Ok(m),
+        Ok(Json::Number(n)) => Ok(n.to_string()),
+        Ok(other) => Err(fail(
+            st,
+            &format!("{path}.member"),
+            format!("a member id is a non-empty string, not {other}"),
+        )),
+        Err(e) => Err(fail(st, &format!("{path}.member"), e)),
+    }
+}
+
+/// Sets a variable for later steps (and the run's values).
+fn set_var(st: &mut State, name: &str, v: Json) {
+    st.ctx.insert(name.into(), v.clone());
+    st.vars.insert(name.into(), v);
+}
+
+/// A ledger entry's outcome for later steps: `balance`, `lifetime` and `loyalty`.
+fn ledger_result(
+    st: &mut State,
+    path: &str,
+    a: &crate::ledger::Applied,
+    found: Option<bool>,
+) -> Flow {
+    let mut result = json!({
+        "member": a.entry.member,
+        "points": a.entry.points,
+        "balance": a.entry.balance_after,
+        "lifetime": a.entry.lifetime_after,
+        "duplicate": a.duplicate,
+    });
+    if let Some(f) = found {
+        result["found"] = json!(f);
+    }
+    set_var(st, "balance", json!(a.entry.balance_after));
+    set_var(st, "lifetime", json!(a.entry.lifetime_after));
+    set_var(st, "loyalty", result.clone());
+    st.steps.push(StepTrace {
+        step: path.to_string(),
+        detail: result,
+    });
+    Flow::Continue
+}
+
+/// The run's outcome when a ledger or code operation failed: for now (the store), deferred;
+/// for good, failed.
+fn effect_failed(st: &State, path: &str, what: &str, e: LookupError) -> Flow {
+    match e {
+        LookupError::Fail(e) => fail(st, path, format!("{what}: {e}")),
+        LookupError::Retry(reason) => Flow::Stop(Outcome::Deferred {
+            step: path.to_string(),
+            reason: format!("pipeline `{}`, {path}: {what}: {reason}", st.pipeline),
+        }),
+    }
+}
+
 fn run_step(st: &mut State, step: &Step) -> Flow {
     let ctx = Json::Object(st.ctx.clone());
     match step {
@@ -436,30 +514,14 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             key,
             when,
         } => {
-            if let Some(w) = when {
-                match st.engine.condition(w, &ctx) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        st.steps.push(StepTrace {
-                            step: path.clone(),
-                            detail: json!({"skipped": w}),
-                        });
-                        return Flow::Continue;
-                    }
-                    Err(e) => return fail(st, &format!("{path}.when"), e),
-                }
+            match step_when(st, path, when, &ctx) {
+                Ok(true) => {}
+                Ok(false) => return Flow::Continue,
+                Err(flow) => return flow,
             }
-            let member = match eval_tree(st.engine, member, &ctx) {
-                Ok(Json::String(m)) if !m.is_empty() => m,
-                Ok(Json::Number(n)) => n.to_string(),
-                Ok(other) => {
-                    return fail(
-                        st,
-                        &format!("{path}.member"),
-                        format!("a member id is a non-empty string, not {other}"),
-                    )
-                }
-                Err(e) => return fail(st, &format!("{path}.member"), e),
+            let member = match member_id(st, path, member, &ctx) {
+                Ok(m) => m,
+                Err(flow) => return flow,
             };
             let points = match eval_tree(st.engine, points, &ctx) {
                 Ok(v) => match v.as_i64() {
@@ -514,33 +576,8 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 also_index: None,
             };
             match st.effects.ledger(&op) {
-                Ok(a) => {
-                    let result = json!({
-                        "member": a.entry.member,
-                        "points": a.entry.points,
-                        "balance": a.entry.balance_after,
-                        "lifetime": a.entry.lifetime_after,
-                        "duplicate": a.duplicate,
-                    });
-                    for (k, v) in [
-                        ("balance", json!(a.entry.balance_after)),
-                        ("lifetime", json!(a.entry.lifetime_after)),
-                        ("loyalty", result.clone()),
-                    ] {
-                        st.ctx.insert(k.into(), v.clone());
-                        st.vars.insert(k.into(), v);
-                    }
-                    st.steps.push(StepTrace {
-                        step: path.clone(),
-                        detail: result,
-                    });
-                    Flow::Continue
-                }
-                Err(LookupError::Fail(e)) => fail(st, path, format!("ledger: {e}")),
-                Err(LookupError::Retry(reason)) => Flow::Stop(Outcome::Deferred {
-                    step: path.clone(),
-                    reason: format!("pipeline `{}`, {path}: ledger: {reason}", st.pipeline),
-                }),
+                Ok(a) => ledger_result(st, path, &a, None),
+                Err(e) => effect_failed(st, path, "ledger", e),
             }
         }
         Step::IssueCode {
@@ -549,49 +586,29 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             member,
             when,
         } => {
-            if let Some(w) = when {
-                match st.engine.condition(w, &ctx) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        st.ctx.insert("code".into(), Json::Null);
-                        st.vars.insert("code".into(), Json::Null);
-                        st.steps.push(StepTrace {
-                            step: path.clone(),
-                            detail: json!({"skipped": w}),
-                        });
-                        return Flow::Continue;
-                    }
-                    Err(e) => return fail(st, &format!("{path}.when"), e),
+            match step_when(st, path, when, &ctx) {
+                Ok(true) => {}
+                Ok(false) => {
+                    set_var(st, "code", Json::Null);
+                    return Flow::Continue;
                 }
+                Err(flow) => return flow,
             }
-            let member = match eval_tree(st.engine, member, &ctx) {
-                Ok(Json::String(m)) if !m.is_empty() => m,
-                Ok(Json::Number(n)) => n.to_string(),
-                Ok(other) => {
-                    return fail(
-                        st,
-                        &format!("{path}.member"),
-                        format!("a member id is a non-empty string, not {other}"),
-                    )
-                }
-                Err(e) => return fail(st, &format!("{path}.member"), e),
+            let member = match member_id(st, path, member, &ctx) {
+                Ok(m) => m,
+                Err(flow) => return flow,
             };
             let key = format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline);
             match st.effects.issue_code(pool, &member, &key) {
                 Ok(code) => {
-                    st.ctx.insert("code".into(), code.clone());
-                    st.vars.insert("code".into(), code.clone());
+                    set_var(st, "code", code.clone());
                     st.steps.push(StepTrace {
                         step: path.clone(),
                         detail: json!({"pool": pool, "member": member, "code": code}),
                     });
                     Flow::Continue
                 }
-                Err(LookupError::Fail(e)) => fail(st, path, format!("promo code: {e}")),
-                Err(LookupError::Retry(reason)) => Flow::Stop(Outcome::Deferred {
-                    step: path.clone(),
-                    reason: format!("pipeline `{}`, {path}: promo code: {reason}", st.pipeline),
-                }),
+                Err(e) => effect_failed(st, path, "promo code", e),
             }
         }
         Step::Reverse {
@@ -601,18 +618,10 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             reason,
             when,
         } => {
-            if let Some(w) = when {
-                match st.engine.condition(w, &ctx) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        st.steps.push(StepTrace {
-                            step: path.clone(),
-                            detail: json!({"skipped": w}),
-                        });
-                        return Flow::Continue;
-                    }
-                    Err(e) => return fail(st, &format!("{path}.when"), e),
-                }
+            match step_when(st, path, when, &ctx) {
+                Ok(true) => {}
+                Ok(false) => return Flow::Continue,
+                Err(flow) => return flow,
             }
             let key = match eval_tree(st.engine, key, &ctx) {
                 Ok(Json::String(k)) if !k.is_empty() => k,
@@ -654,44 +663,17 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 idempotency_key: format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
             };
             match st.effects.reverse(&r) {
-                Ok(Some(a)) => {
-                    let result = json!({
-                        "found": true,
-                        "member": a.entry.member,
-                        "points": a.entry.points,
-                        "balance": a.entry.balance_after,
-                        "lifetime": a.entry.lifetime_after,
-                        "duplicate": a.duplicate,
-                    });
-                    for (k, v) in [
-                        ("balance", json!(a.entry.balance_after)),
-                        ("lifetime", json!(a.entry.lifetime_after)),
-                        ("loyalty", result.clone()),
-                    ] {
-                        st.ctx.insert(k.into(), v.clone());
-                        st.vars.insert(k.into(), v);
-                    }
-                    st.steps.push(StepTrace {
-                        step: path.clone(),
-                        detail: result,
-                    });
-                    Flow::Continue
-                }
+                Ok(Some(a)) => ledger_result(st, path, &a, Some(true)),
                 Ok(None) => {
                     let result = json!({"found": false, "key": key, "points": 0});
-                    st.ctx.insert("loyalty".into(), result.clone());
-                    st.vars.insert("loyalty".into(), result.clone());
+                    set_var(st, "loyalty", result.clone());
                     st.steps.push(StepTrace {
                         step: path.clone(),
                         detail: result,
                     });
                     Flow::Continue
                 }
-                Err(LookupError::Fail(e)) => fail(st, path, format!("ledger: {e}")),
-                Err(LookupError::Retry(reason)) => Flow::Stop(Outcome::Deferred {
-                    step: path.clone(),
-                    reason: format!("pipeline `{}`, {path}: ledger: {reason}", st.pipeline),
-                }),
+                Err(e) => effect_failed(st, path, "ledger", e),
             }
         }
         Step::Deliver {
