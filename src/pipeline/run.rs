@@ -328,6 +328,25 @@ fn member_id(st: &State, path: &str, t: &Tmpl, ctx: &Json) -> Result<String, Flo
     }
 }
 
+/// A step's `with` map, evaluated field by field (an error names the field).
+fn eval_with(
+    st: &State,
+    path: &str,
+    with: &IndexMap<String, Tmpl>,
+    ctx: &Json,
+) -> Result<Json, Flow> {
+    let mut out = Map::new();
+    for (k, t) in with {
+        match eval_tree(st.engine, t, ctx) {
+            Ok(v) => {
+                out.insert(k.clone(), v);
+            }
+            Err(e) => return Err(fail(st, &format!("{path}.with.{k}"), e)),
+        }
+    }
+    Ok(Json::Object(out))
+}
+
 /// Sets a variable for later steps (and the run's values).
 fn set_var(st: &mut State, name: &str, v: Json) {
     st.ctx.insert(name.into(), v.clone());
@@ -461,16 +480,10 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                     Err(e) => return fail(st, &format!("{path}.when"), e),
                 }
             }
-            let mut args = Map::new();
-            for (k, t) in with {
-                match eval_tree(st.engine, t, &ctx) {
-                    Ok(v) => {
-                        args.insert(k.clone(), v);
-                    }
-                    Err(e) => return fail(st, &format!("{path}.with.{k}"), e),
-                }
-            }
-            let args = Json::Object(args);
+            let args = match eval_with(st, path, with, &ctx) {
+                Ok(a) => a,
+                Err(flow) => return flow,
+            };
             let call = LookupCall {
                 name,
                 sink,
@@ -697,21 +710,16 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                     Err(e) => return fail(st, &format!("{path}.when"), e),
                 }
             }
-            let mut out = Map::new();
-            for (k, t) in with {
-                match eval_tree(st.engine, t, &ctx) {
-                    Ok(v) => {
-                        out.insert(k.clone(), v);
-                    }
-                    Err(e) => return fail(st, &format!("{path}.with.{k}"), e),
-                }
-            }
+            let out = match eval_with(st, path, with, &ctx) {
+                Ok(o) => o,
+                Err(flow) => return flow,
+            };
             let d = Delivery {
                 step: path.clone(),
                 id: id.clone(),
                 sink: sink.clone(),
                 action: action.clone(),
-                with: Json::Object(out),
+                with: out,
             };
             st.steps.push(StepTrace {
                 step: path.clone(),

@@ -19,10 +19,7 @@ async fn events_are_listed_and_shown_only_with_the_token() {
     );
     let c = client();
     let req = sign_fixture("shopify", "shopify/orders-paid.json", &keys(&["s"]), "", 0);
-    let id = post(&c, &d.url("/hooks/shop"), &req).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &req).await;
 
     let list = d.url("/api/events");
     assert_eq!(get_auth(&c, &list, None).await.status, 401);

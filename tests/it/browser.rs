@@ -93,10 +93,7 @@ async fn the_status_page_shows_connectors_links_to_traces_and_replays_dead_lette
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
-    let event = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let event = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     // Wait until the SMS is a dead letter (refused credentials) and the e-mail delivered.
     let deadline = Instant::now() + Duration::from_secs(30);
     let dead_key = loop {

@@ -239,6 +239,13 @@ pub async fn post(c: &reqwest::Client, url: &str, req: &Signed) -> Answer {
     send(r).await
 }
 
+/// Posts a signed webhook that must be accepted; returns the stored event's id.
+pub async fn stored_id(c: &reqwest::Client, url: &str, req: &Signed) -> String {
+    let a = post(c, url, req).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()["id"].as_str().expect("an event id").to_string()
+}
+
 pub async fn get(c: &reqwest::Client, url: &str) -> Answer {
     send(c.get(url)).await
 }

@@ -30,10 +30,7 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
     let (dir, config) = project(&url);
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
-    let id = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     let member_url = d.url("/api/members/ada@example.com");
     let member = |key: &'static str| {
         let (c, url) = (c.clone(), member_url.clone());
@@ -276,10 +273,7 @@ async fn a_refund_reverses_exactly_what_its_order_earned() {
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
-    let paid = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let paid = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     settled_jobs(&c, &d, &paid, 1, Duration::from_secs(20)).await;
     let balance = |c: reqwest::Client, url: String| async move {
         send(c.get(url).bearer_auth(TOKEN)).await.json()
@@ -294,10 +288,7 @@ async fn a_refund_reverses_exactly_what_its_order_earned() {
         "",
         0,
     );
-    let id = post(&c, &d.url("/hooks/shop"), &refund).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &refund).await;
     let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
     assert_eq!(
         jobs[0]["with"]["text"],
@@ -318,10 +309,7 @@ async fn a_refund_reverses_exactly_what_its_order_earned() {
     );
     // Another refund of the same order: nothing left to take back; the run fails visibly.
     let second = refund.clone().set("X-Shopify-Event-Id", "refund-2");
-    let id2 = post(&c, &d.url("/hooks/shop"), &second).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id2 = stored_id(&c, &d.url("/hooks/shop"), &second).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let ev = loop {
         let ev = api(&c, &d, "GET", &format!("/api/events/{id2}"), None)
@@ -470,10 +458,7 @@ async fn a_welcome_code_is_issued_once_and_redeemed_exactly_once() {
         "",
         0,
     );
-    let id = post(&c, &d.url("/hooks/shop"), &signup).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &signup).await;
     let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
     let text = jobs[0]["with"]["text"].as_str().unwrap().to_string();
     let code = text

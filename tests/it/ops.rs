@@ -225,10 +225,7 @@ async fn personal_data_is_masked_everywhere_people_look_but_sent_as_is() {
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
-    let id = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     let jobs = crate::delivery::settled_jobs(&c, &d, &id, 2, Duration::from_secs(30)).await;
     assert!(jobs.iter().any(|j| j["state"] == "delivered"), "{jobs:#?}");
     assert!(
@@ -303,10 +300,7 @@ async fn retention_purges_old_payloads_traces_and_finished_jobs_but_keeps_dead_l
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
-    let paid = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let paid = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     let refund_req = sign_fixture(
         "shopify",
         "shopify/refunds-create.json",
@@ -314,10 +308,7 @@ async fn retention_purges_old_payloads_traces_and_finished_jobs_but_keeps_dead_l
         "",
         0,
     );
-    let refund = post(&c, &d.url("/hooks/shop"), &refund_req).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let refund = stored_id(&c, &d.url("/hooks/shop"), &refund_req).await;
     let jobs = crate::delivery::settled_jobs(&c, &d, &paid, 2, Duration::from_secs(20)).await;
     let dead_key = jobs.iter().find(|j| j["state"] == "dead").unwrap()["key"]
         .as_str()
@@ -452,10 +443,7 @@ async fn no_secret_appears_in_logs_or_any_output() {
         "",
         0,
     );
-    let id = post(&c, &d.url("/hooks/shop"), &good).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &good).await;
     // A forged webhook, and a wrong admin token.
     let forged = sign_fixture(
         "shopify",

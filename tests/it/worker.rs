@@ -47,10 +47,7 @@ async fn an_event_feeds_every_subscribed_pipeline_once() {
     let dir = project();
     let d = Daemon::start_in(dir.path(), CONFIG).unwrap();
     let c = client();
-    let id = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     let j = wait_for_jobs(&c, &d, 2).await;
     assert_eq!(j.len(), 2, "{j:?}");
     let sms = j.iter().find(|x| x["sink"] == "sms").expect("sms job");
@@ -145,10 +142,7 @@ async fn failed_runs_are_listed_and_re_run_once_the_pipeline_is_fixed() {
     .unwrap();
     let mut d = Daemon::start_in(dir.path(), CONFIG).unwrap();
     let c = client();
-    let failed = post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let failed = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
     wait_for_jobs(&c, &d, 1).await;
     let list = |q: &'static str| {
         let c = c.clone();
