@@ -1,7 +1,8 @@
 //! Hot reload with the daemon as a real process: a pipeline file change is picked up by the
 //! watcher; a configuration with problems keeps the old one running and shows the problems
 //! (API, status page, `/api/reload`'s answer); SIGHUP re-reads a rotated credential file; and
-//! reloads in the middle of a stream of webhooks lose and duplicate nothing.
+//! reloads, valid and invalid, in the middle of a stream of webhooks lose and duplicate
+//! nothing.
 
 use crate::delivery::{api, order, settled_jobs, TOKEN};
 use crate::helpers::*;
@@ -191,19 +192,30 @@ async fn reloads_during_a_stream_lose_and_duplicate_nothing() {
     // Meanwhile: reload again and again, alternating a setting of the SMS sink (its lane is
     // rebuilt each time, with attempts in flight on the old one).
     let mut reloads = 0;
+    // Every third change is invalid (an unknown sink setting): refused, the running config
+    // stays, and the stream does not notice.
+    let mut refused = 0;
     while !sender.is_finished() {
-        let extra = if reloads % 2 == 0 {
-            ", rate: 500"
-        } else {
-            ", rate: 400"
+        let extra = match reloads % 3 {
+            0 => ", rate: 500",
+            1 => ", rate: 400",
+            _ => ", rat: 400",
         };
         std::fs::write(dir.path().join("perkflow.yaml"), config(&url, extra)).unwrap();
         let a = api(&c, &d, "POST", "/api/reload", None).await;
-        assert_eq!(a.status, 200, "{}", a.body);
+        if reloads % 3 == 2 {
+            assert_eq!(a.status, 422, "{}", a.body);
+            refused += 1;
+        } else {
+            assert_eq!(a.status, 200, "{}", a.body);
+        }
         reloads += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(reloads >= 5, "only {reloads} reloads during the stream");
+    assert!(
+        reloads >= 5 && refused >= 1,
+        "only {reloads} reloads during the stream"
+    );
     let ids = sender.await.unwrap();
     assert_eq!(ids.len(), N);
     for id in &ids {
