@@ -502,6 +502,15 @@ impl Prepared {
                 retention_stop.clone(),
             ))
         });
+        let expiry_stop = CancellationToken::new();
+        let expiry = {
+            let state = self.state.clone();
+            tokio::spawn(crate::ledger::run_expiry(
+                self.store.clone(),
+                move || state.runtime(),
+                expiry_stop.clone(),
+            ))
+        };
         let sampler_stop = CancellationToken::new();
         let sampler = tokio::spawn(crate::ops::connectors::sampler(
             self.state.clone(),
@@ -513,6 +522,8 @@ impl Prepared {
         let _ = sampler.await;
         watcher_stop.cancel();
         let _ = watcher.await;
+        expiry_stop.cancel();
+        let _ = expiry.await;
         retention_stop.cancel();
         if let Some(r) = retention {
             let _ = r.await;

@@ -31,7 +31,8 @@ fn ten() -> usize {
     10
 }
 
-mod humantime_serde_opt {
+/// An optional duration written as `90d`, `12h`.
+pub(crate) mod humantime_serde_opt {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {

@@ -22,6 +22,9 @@ pub struct Rules {
     /// Balances whose crossing (upwards) emits `loyalty.threshold_crossed`.
     #[serde(default)]
     pub thresholds: Vec<i64>,
+    /// A member who earns nothing for this long loses the balance (an `expire` entry).
+    #[serde(default, with = "crate::codes::humantime_serde_opt")]
+    pub expire_after: Option<std::time::Duration>,
 }
 
 /// A tier: from `from` lifetime points on, accruals earn `earn_percent` % of their points.
@@ -69,6 +72,9 @@ impl Rules {
         }
         if let Some(t) = self.thresholds.iter().find(|t| **t <= 0) {
             return Err(format!("threshold {t}: thresholds are positive"));
+        }
+        if self.expire_after.is_some_and(|d| d.is_zero()) {
+            return Err("expire_after is a positive duration (`365d`)".into());
         }
         Ok(())
     }
@@ -123,6 +129,9 @@ pub struct Member {
     pub entries: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// The last accrual (expiry counts from it).
+    #[serde(default)]
+    pub last_earned_at_ms: Option<u64>,
 }
 
 /// An entry of the log.
@@ -347,7 +356,10 @@ impl Store {
                 }
                 m.balance = balance;
                 match op.kind {
-                    Kind::Accrue => m.lifetime += delta,
+                    Kind::Accrue => {
+                        m.lifetime += delta;
+                        m.last_earned_at_ms = Some(now);
+                    }
                     Kind::Reverse => m.lifetime = (m.lifetime - op.points).max(0),
                     _ => {}
                 }
@@ -492,6 +504,48 @@ impl Store {
         Ok(Some(applied))
     }
 
+    /// Expires the balance of every member who earned nothing for `after` (at most `limit`
+    /// members per call). The entry's key names the member's last entry, so an inactivity
+    /// period expires once whatever the repeats; earning again starts a new period.
+    pub fn expire_inactive(
+        &self,
+        rules: &Rules,
+        after: std::time::Duration,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Applied>, LedgerError> {
+        let cutoff = now_ms.saturating_sub(after.as_millis() as u64);
+        let mut out = Vec::new();
+        for item in self.members.iter() {
+            let (_, raw) = item?;
+            let m: Member =
+                serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
+            let since = m.last_earned_at_ms.unwrap_or(m.created_at_ms);
+            if m.balance <= 0 || since > cutoff {
+                continue;
+            }
+            let op = Op {
+                member: m.id.clone(),
+                kind: Kind::Expire,
+                points: m.balance,
+                reason: format!("no points earned for {}", humantime::format_duration(after)),
+                source: "expiry".into(),
+                idempotency_key: format!("expire:{}:{}", m.id, m.entries),
+                also_index: None,
+            };
+            match self.ledger_apply(&op, rules) {
+                Ok(a) => out.push(a),
+                // Spent meanwhile: next pass.
+                Err(LedgerError::Insufficient { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// A member's account, if it has one.
     pub fn member(&self, id: &str) -> Result<Option<Member>, StoreError> {
         self.members
@@ -519,6 +573,57 @@ impl Store {
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, ConflictableTransactionError<LedgerError>> {
     serde_json::to_vec(v)
         .map_err(|e| ConflictableTransactionError::Abort(LedgerError::Store(e.to_string())))
+}
+
+/// Expires inactive balances on a schedule (every tenth of `expire_after`, between 1 s and
+/// 1 h), with the rules of the running configuration, until `stop`.
+pub async fn run_expiry(
+    store: Store,
+    runtime: impl Fn() -> std::sync::Arc<crate::app::Runtime> + Send + 'static,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let rules = runtime().loyalty.clone();
+        let wait = match rules.expire_after {
+            Some(after) => {
+                let s = store.clone();
+                let now = now_ms();
+                let rules2 = rules.clone();
+                match tokio::task::spawn_blocking(move || {
+                    s.expire_inactive(&rules2, after, now, 10_000)
+                })
+                .await
+                {
+                    Ok(Ok(done)) if !done.is_empty() => {
+                        let points: i64 = done.iter().map(|a| -a.entry.points).sum();
+                        metrics::counter!("perkflow_points_expired_total").increment(points as u64);
+                        tracing::info!(
+                            members = done.len(),
+                            points,
+                            "expired the balances of members who earned nothing for {}",
+                            humantime::format_duration(after)
+                        );
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "expiring points failed; trying again later")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "expiring points failed; trying again later")
+                    }
+                }
+                (after / 10).clamp(
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(3600),
+                )
+            }
+            None => std::time::Duration::from_secs(60),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -687,6 +792,7 @@ mod tests {
                 },
             ],
             thresholds: vec![500, 1000],
+            expire_after: None,
         };
         assert!(rules.check().is_ok());
         let a = s
@@ -744,8 +850,39 @@ mod tests {
                 earn_percent: 100,
             }],
             thresholds: vec![],
+            expire_after: None,
         };
         assert!(bad.check().unwrap_err().contains("starts at 0"));
+    }
+
+    #[test]
+    fn inactive_balances_expire_once_per_inactivity() {
+        let (_d, s) = store();
+        let rules = Rules::default();
+        let day = std::time::Duration::from_secs(86_400);
+        s.ledger_apply(&op(Kind::Accrue, 300, "a"), &rules).unwrap();
+        // Not inactive long enough yet.
+        let now = now_ms();
+        assert!(s.expire_inactive(&rules, day, now, 10).unwrap().is_empty());
+        // A day later: expired, once.
+        let later = now + 86_400_001;
+        let done = s.expire_inactive(&rules, day, later, 10).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (
+                done[0].entry.kind,
+                done[0].entry.points,
+                done[0].entry.balance_after
+            ),
+            (Kind::Expire, -300, 0)
+        );
+        assert_eq!(done[0].entry.reason, "no points earned for 1day");
+        assert!(s
+            .expire_inactive(&rules, day, later, 10)
+            .unwrap()
+            .is_empty());
+        let m = s.member("m-1").unwrap().unwrap();
+        assert_eq!((m.balance, m.lifetime), (0, 300), "lifetime points stay");
     }
 
     #[test]

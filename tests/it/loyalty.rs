@@ -187,15 +187,17 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
 /// WooCommerce sends every edit of a completed order as a new event: the shipped pipeline's
 /// accrual is keyed on the order, so the order earns once and is e-mailed once.
 #[tokio::test]
-async fn a_woocommerce_order_edited_after_completion_earns_once() {
+async fn a_woocommerce_order_edited_after_completion_earns_once_and_a_refund_takes_it_back() {
     let (sb, url, _stop) = sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    std::fs::copy(
-        repo("pipelines/woocommerce-order-points.yaml"),
-        dir.path().join("pipelines/woo.yaml"),
-    )
-    .unwrap();
+    for p in ["woocommerce-order-points", "woocommerce-refund-points"] {
+        std::fs::copy(
+            repo(&format!("pipelines/{p}.yaml")),
+            dir.path().join(format!("pipelines/{p}.yaml")),
+        )
+        .unwrap();
+    }
     let config = format!(
         "admin_token: {TOKEN}\nsources:\n  woo: {{ connector: woocommerce, secret: w }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
     );
@@ -253,6 +255,29 @@ async fn a_woocommerce_order_edited_after_completion_earns_once() {
         .filter(|r| r.vendor == "sendgrid")
         .count();
     assert_eq!(emails, 1);
+
+    // Then refunded: the order's points are taken back, once.
+    let refunded = sign_fixture(
+        "woocommerce",
+        "woocommerce/order-updated-refunded.json",
+        &keys(&["w"]),
+        "",
+        0,
+    );
+    let id = stored_id(&c, &d.url("/hooks/woo"), &refunded).await;
+    let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        jobs[0]["with"]["text"],
+        "Order #4821 was refunded: 89 points were taken back. Your balance is 0 points."
+    );
+    let m = api(&c, &d, "GET", "/api/members/zoe@example.com", None)
+        .await
+        .json();
+    assert_eq!(
+        (m["balance"].as_i64(), m["lifetime"].as_i64()),
+        (Some(0), Some(0)),
+        "{m:#}"
+    );
 }
 
 /// A refund reverses exactly what its order earned, once: the shipped order and refund
@@ -560,4 +585,50 @@ async fn a_welcome_code_is_issued_once_and_redeemed_exactly_once() {
         .filter(|r| r.vendor == "sendgrid")
         .count();
     assert_eq!(emails, 2, "the e-mail, and its replay (resend_delivered)");
+}
+
+/// `expire_after`: a member who earns nothing for that long loses the balance, once, by an
+/// `expire` entry; lifetime points stay.
+#[tokio::test]
+async fn inactive_balances_expire() {
+    let (_sb, url, _stop) = sandbox().await;
+    let (dir, config) = project(&url);
+    let config = format!("loyalty: {{ expire_after: 2s }}\n{config}");
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let a = send(
+            c.get(d.url("/api/members/ada@example.com"))
+                .bearer_auth(TOKEN),
+        )
+        .await;
+        if a.status == 200 && a.json()["history"][0]["kind"] == "expire" {
+            break a.json();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} {}\n{}",
+            a.status,
+            a.body,
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (m["balance"].as_i64(), m["lifetime"].as_i64()),
+        (Some(0), Some(1255)),
+        "{m:#}"
+    );
+    assert_eq!(m["history"][0]["points"], -1255);
+    assert_eq!(m["history"][0]["reason"], "no points earned for 2s");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let m = send(
+        c.get(d.url("/api/members/ada@example.com"))
+            .bearer_auth(TOKEN),
+    )
+    .await
+    .json();
+    assert_eq!(m["entries"], 2, "expired once: {m:#}");
 }
