@@ -632,3 +632,89 @@ async fn inactive_balances_expire() {
     .json();
     assert_eq!(m["entries"], 2, "expired once: {m:#}");
 }
+
+/// Stripe: a payment earns a point per dollar; refunds take back in proportion to the
+/// cumulative `amount_refunded` — a partial refund, then the rest — never more than earned.
+#[tokio::test]
+async fn stripe_refunds_take_back_in_proportion_never_more_than_earned() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    for p in ["stripe-payment-points", "stripe-refund-points"] {
+        std::fs::copy(
+            repo(&format!("pipelines/{p}.yaml")),
+            dir.path().join(format!("pipelines/{p}.yaml")),
+        )
+        .unwrap();
+    }
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  stripe: {{ connector: stripe, secret: whsec_test }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let signed = |rel: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let (body, headers) =
+            perkflow::sign::read_fixture(&repo(&format!("fixtures/{rel}"))).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        edit(&mut v);
+        sign_body(
+            "stripe",
+            serde_json::to_vec(&v).unwrap(),
+            headers,
+            &keys(&["whsec_test"]),
+            "",
+            now_unix(),
+        )
+    };
+    let member =
+        |c: reqwest::Client, url: String| async move { send(c.get(url).bearer_auth(TOKEN)).await };
+    let url = d.url("/api/members/ada@example.com");
+    stored_id(
+        &c,
+        &d.url("/hooks/stripe"),
+        &signed("stripe/payment-intent-succeeded.json", &|_| {}),
+    )
+    .await;
+    let until_balance = |want: i64| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let a = member(c.clone(), url.clone()).await;
+                if a.status == 200 && a.json()["balance"] == want {
+                    return a.json();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} {}",
+                    a.status,
+                    a.body
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until_balance(50).await;
+    // 20 USD refunded: 20 points back.
+    let partial = signed("stripe/charge-refunded.json", &|v| {
+        v["id"] = json!("evt_partial");
+        v["data"]["object"]["amount_refunded"] = json!(2000);
+        v["data"]["object"]["refunded"] = json!(false);
+    });
+    stored_id(&c, &d.url("/hooks/stripe"), &partial).await;
+    let m = until_balance(30).await;
+    assert_eq!(m["history"][0]["points"], -20, "{m:#}");
+    // Then all of it (cumulative 50 USD): only the 30 left of the award.
+    stored_id(
+        &c,
+        &d.url("/hooks/stripe"),
+        &signed("stripe/charge-refunded.json", &|_| {}),
+    )
+    .await;
+    let m = until_balance(0).await;
+    assert_eq!(m["history"][0]["points"], -30, "{m:#}");
+    assert_eq!(
+        (m["lifetime"].as_i64(), m["entries"].as_i64()),
+        (Some(0), Some(3)),
+        "{m:#}"
+    );
+}
