@@ -163,7 +163,7 @@ impl Effects for Live<'_> {
         };
         metrics::counter!("perkflow_lookups_total", "sink" => call.sink.to_string(), "outcome" => outcome)
             .increment(1);
-        crate::delivery::report_health(call.sink, &sent);
+        crate::delivery::report_health(call.sink, &sent, &Default::default());
         if let Ok(mut resting) = self.clients.resting.lock() {
             match &sent.outcome {
                 Outcome::Retry { reason, .. } => {

@@ -847,36 +847,19 @@ fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
     // The event's personal data stays out of logs and health (a vendor's reason may quote
     // the phone number it refused).
     let personal = crate::redact::Values::listed(job.sensitive.clone());
-    let job = &Job {
-        reason: job.reason.as_deref().map(|r| personal.text(r)),
-        ..job.clone()
-    };
-    let sent = &Sent {
-        outcome: match &sent.outcome {
-            Outcome::Retry {
-                after,
-                reason,
-                uncertain,
-            } => Outcome::Retry {
-                after: *after,
-                reason: personal.text(reason),
-                uncertain: *uncertain,
-            },
-            Outcome::Reject { reason } => Outcome::Reject {
-                reason: personal.text(reason),
-            },
-            other => other.clone(),
-        },
-        ..sent.clone()
-    };
-    report_health(sink, sent);
+    report_health(sink, sent, &personal);
+    let reason = job
+        .reason
+        .as_deref()
+        .map(|r| personal.text(r))
+        .unwrap_or_default();
     match job.state {
         JobState::Dead => {
             metrics::counter!("perkflow_dead_letters_total", "sink" => sink.clone()).increment(1);
-            tracing::error!(%sink, job = %job.key, event = %job.event_id, attempts = job.attempts, reason = job.reason.as_deref().unwrap_or(""), "dead-lettered: replay it once the cause is fixed");
+            tracing::error!(%sink, job = %job.key, event = %job.event_id, attempts = job.attempts, %reason, "dead-lettered: replay it once the cause is fixed");
         }
         JobState::Pending => {
-            tracing::warn!(%sink, job = %job.key, attempts = job.attempts, due_in_ms = job.next_at_ms.saturating_sub(now_ms()), reason = job.reason.as_deref().unwrap_or(""), "delivery failed; retry scheduled")
+            tracing::warn!(%sink, job = %job.key, attempts = job.attempts, due_in_ms = job.next_at_ms.saturating_sub(now_ms()), %reason, "delivery failed; retry scheduled")
         }
         _ => {
             tracing::debug!(%sink, job = %job.key, latency_ms = sent.latency.as_millis() as u64, "delivered")
@@ -884,8 +867,8 @@ fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
     }
 }
 
-/// Tells connector health how an attempt (or a lookup) went.
-pub fn report_health(sink: &str, sent: &Sent) {
+/// Tells connector health how an attempt (or a lookup) went, `personal` data masked.
+pub fn report_health(sink: &str, sent: &Sent, personal: &crate::redact::Values) {
     let health = crate::ops::connectors::registry();
     let kind = crate::ops::connectors::Kind::Sink;
     let now = now_ms();
@@ -899,7 +882,8 @@ pub fn report_health(sink: &str, sent: &Sent) {
                 .unwrap_or_default();
             let credentials = matches!(sent.outcome, Outcome::Reject { .. })
                 && matches!(sent.status, Some(401 | 403));
-            health.failed(kind, sink, now, &format!("{status}{reason}"), credentials);
+            let why = personal.text(&format!("{status}{reason}"));
+            health.failed(kind, sink, now, &why, credentials);
         }
     }
 }

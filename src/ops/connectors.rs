@@ -70,7 +70,21 @@ impl Stats {
 /// Outcomes per connector, since the process started.
 #[derive(Default)]
 pub struct Registry {
-    stats: Mutex<HashMap<(Kind, String), Stats>>,
+    stats: Mutex<HashMap<Kind, HashMap<String, Stats>>>,
+}
+
+/// The stats of one connector, created on first use (no allocation on the ingest path once
+/// it exists).
+fn stats_of<'a>(
+    all: &'a mut HashMap<Kind, HashMap<String, Stats>>,
+    kind: Kind,
+    name: &str,
+) -> &'a mut Stats {
+    let by_name = all.entry(kind).or_default();
+    if !by_name.contains_key(name) {
+        by_name.insert(name.to_string(), Stats::default());
+    }
+    by_name.get_mut(name).expect("just inserted")
 }
 
 /// The process-wide registry.
@@ -83,7 +97,7 @@ impl Registry {
     /// A success.
     pub fn ok(&self, kind: Kind, name: &str, now_ms: u64) {
         let mut all = self.stats.lock().expect("health lock");
-        let s = all.entry((kind, name.to_string())).or_default();
+        let s = stats_of(&mut all, kind, name);
         s.record(now_ms, true);
         s.last_success_ms = Some(now_ms);
         s.credentials_failing = false;
@@ -92,7 +106,7 @@ impl Registry {
     /// A failure, with what an operator needs to know (no secrets, no customer data).
     pub fn failed(&self, kind: Kind, name: &str, now_ms: u64, reason: &str, credentials: bool) {
         let mut all = self.stats.lock().expect("health lock");
-        let s = all.entry((kind, name.to_string())).or_default();
+        let s = stats_of(&mut all, kind, name);
         s.record(now_ms, false);
         let mut reason = reason.to_string();
         if reason.len() > 300 {
@@ -109,7 +123,7 @@ impl Registry {
 
     fn view(&self, kind: Kind, name: &str, now_ms: u64) -> Activity {
         let all = self.stats.lock().expect("health lock");
-        let Some(s) = all.get(&(kind, name.to_string())) else {
+        let Some(s) = all.get(&kind).and_then(|m| m.get(name)) else {
             return Activity::default();
         };
         let rate = |(ok, failed): (u64, u64)| {

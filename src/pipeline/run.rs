@@ -314,17 +314,44 @@ fn step_when(st: &mut State, path: &str, when: &Option<String>, ctx: &Json) -> R
     }
 }
 
-/// A member id evaluated from `t` (a non-empty string; a number is taken as text).
-fn member_id(st: &State, path: &str, t: &Tmpl, ctx: &Json) -> Result<String, Flow> {
+/// An identifier evaluated from the step's `field` (a non-empty string; a number is taken
+/// as text); `refused` words the error for anything else.
+fn id_field(
+    st: &State,
+    path: &str,
+    field: &str,
+    t: &Tmpl,
+    ctx: &Json,
+    refused: fn(&Json) -> String,
+) -> Result<String, Flow> {
     match eval_tree(st.engine, t, ctx) {
         Ok(Json::String(m)) if !m.is_empty() => Ok(m),
         Ok(Json::Number(n)) => Ok(n.to_string()),
-        Ok(other) => Err(fail(
-            st,
-            &format!("{path}.member"),
-            format!("a member id is a non-empty string, not {other}"),
-        )),
-        Err(e) => Err(fail(st, &format!("{path}.member"), e)),
+        Ok(other) => Err(fail(st, &format!("{path}.{field}"), refused(&other))),
+        Err(e) => Err(fail(st, &format!("{path}.{field}"), e)),
+    }
+}
+
+/// A member id evaluated from the step's `member`.
+fn member_id(st: &State, path: &str, t: &Tmpl, ctx: &Json) -> Result<String, Flow> {
+    id_field(st, path, "member", t, ctx, |v| {
+        format!("a member id is a non-empty string, not {v}")
+    })
+}
+
+/// The step's `reason` as text, or `default`.
+fn reason_text(
+    st: &State,
+    path: &str,
+    reason: &Option<Tmpl>,
+    ctx: &Json,
+    default: impl FnOnce() -> String,
+) -> Result<String, Flow> {
+    match reason.as_ref().map(|r| eval_tree(st.engine, r, ctx)) {
+        Some(Ok(Json::String(r))) => Ok(r),
+        Some(Ok(other)) => Ok(other.to_string()),
+        Some(Err(e)) => Err(fail(st, &format!("{path}.reason"), e)),
+        None => Ok(default()),
     }
 }
 
@@ -549,11 +576,11 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 },
                 Err(e) => return fail(st, &format!("{path}.points"), e),
             };
-            let reason = match reason.as_ref().map(|r| eval_tree(st.engine, r, &ctx)) {
-                Some(Ok(Json::String(r))) => r,
-                Some(Ok(other)) => other.to_string(),
-                Some(Err(e)) => return fail(st, &format!("{path}.reason"), e),
-                None => format!("pipeline {}", st.pipeline),
+            let reason = match reason_text(st, path, reason, &ctx, || {
+                format!("pipeline {}", st.pipeline)
+            }) {
+                Ok(r) => r,
+                Err(flow) => return flow,
             };
             if points == 0 && *kind != crate::ledger::Kind::Adjust {
                 // Nothing earned or spent: no entry.
@@ -636,17 +663,11 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 Ok(false) => return Flow::Continue,
                 Err(flow) => return flow,
             }
-            let key = match eval_tree(st.engine, key, &ctx) {
-                Ok(Json::String(k)) if !k.is_empty() => k,
-                Ok(Json::Number(n)) => n.to_string(),
-                Ok(other) => {
-                    return fail(
-                        st,
-                        &format!("{path}.key"),
-                        format!("an empty key ({other})"),
-                    )
-                }
-                Err(e) => return fail(st, &format!("{path}.key"), e),
+            let key = match id_field(st, path, "key", key, &ctx, |v| {
+                format!("an empty key ({v})")
+            }) {
+                Ok(k) => k,
+                Err(flow) => return flow,
             };
             let points = match points.as_ref().map(|p| eval_tree(st.engine, p, &ctx)) {
                 None => None,
@@ -662,11 +683,11 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 },
                 Some(Err(e)) => return fail(st, &format!("{path}.points"), e),
             };
-            let reason = match reason.as_ref().map(|r| eval_tree(st.engine, r, &ctx)) {
-                Some(Ok(Json::String(r))) => r,
-                Some(Ok(other)) => other.to_string(),
-                Some(Err(e)) => return fail(st, &format!("{path}.reason"), e),
-                None => format!("pipeline {}: reversal of {key}", st.pipeline),
+            let reason = match reason_text(st, path, reason, &ctx, || {
+                format!("pipeline {}: reversal of {key}", st.pipeline)
+            }) {
+                Ok(r) => r,
+                Err(flow) => return flow,
             };
             let r = crate::ledger::Reversal {
                 of: crate::ledger::keyed(st.source, &key),

@@ -24,6 +24,20 @@ fn project(sandbox: &str) -> (tempfile::TempDir, String) {
     (dir, config)
 }
 
+/// A project dir holding the shipped pipelines `names`, their `source: shop-main` renamed to
+/// `source: shop` (the tests' source name).
+fn shipped(names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    for p in names {
+        let text = std::fs::read_to_string(repo(&format!("pipelines/{p}.yaml")))
+            .unwrap()
+            .replace("source: shop-main", "source: shop");
+        std::fs::write(dir.path().join(format!("pipelines/{p}.yaml")), text).unwrap();
+    }
+    dir
+}
+
 #[tokio::test]
 async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
     let (_sb, url, _stop) = sandbox().await;
@@ -189,15 +203,7 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
 #[tokio::test]
 async fn a_woocommerce_order_edited_after_completion_earns_once_and_a_refund_takes_it_back() {
     let (sb, url, _stop) = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    for p in ["woocommerce-order-points", "woocommerce-refund-points"] {
-        std::fs::copy(
-            repo(&format!("pipelines/{p}.yaml")),
-            dir.path().join(format!("pipelines/{p}.yaml")),
-        )
-        .unwrap();
-    }
+    let dir = shipped(&["woocommerce-order-points", "woocommerce-refund-points"]);
     let config = format!(
         "admin_token: {TOKEN}\nsources:\n  woo: {{ connector: woocommerce, secret: w }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
     );
@@ -285,14 +291,7 @@ async fn a_woocommerce_order_edited_after_completion_earns_once_and_a_refund_tak
 #[tokio::test]
 async fn a_refund_reverses_exactly_what_its_order_earned() {
     let (sb, url, _stop) = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    for p in ["shopify-order-points", "shopify-refund-points"] {
-        let text = std::fs::read_to_string(repo(&format!("pipelines/{p}.yaml")))
-            .unwrap()
-            .replace("source: shop-main", "source: shop");
-        std::fs::write(dir.path().join(format!("pipelines/{p}.yaml")), text).unwrap();
-    }
+    let dir = shipped(&["shopify-order-points", "shopify-refund-points"]);
     let config = format!(
         "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: dev-twilio-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
     );
@@ -465,12 +464,7 @@ async fn a_threshold_crossed_once_emits_one_event_under_concurrency_and_repeats(
 #[tokio::test]
 async fn a_welcome_code_is_issued_once_and_redeemed_exactly_once() {
     let (sb, url, _stop) = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    let text = std::fs::read_to_string(repo("pipelines/shopify-welcome-code.yaml"))
-        .unwrap()
-        .replace("source: shop-main", "source: shop");
-    std::fs::write(dir.path().join("pipelines/welcome.yaml"), text).unwrap();
+    let dir = shipped(&["shopify-welcome-code"]);
     let config = format!(
         "admin_token: {TOKEN}\napi_keys:\n  checkout: {{ key: {CHECKOUT_KEY}, scopes: [codes:redeem] }}\n  portal: {{ key: {READ_KEY}, scopes: [members:read] }}\npromo_codes:\n  welcome: {{ prefix: WELCOME-, length: 10, expires_after: 90d }}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
     );
@@ -637,15 +631,7 @@ async fn inactive_balances_expire() {
 /// cumulative `amount_refunded` — a partial refund, then the rest — never more than earned.
 #[tokio::test]
 async fn stripe_refunds_take_back_in_proportion_never_more_than_earned() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    for p in ["stripe-payment-points", "stripe-refund-points"] {
-        std::fs::copy(
-            repo(&format!("pipelines/{p}.yaml")),
-            dir.path().join(format!("pipelines/{p}.yaml")),
-        )
-        .unwrap();
-    }
+    let dir = shipped(&["stripe-payment-points", "stripe-refund-points"]);
     let config = format!(
         "admin_token: {TOKEN}\nsources:\n  stripe: {{ connector: stripe, secret: whsec_test }}\n"
     );

@@ -41,18 +41,22 @@ async fn until(
 }
 
 async fn ingest(c: &reqwest::Client, d: &Daemon, i: usize) -> String {
-    let a = post(c, &d.url("/hooks/shop"), &order(i)).await;
-    assert_eq!(a.status, 200, "{}", a.body);
-    a.json()["id"].as_str().unwrap().to_string()
+    stored_id(c, &d.url("/hooks/shop"), &order(i)).await
+}
+
+/// The SMS pipeline, and the Twilio token in a file (`${file:twilio-token}`).
+fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::write(dir.path().join("pipelines/p.yaml"), SMS).unwrap();
+    std::fs::write(dir.path().join("twilio-token"), "dev-twilio-token").unwrap();
+    dir
 }
 
 #[tokio::test]
 async fn changes_are_checked_before_they_replace_the_running_config() {
     let (_sb, url, _stop) = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    std::fs::write(dir.path().join("pipelines/p.yaml"), SMS).unwrap();
-    std::fs::write(dir.path().join("twilio-token"), "dev-twilio-token").unwrap();
+    let dir = project();
     let d = Daemon::start_in(dir.path(), &config(&url, "")).unwrap();
     let c = client();
     let first = ingest(&c, &d, 1).await;
@@ -161,10 +165,7 @@ async fn changes_are_checked_before_they_replace_the_running_config() {
 #[tokio::test]
 async fn reloads_during_a_stream_lose_and_duplicate_nothing() {
     let (sb, url, _stop) = sandbox().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    std::fs::write(dir.path().join("pipelines/p.yaml"), SMS).unwrap();
-    std::fs::write(dir.path().join("twilio-token"), "dev-twilio-token").unwrap();
+    let dir = project();
     let d = Daemon::start_in(dir.path(), &config(&url, "")).unwrap();
     let c = client();
     const N: usize = 300;
