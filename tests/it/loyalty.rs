@@ -78,7 +78,9 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
         "{ev:#}"
     );
 
-    // Re-delivered, then replayed: never a second accrual.
+    // Re-delivered, then replayed (once its job settled: a replay refuses a job in flight):
+    // never a second accrual.
+    settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
     assert_eq!(
         post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["duplicate"],
         true
