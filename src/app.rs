@@ -505,9 +505,11 @@ impl Prepared {
         let expiry_stop = CancellationToken::new();
         let expiry = {
             let state = self.state.clone();
-            tokio::spawn(crate::ledger::run_expiry(
+            let wake = self.state.wake.clone();
+            tokio::spawn(crate::ledger::run_upkeep(
                 self.store.clone(),
                 move || state.runtime(),
+                wake,
                 expiry_stop.clone(),
             ))
         };

@@ -101,6 +101,21 @@ pub struct Code {
     pub redeemed_at_ms: Option<u64>,
     /// Who redeemed it (the API caller) and why it was voided.
     pub note: Option<String>,
+    /// The order it was issued for (a refund of the order voids it while unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voided_at_ms: Option<u64>,
+}
+
+/// The index entry of a code issued for an order (in `code_keys`, apart from assignment
+/// keys by its leading NUL).
+fn order_key(order: &str, code: &str) -> Vec<u8> {
+    let mut k = b"\0order\0".to_vec();
+    k.extend_from_slice(order.as_bytes());
+    k.push(0);
+    k.extend_from_slice(code.as_bytes());
+    k
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -177,6 +192,8 @@ impl Store {
                 assigned_at_ms: None,
                 redeemed_at_ms: None,
                 note: None,
+                order: None,
+                voided_at_ms: None,
             };
             let raw = serde_json::to_vec(&c).map_err(|e| CodeError::Store(e.to_string()))?;
             // A collision (vanishingly rare) is simply drawn again.
@@ -201,6 +218,7 @@ impl Store {
         spec: &PoolSpec,
         member: &str,
         key: &str,
+        order: Option<&str>,
         now_ms: u64,
     ) -> Result<(Code, bool), CodeError> {
         if let Some(code) = self.code_keys.get(key.as_bytes())? {
@@ -243,8 +261,12 @@ impl Store {
                     c.state = CodeState::Assigned;
                     c.member = Some(member.to_string());
                     c.assigned_at_ms = Some(now_ms);
+                    c.order = order.map(str::to_string);
                     codes.insert(code.as_bytes(), write(&c)?)?;
                     keys.insert(key.as_bytes(), code.as_bytes())?;
+                    if let Some(o) = order {
+                        keys.insert(order_key(o, &code), code.as_bytes())?;
+                    }
                     Ok(Some(c))
                 },
             );
@@ -255,13 +277,52 @@ impl Store {
                 }
                 Ok(None) => continue,
                 Err(TransactionError::Abort(CodeError::Invalid(_))) => {
-                    return self.assign_code(pool, spec, member, key, now_ms)
+                    return self.assign_code(pool, spec, member, key, order, now_ms)
                 }
                 Err(TransactionError::Abort(e)) => return Err(e),
                 Err(TransactionError::Storage(e)) => return Err(e.into()),
             }
         }
         Err(CodeError::Store("could not assign a code".into()))
+    }
+
+    /// Voids the codes issued for `order` that are not redeemed yet; returns them.
+    pub fn void_order_codes(
+        &self,
+        order: &str,
+        why: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, CodeError> {
+        let prefix = order_key(order, "");
+        let mut voided = Vec::new();
+        for item in self.code_keys.scan_prefix(&prefix) {
+            let (_, code) = item?;
+            let result = (&self.codes, &self.code_pool).transaction(|(codes, avail)| {
+                let Some(raw) = codes.get(&code)? else {
+                    return Ok(false);
+                };
+                let mut c = read(&raw)?;
+                if c.state != CodeState::Assigned {
+                    return Ok(false);
+                }
+                avail.remove(available_key(&c.pool, &c.code))?;
+                c.state = CodeState::Void;
+                c.note = Some(why.to_string());
+                c.voided_at_ms = Some(now_ms);
+                codes.insert(&code, write(&c)?)?;
+                Ok(true)
+            });
+            match result {
+                Ok(true) => voided.push(String::from_utf8_lossy(&code).into_owned()),
+                Ok(false) => {}
+                Err(TransactionError::Abort(e)) => return Err(e),
+                Err(TransactionError::Storage(e)) => return Err(e.into()),
+            }
+        }
+        if !voided.is_empty() {
+            self.db.flush()?;
+        }
+        Ok(voided)
     }
 
     /// Redeems `code` exactly once.
@@ -332,7 +393,7 @@ mod tests {
             assert!(!body.contains(['0', 'O', '1', 'I', 'L']), "{c}");
         }
         let (a, again) = s
-            .assign_code("welcome", &spec(), "m-1", "ev:1", 2_000)
+            .assign_code("welcome", &spec(), "m-1", "ev:1", None, 2_000)
             .unwrap();
         assert!(!again);
         assert_eq!(
@@ -340,7 +401,7 @@ mod tests {
             (CodeState::Assigned, Some("m-1"))
         );
         let (b, again) = s
-            .assign_code("welcome", &spec(), "m-1", "ev:1", 2_000)
+            .assign_code("welcome", &spec(), "m-1", "ev:1", None, 2_000)
             .unwrap();
         assert!(again);
         assert_eq!(a.code, b.code, "the same step gets the same code");
@@ -362,8 +423,31 @@ mod tests {
             Err(CodeError::Expired)
         );
         // An empty pool generates on demand.
-        let (c, _) = s.assign_code("vip", &spec(), "m-2", "ev:2", 2_000).unwrap();
+        let (c, _) = s.assign_code("vip", &spec(), "m-2", "ev:2", None, 2_000).unwrap();
         assert!(c.code.starts_with("WELCOME-"));
+    }
+
+    #[test]
+    fn a_refund_voids_the_unused_codes_of_its_order_only() {
+        let (_d, s) = store();
+        let (a, _) = s
+            .assign_code("p", &spec(), "m-1", "ev:1", Some("shop:key:9"), 10)
+            .unwrap();
+        let (b, _) = s
+            .assign_code("p", &spec(), "m-1", "ev:2", Some("shop:key:9"), 10)
+            .unwrap();
+        let (other, _) = s
+            .assign_code("p", &spec(), "m-1", "ev:3", Some("shop:key:90"), 10)
+            .unwrap();
+        s.redeem_code(&b.code, "till", 20).unwrap();
+        let voided = s.void_order_codes("shop:key:9", "order refunded", 30).unwrap();
+        assert_eq!(voided, vec![a.code.clone()], "the redeemed one stays redeemed");
+        assert_eq!(s.code(&a.code).unwrap().unwrap().state, CodeState::Void);
+        assert_eq!(s.redeem_code(&a.code, "till", 40), Err(CodeError::Void));
+        assert_eq!(s.code(&b.code).unwrap().unwrap().state, CodeState::Redeemed);
+        assert_eq!(s.code(&other.code).unwrap().unwrap().state, CodeState::Assigned);
+        // Again: nothing more.
+        assert!(s.void_order_codes("shop:key:9", "again", 50).unwrap().is_empty());
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub enum Kind {
     Expire,
     /// Takes back an earlier entry (a refund reverses what its order earned).
     Reverse,
+    /// Points held by an accrual (`hold:`) become spendable.
+    Release,
 }
 
 /// One ledger operation, as asked.
@@ -117,6 +119,37 @@ pub struct Op {
     /// indexed under the entry it reverses).
     #[serde(skip)]
     pub also_index: Option<String>,
+    /// An accrual held (pending) until then: it counts as pending points, not balance, until
+    /// it is released (a return window).
+    #[serde(skip)]
+    pub hold_until_ms: Option<u64>,
+    /// The entry (its key) a `Release`, or a reversal of held points, applies to.
+    #[serde(skip)]
+    pub target: Option<Vec<u8>>,
+}
+
+impl Op {
+    /// An operation with no hold, target or second index.
+    pub fn new(
+        member: impl Into<String>,
+        kind: Kind,
+        points: i64,
+        reason: impl Into<String>,
+        source: impl Into<String>,
+        idempotency_key: impl Into<String>,
+    ) -> Op {
+        Op {
+            member: member.into(),
+            kind,
+            points,
+            reason: reason.into(),
+            source: source.into(),
+            idempotency_key: idempotency_key.into(),
+            also_index: None,
+            hold_until_ms: None,
+            target: None,
+        }
+    }
 }
 
 /// A member's account.
@@ -132,6 +165,86 @@ pub struct Member {
     /// The last accrual (expiry counts from it).
     #[serde(default)]
     pub last_earned_at_ms: Option<u64>,
+    /// Points earned but held (a return window): not spendable until released.
+    #[serde(default)]
+    pub pending: i64,
+    /// The member's profile (`loyalty.enroll`): aliases and what schedules match on.
+    #[serde(default, flatten)]
+    pub profile: Profile,
+}
+
+/// What is known of a member besides points. The e-mail address and phone number are
+/// aliases: a pipeline or API call naming the member by either finds the same account.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Profile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// E.164 (`+14155550100`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// `MM-DD` or `YYYY-MM-DD`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<String>,
+    /// Free-form values (a sink action's result stored on the member, a name).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Profile {
+    /// Normalises and validates what a caller gave.
+    pub fn normalised(mut self) -> Result<Profile, LedgerError> {
+        if let Some(e) = self.email.take() {
+            let e = e.trim().to_lowercase();
+            if !e.is_empty() {
+                if e.len() > 254 || !e.contains('@') || e.chars().any(|c| c.is_whitespace()) {
+                    return Err(LedgerError::Invalid(format!("`{e}` is not an e-mail address")));
+                }
+                self.email = Some(e);
+            }
+        }
+        if let Some(p) = self.phone.take() {
+            let p = p.trim().to_string();
+            if !p.is_empty() {
+                let digits = p.strip_prefix('+').unwrap_or("");
+                if !(8..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) {
+                    return Err(LedgerError::Invalid(format!(
+                        "`{p}` is not an E.164 phone number (`+14155550100`; the `e164` filter makes one)"
+                    )));
+                }
+                self.phone = Some(p);
+            }
+        }
+        if let Some(b) = self.birthday.take() {
+            let b = b.trim().to_string();
+            if !b.is_empty() {
+                if month_day(&b).is_none() {
+                    return Err(LedgerError::Invalid(format!(
+                        "birthday `{b}` is `MM-DD` or `YYYY-MM-DD`"
+                    )));
+                }
+                self.birthday = Some(b);
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// The (month, day) of `MM-DD` or `YYYY-MM-DD`, if it is a date.
+pub fn month_day(s: &str) -> Option<(i8, i8)> {
+    let full = if s.len() == 5 { format!("2000-{s}") } else { s.to_string() };
+    let d: jiff::civil::Date = full.parse().ok()?;
+    Some((d.month(), d.day()))
+}
+
+fn alias_keys(p: &Profile) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = &p.email {
+        out.push(format!("email:{e}"));
+    }
+    if let Some(ph) = &p.phone {
+        out.push(format!("phone:{ph}"));
+    }
+    out
 }
 
 /// An entry of the log.
@@ -157,6 +270,16 @@ pub struct Entry {
     /// The tier before and after, when this entry changed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_change: Option<(String, String)>,
+    /// The points are held (an accrual with a hold, or a reversal of held points): they
+    /// moved the pending points, not the balance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+    /// When held points are released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_at_ms: Option<u64>,
+    /// Pending points after the entry.
+    #[serde(default)]
+    pub pending_after: i64,
 }
 
 impl Entry {
@@ -217,6 +340,7 @@ pub struct Applied {
     pub duplicate: bool,
 }
 
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LedgerError {
     #[error("insufficient points: the balance is {balance}, {wanted} asked")]
@@ -260,6 +384,36 @@ pub struct Reversal {
     pub source: String,
     /// The reversal's own key (the refund).
     pub idempotency_key: String,
+    /// Sinks whose unsent deliveries caused by the reversed entry are cancelled.
+    pub cancel: Vec<String>,
+}
+
+/// A hold's value: the points still held and when they are released.
+fn encode_hold(points: i64, until_ms: u64) -> Vec<u8> {
+    let mut v = points.to_be_bytes().to_vec();
+    v.extend_from_slice(&until_ms.to_be_bytes());
+    v
+}
+
+fn decode_hold(v: &[u8]) -> Result<(i64, u64), String> {
+    match (v.get(..8), v.get(8..16)) {
+        (Some(p), Some(u)) => Ok((
+            i64::from_be_bytes(p.try_into().map_err(|_| "hold".to_string())?),
+            u64::from_be_bytes(u.try_into().map_err(|_| "hold".to_string())?),
+        )),
+        _ => Err("a corrupt hold".into()),
+    }
+}
+
+fn due_key(at_ms: u64, entry: &[u8]) -> Vec<u8> {
+    let mut k = at_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(entry);
+    k
+}
+
+/// Where the reversals of the entry keyed `of` are indexed.
+fn reversal_prefix(of: &str) -> String {
+    format!("{of}\u{0}reversal\u{0}")
 }
 
 fn entry_key(member: &str, seq: u64) -> Vec<u8> {
@@ -293,6 +447,8 @@ impl Store {
             ));
         }
         let delta = match op.kind {
+            // A release's points are what is still held, read in the transaction.
+            Kind::Release => 0,
             Kind::Accrue | Kind::Redeem | Kind::Expire | Kind::Reverse if op.points <= 0 => {
                 return Err(LedgerError::Invalid(
                     "points must be a positive integer".into(),
@@ -304,19 +460,29 @@ impl Store {
             Kind::Accrue | Kind::Adjust => op.points,
             Kind::Redeem | Kind::Expire | Kind::Reverse => -op.points,
         };
+        if op.kind == Kind::Release && op.target.is_none() {
+            return Err(LedgerError::Invalid("a release names its accrual".into()));
+        }
+        // A member named by an alias (e-mail, phone) is that member.
+        let member_id = self.resolve_member(&op.member)?;
         let now = now_ms();
-        let result = (&self.members, &self.ledger, &self.ledger_keys).transaction(
-            |(members, ledger, keys)| {
+        let result = (
+            &self.members,
+            &self.ledger,
+            &self.ledger_keys,
+            &self.held,
+            &self.held_due,
+        )
+            .transaction(|(members, ledger, keys, held, held_due)| {
+                let store_err =
+                    |e: String| ConflictableTransactionError::Abort(LedgerError::Store(e));
                 if let Some(seen) = keys.get(op.idempotency_key.as_bytes())? {
                     let Some(raw) = ledger.get(&seen)? else {
-                        return Err(ConflictableTransactionError::Abort(LedgerError::Store(
-                            "an idempotency key points at no entry".into(),
-                        )));
+                        return Err(store_err("an idempotency key points at no entry".into()));
                     };
-                    let entry: Entry = serde_json::from_slice(&raw).map_err(|e| {
-                        ConflictableTransactionError::Abort(LedgerError::Store(e.to_string()))
-                    })?;
-                    if entry.member != op.member || entry.kind != op.kind {
+                    let entry: Entry =
+                        serde_json::from_slice(&raw).map_err(|e| store_err(e.to_string()))?;
+                    if entry.member != member_id || entry.kind != op.kind {
                         return Err(ConflictableTransactionError::Abort(LedgerError::KeyReused(
                             op.idempotency_key.clone(),
                         )));
@@ -326,42 +492,99 @@ impl Store {
                         duplicate: true,
                     });
                 }
-                let mut m: Member = match members.get(op.member.as_bytes())? {
-                    Some(raw) => serde_json::from_slice(&raw).map_err(|e| {
-                        ConflictableTransactionError::Abort(LedgerError::Store(e.to_string()))
-                    })?,
+                let mut m: Member = match members.get(member_id.as_bytes())? {
+                    Some(raw) => {
+                        serde_json::from_slice(&raw).map_err(|e| store_err(e.to_string()))?
+                    }
                     None => Member {
-                        id: op.member.clone(),
+                        id: member_id.clone(),
                         created_at_ms: now,
                         ..Default::default()
                     },
                 };
+                // Held points the operation applies to (a release, a reversal of a hold).
+                let hold = match &op.target {
+                    Some(t) if matches!(op.kind, Kind::Release | Kind::Reverse) => {
+                        match held.get(t)? {
+                            Some(v) => Some((t.clone(), decode_hold(&v).map_err(store_err)?)),
+                            None if op.kind == Kind::Release => {
+                                return Err(ConflictableTransactionError::Abort(
+                                    LedgerError::Invalid(
+                                        "nothing held: released or reversed already".into(),
+                                    ),
+                                ))
+                            }
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                };
                 // An accrual earns the tier's percentage (integer points, rounded down).
                 let base = delta;
-                let delta = match (op.kind, rules.tier(m.lifetime)) {
+                let mut delta = match (op.kind, rules.tier(m.lifetime)) {
                     (Kind::Accrue, Some(t)) if t.earn_percent != 100 => {
                         (delta * t.earn_percent / 100).max(1)
                     }
                     _ => delta,
                 };
                 let before = (m.balance, m.lifetime);
-                let balance = m.balance + delta;
-                if balance < 0 {
-                    return Err(ConflictableTransactionError::Abort(
-                        LedgerError::Insufficient {
-                            balance: m.balance,
-                            wanted: -delta,
-                        },
-                    ));
-                }
-                m.balance = balance;
-                match op.kind {
-                    Kind::Accrue => {
-                        m.lifetime += delta;
+                let mut pending = false;
+                let mut release_at_ms = None;
+                let seq = m.entries + 1;
+                let key = entry_key(&member_id, seq);
+                match (op.kind, &hold) {
+                    (Kind::Accrue, _) if op.hold_until_ms.is_some() => {
+                        let until = op.hold_until_ms.unwrap_or(now);
+                        m.pending += delta;
                         m.last_earned_at_ms = Some(now);
+                        pending = true;
+                        release_at_ms = Some(until);
+                        held.insert(key.clone(), encode_hold(delta, until))?;
+                        held_due.insert(due_key(until, &key), &[])?;
                     }
-                    Kind::Reverse => m.lifetime = (m.lifetime - op.points).max(0),
-                    _ => {}
+                    (Kind::Release, Some((t, (left, _)))) => {
+                        // The due entry stays until the release's events are stored
+                        // (`release_done`).
+                        let left = *left;
+                        delta = left;
+                        m.pending -= left;
+                        m.balance += left;
+                        m.lifetime += left;
+                        held.remove(t.clone())?;
+                    }
+                    (Kind::Reverse, Some((t, (left, until)))) => {
+                        // A refund within the hold takes the points back from pending.
+                        let p = (-delta).min(*left);
+                        delta = -p;
+                        m.pending -= p;
+                        pending = true;
+                        if p == *left {
+                            held.remove(t.clone())?;
+                            held_due.remove(due_key(*until, t))?;
+                        } else {
+                            held.insert(t.clone(), encode_hold(left - p, *until))?;
+                        }
+                    }
+                    _ => {
+                        let balance = m.balance + delta;
+                        if balance < 0 {
+                            return Err(ConflictableTransactionError::Abort(
+                                LedgerError::Insufficient {
+                                    balance: m.balance,
+                                    wanted: -delta,
+                                },
+                            ));
+                        }
+                        m.balance = balance;
+                        match op.kind {
+                            Kind::Accrue => {
+                                m.lifetime += delta;
+                                m.last_earned_at_ms = Some(now);
+                            }
+                            Kind::Reverse => m.lifetime = (m.lifetime + delta).max(0),
+                            _ => {}
+                        }
+                    }
                 }
                 let crossed: Vec<i64> = rules
                     .thresholds
@@ -375,11 +598,11 @@ impl Store {
                     }
                     _ => None,
                 };
-                m.entries += 1;
+                m.entries = seq;
                 m.updated_at_ms = now;
                 let entry = Entry {
-                    member: op.member.clone(),
-                    seq: m.entries,
+                    member: member_id.clone(),
+                    seq,
                     kind: op.kind,
                     points: delta,
                     balance_after: m.balance,
@@ -388,13 +611,15 @@ impl Store {
                     source: op.source.clone(),
                     idempotency_key: op.idempotency_key.clone(),
                     at_ms: now,
-                    base_points: (base != delta).then_some(base),
+                    base_points: (op.kind == Kind::Accrue && base != delta).then_some(base),
                     crossed,
                     tier_change,
+                    pending,
+                    release_at_ms,
+                    pending_after: m.pending,
                 };
-                let key = entry_key(&op.member, entry.seq);
                 ledger.insert(key.clone(), enc(&entry)?)?;
-                members.insert(op.member.as_bytes(), enc(&m)?)?;
+                members.insert(member_id.as_bytes(), enc(&m)?)?;
                 if let Some(extra) = &op.also_index {
                     keys.insert(extra.as_bytes(), key.clone())?;
                 }
@@ -403,8 +628,7 @@ impl Store {
                     entry,
                     duplicate: false,
                 })
-            },
-        );
+            });
         let applied = match result {
             Ok(a) => a,
             Err(TransactionError::Abort(e)) => return Err(e),
@@ -417,6 +641,146 @@ impl Store {
                 .map_err(|e| LedgerError::Store(e.to_string()))?;
         }
         Ok(applied)
+    }
+
+    /// The member id `id` names: itself when it is a member (or nobody's alias), else the
+    /// member whose e-mail address or phone number it is.
+    pub fn resolve_member(&self, id: &str) -> Result<String, LedgerError> {
+        if self.members.contains_key(id.as_bytes())? {
+            return Ok(id.to_string());
+        }
+        let alias = if id.contains('@') {
+            format!("email:{}", id.trim().to_lowercase())
+        } else if id.starts_with('+') {
+            format!("phone:{}", id.trim())
+        } else {
+            return Ok(id.to_string());
+        };
+        Ok(match self.aliases.get(alias.as_bytes())? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => id.to_string(),
+        })
+    }
+
+    /// Creates the member if new and merges `profile` into it (fields given replace the old
+    /// ones; attributes are merged). An e-mail address or phone number that is another
+    /// member's alias is refused.
+    pub fn set_profile(&self, member: &str, profile: Profile) -> Result<Member, LedgerError> {
+        check_member_id(member)?;
+        let profile = profile.normalised()?;
+        let member = self.resolve_member(member)?;
+        let now = now_ms();
+        let result = (&self.members, &self.aliases).transaction(|(members, aliases)| {
+            let abort = |e: LedgerError| ConflictableTransactionError::Abort(e);
+            let mut m: Member = match members.get(member.as_bytes())? {
+                Some(raw) => serde_json::from_slice(&raw)
+                    .map_err(|e| abort(LedgerError::Store(e.to_string())))?,
+                None => Member {
+                    id: member.clone(),
+                    created_at_ms: now,
+                    ..Default::default()
+                },
+            };
+            for a in alias_keys(&profile) {
+                if let Some(owner) = aliases.get(a.as_bytes())? {
+                    if owner.as_ref() != member.as_bytes() {
+                        return Err(abort(LedgerError::Invalid(format!(
+                            "{} belongs to member `{}`",
+                            a.replace(':', " "),
+                            String::from_utf8_lossy(&owner)
+                        ))));
+                    }
+                }
+            }
+            let old = alias_keys(&m.profile);
+            let p = &mut m.profile;
+            if profile.email.is_some() {
+                p.email = profile.email.clone();
+            }
+            if profile.phone.is_some() {
+                p.phone = profile.phone.clone();
+            }
+            if profile.birthday.is_some() {
+                p.birthday = profile.birthday.clone();
+            }
+            for (k, v) in &profile.attributes {
+                p.attributes.insert(k.clone(), v.clone());
+            }
+            let new = alias_keys(&m.profile);
+            for a in old.iter().filter(|a| !new.contains(a)) {
+                aliases.remove(a.as_bytes())?;
+            }
+            for a in &new {
+                aliases.insert(a.as_bytes(), member.as_bytes())?;
+            }
+            m.updated_at_ms = now;
+            members.insert(
+                member.as_bytes(),
+                serde_json::to_vec(&m).map_err(|e| abort(LedgerError::Store(e.to_string())))?,
+            )?;
+            Ok(m)
+        });
+        let m = match result {
+            Ok(m) => m,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(LedgerError::Store(e.to_string())),
+        };
+        self.db
+            .flush()
+            .map_err(|e| LedgerError::Store(e.to_string()))?;
+        Ok(m)
+    }
+
+    /// Releases the holds due by `now_ms` (at most `limit`), oldest first. Each comes with
+    /// its due entry, to remove (`release_done`) once the events the release emits are
+    /// stored: a release whose events a crash lost is found again and answered with its
+    /// entry (`duplicate`), so they are emitted again.
+    pub fn release_due(
+        &self,
+        rules: &Rules,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Applied)>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.held_due.range(..due_key(now_ms.saturating_add(1), &[])) {
+            let (k, _) = item?;
+            let target = k[8..].to_vec();
+            let Some(raw) = self.ledger.get(&target)? else {
+                self.held_due.remove(&k)?;
+                continue;
+            };
+            let accrual: Entry =
+                serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
+            let mut op = Op::new(
+                accrual.member.clone(),
+                Kind::Release,
+                0,
+                format!("held points of entry {} released", accrual.seq),
+                accrual.source.clone(),
+                format!("release:{}:{}", accrual.member, accrual.seq),
+            );
+            op.target = Some(target);
+            match self.ledger_apply(&op, rules) {
+                Ok(a) => out.push((k.to_vec(), a)),
+                // Reversed in full meanwhile: nothing to release.
+                Err(LedgerError::Invalid(_)) => {
+                    self.held_due.remove(&k)?;
+                }
+                Err(e) => return Err(e),
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets releases whose events are stored.
+    pub fn release_done(&self, due: &[Vec<u8>]) -> Result<(), LedgerError> {
+        for k in due {
+            self.held_due.remove(k.as_slice())?;
+        }
+        Ok(())
     }
 
     /// Reverses (part of) an earlier accrual: never more than it earned in all, and never
@@ -439,38 +803,23 @@ impl Store {
                 duplicate: true,
             }));
         }
-        let Some(at) = self.ledger_keys.get(r.of.as_bytes())? else {
+        let Some((at, original, left)) = self.accrual_left(&r.of)? else {
             return Ok(None);
         };
-        let original: Entry = match self.ledger.get(&at)? {
-            Some(raw) => {
-                serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?
-            }
-            None => return Ok(None),
-        };
-        if original.kind != Kind::Accrue {
-            return Err(LedgerError::Invalid(format!(
-                "`{}` is a {:?} entry; only accruals are reversed",
-                r.of, original.kind
-            )));
-        }
-        // What was reversed of it already (every reversal of an entry is indexed under it).
-        let prefix = format!("{}\u{0}reversal\u{0}", r.of);
-        let mut reversed = 0i64;
-        for item in self.ledger_keys.scan_prefix(prefix.as_bytes()) {
-            let (_, v) = item?;
-            if let Some(raw) = self.ledger.get(&v)? {
-                let e: Entry =
-                    serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
-                reversed += -e.points;
-            }
-        }
-        let left = (original.points - reversed).max(0);
+        let prefix = reversal_prefix(&r.of);
         let wanted = r.points.map(|p| p.min(left)).unwrap_or(left);
-        let balance = self
-            .member(&original.member)?
-            .map(|m| m.balance)
-            .unwrap_or(0);
+        // Points still held are taken back from pending; else from the balance.
+        let held = match self.held.get(&at)? {
+            Some(v) => Some(decode_hold(&v).map_err(LedgerError::Store)?.0),
+            None => None,
+        };
+        let balance = match held {
+            Some(h) => h,
+            None => self
+                .member(&original.member)?
+                .map(|m| m.balance)
+                .unwrap_or(0),
+        };
         let points = wanted.min(balance);
         if points <= 0 {
             return Err(LedgerError::Invalid(if left == 0 {
@@ -489,19 +838,49 @@ impl Store {
         } else {
             r.reason.clone()
         };
-        let applied = self.ledger_apply(
-            &Op {
-                member: original.member.clone(),
-                kind: Kind::Reverse,
-                points,
-                reason,
-                source: r.source.clone(),
-                idempotency_key: r.idempotency_key.clone(),
-                also_index: Some(format!("{prefix}{}", r.idempotency_key)),
-            },
-            rules,
-        )?;
+        let mut op = Op::new(
+            original.member.clone(),
+            Kind::Reverse,
+            points,
+            reason,
+            r.source.clone(),
+            r.idempotency_key.clone(),
+        );
+        op.also_index = Some(format!("{prefix}{}", r.idempotency_key));
+        op.target = Some(at.to_vec());
+        let applied = self.ledger_apply(&op, rules)?;
         Ok(Some(applied))
+    }
+
+    /// The accrual indexed under `key`, its entry key, and the points of it not reversed
+    /// yet (every reversal of an entry is indexed under it).
+    pub fn accrual_left(&self, key: &str) -> Result<Option<(sled::IVec, Entry, i64)>, LedgerError> {
+        let Some(at) = self.ledger_keys.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let original: Entry = match self.ledger.get(&at)? {
+            Some(raw) => {
+                serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?
+            }
+            None => return Ok(None),
+        };
+        if original.kind != Kind::Accrue {
+            return Err(LedgerError::Invalid(format!(
+                "`{key}` is a {:?} entry; only accruals are reversed",
+                original.kind
+            )));
+        }
+        let mut reversed = 0i64;
+        for item in self.ledger_keys.scan_prefix(reversal_prefix(key).as_bytes()) {
+            let (_, v) = item?;
+            if let Some(raw) = self.ledger.get(&v)? {
+                let e: Entry =
+                    serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
+                reversed += -e.points;
+            }
+        }
+        let left = (original.points - reversed).max(0);
+        Ok(Some((at, original, left)))
     }
 
     /// Expires the balance of every member who earned nothing for `after` (at most `limit`
@@ -524,15 +903,14 @@ impl Store {
             if m.balance <= 0 || since > cutoff {
                 continue;
             }
-            let op = Op {
-                member: m.id.clone(),
-                kind: Kind::Expire,
-                points: m.balance,
-                reason: format!("no points earned for {}", humantime::format_duration(after)),
-                source: "expiry".into(),
-                idempotency_key: format!("expire:{}:{}", m.id, m.entries),
-                also_index: None,
-            };
+            let op = Op::new(
+                m.id.clone(),
+                Kind::Expire,
+                m.balance,
+                format!("no points earned for {}", humantime::format_duration(after)),
+                "expiry",
+                format!("expire:{}:{}", m.id, m.entries),
+            );
             match self.ledger_apply(&op, rules) {
                 Ok(a) => out.push(a),
                 // Spent meanwhile: next pass.
@@ -544,6 +922,17 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The entry indexed under an idempotency key.
+    pub fn keyed_entry(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let Some(at) = self.ledger_keys.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        self.ledger
+            .get(&at)?
+            .map(|raw| serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
     }
 
     /// A member's account, if it has one.
@@ -575,52 +964,82 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, ConflictableTransactionError<Ledg
         .map_err(|e| ConflictableTransactionError::Abort(LedgerError::Store(e.to_string())))
 }
 
-/// Expires inactive balances on a schedule (every tenth of `expire_after`, between 1 s and
-/// 1 h), with the rules of the running configuration, until `stop`.
-pub async fn run_expiry(
+/// The ledger's upkeep until `stop`, with the rules of the running configuration: releases
+/// held points when their hold ends (every second; the events they emit are stored and the
+/// worker woken), and expires inactive balances (every tenth of `expire_after`, between 1 s
+/// and 1 h).
+pub async fn run_upkeep(
     store: Store,
     runtime: impl Fn() -> std::sync::Arc<crate::app::Runtime> + Send + 'static,
+    wake: std::sync::Arc<tokio::sync::Notify>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    use crate::inbox::Inbox;
+    let mut next_expiry = std::time::Instant::now();
     loop {
         let rules = runtime().loyalty.clone();
-        let wait = match rules.expire_after {
-            Some(after) => {
-                let s = store.clone();
-                let now = now_ms();
-                let rules2 = rules.clone();
-                match tokio::task::spawn_blocking(move || {
-                    s.expire_inactive(&rules2, after, now, 10_000)
-                })
-                .await
-                {
-                    Ok(Ok(done)) if !done.is_empty() => {
-                        let points: i64 = done.iter().map(|a| -a.entry.points).sum();
-                        metrics::counter!("perkflow_points_expired_total").increment(points as u64);
-                        tracing::info!(
-                            members = done.len(),
-                            points,
-                            "expired the balances of members who earned nothing for {}",
-                            humantime::format_duration(after)
-                        );
+        let s = store.clone();
+        let r = rules.clone();
+        match tokio::task::spawn_blocking(move || s.release_due(&r, now_ms(), 10_000)).await {
+            Ok(Ok(done)) if !done.is_empty() => {
+                let fresh = done.iter().filter(|(_, a)| !a.duplicate).count();
+                let points: i64 = done
+                    .iter()
+                    .filter(|(_, a)| !a.duplicate)
+                    .map(|(_, a)| a.entry.points)
+                    .sum();
+                metrics::counter!("perkflow_points_released_total").increment(points as u64);
+                let events: Vec<_> = done
+                    .iter()
+                    .flat_map(|(_, a)| a.entry.events(&rules, now_ms()))
+                    .collect();
+                let stored = events.is_empty() || store.append(events).await.is_ok();
+                if stored {
+                    wake.notify_one();
+                    let keys: Vec<Vec<u8>> = done.into_iter().map(|(k, _)| k).collect();
+                    if let Err(e) = store.release_done(&keys) {
+                        tracing::warn!(error = %e, "releasing held points failed; trying again");
                     }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "expiring points failed; trying again later")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "expiring points failed; trying again later")
-                    }
+                } else {
+                    tracing::warn!("storing the events of released points failed; trying again");
                 }
-                (after / 10).clamp(
+                if fresh > 0 {
+                    tracing::info!(entries = fresh, points, "released held points");
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "releasing held points failed; trying again"),
+            Err(e) => tracing::warn!(error = %e, "releasing held points failed; trying again"),
+        }
+        if let (Some(after), true) = (rules.expire_after, std::time::Instant::now() >= next_expiry) {
+            let s = store.clone();
+            let now = now_ms();
+            let rules2 = rules.clone();
+            match tokio::task::spawn_blocking(move || s.expire_inactive(&rules2, after, now, 10_000))
+                .await
+            {
+                Ok(Ok(done)) if !done.is_empty() => {
+                    let points: i64 = done.iter().map(|a| -a.entry.points).sum();
+                    metrics::counter!("perkflow_points_expired_total").increment(points as u64);
+                    tracing::info!(
+                        members = done.len(),
+                        points,
+                        "expired the balances of members who earned nothing for {}",
+                        humantime::format_duration(after)
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiring points failed; trying again later"),
+                Err(e) => tracing::warn!(error = %e, "expiring points failed; trying again later"),
+            }
+            next_expiry = std::time::Instant::now()
+                + (after / 10).clamp(
                     std::time::Duration::from_secs(1),
                     std::time::Duration::from_secs(3600),
-                )
-            }
-            None => std::time::Duration::from_secs(60),
-        };
+                );
+        }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return,
         }
     }
@@ -633,15 +1052,7 @@ mod tests {
     use crate::store::temp_store as store;
 
     fn op(kind: Kind, points: i64, key: &str) -> Op {
-        Op {
-            member: "m-1".into(),
-            kind,
-            points,
-            reason: "test".into(),
-            source: "test".into(),
-            idempotency_key: key.into(),
-            also_index: None,
-        }
+        Op::new("m-1", kind, points, "test", "test", key)
     }
 
     #[test]
@@ -709,6 +1120,7 @@ mod tests {
             reason: "refund".into(),
             source: "test".into(),
             idempotency_key: key.into(),
+            cancel: Vec::new(),
         };
         // A partial refund, then the same again (duplicate), then the rest.
         let a = s
@@ -853,6 +1265,138 @@ mod tests {
             expire_after: None,
         };
         assert!(bad.check().unwrap_err().contains("starts at 0"));
+    }
+
+    #[test]
+    fn held_points_are_pending_until_released_and_a_refund_in_the_hold_takes_them_back() {
+        let (_d, s) = store();
+        let rules = Rules {
+            thresholds: vec![100],
+            ..Default::default()
+        };
+        let mut held = |points: i64, key: &str, until: u64| {
+            let mut o = Op::new("m-1", Kind::Accrue, points, "order", "shop:1", keyed("shop", key));
+            o.hold_until_ms = Some(until);
+            s.ledger_apply(&o, &rules).unwrap()
+        };
+        let a = held(80, "o1", 1_000);
+        assert!(a.entry.pending);
+        assert_eq!((a.entry.balance_after, a.entry.pending_after, a.entry.lifetime_after), (0, 80, 0));
+        held(50, "o2", 2_000);
+        // Held points cannot be spent.
+        assert!(matches!(
+            s.ledger_apply(&op(Kind::Redeem, 10, "r1"), &rules),
+            Err(LedgerError::Insufficient { balance: 0, .. })
+        ));
+        // A refund within the hold takes part of o2 back from pending.
+        let r = |points: Option<i64>, key: &str| Reversal {
+            of: keyed("shop", "o2"),
+            points,
+            reason: "refund".into(),
+            source: "shop:2".into(),
+            idempotency_key: key.into(),
+            cancel: Vec::new(),
+        };
+        let rev = s.ledger_reverse(&r(Some(20), "refund-1"), &rules).unwrap().unwrap();
+        assert!(rev.entry.pending);
+        assert_eq!((rev.entry.points, rev.entry.balance_after, rev.entry.pending_after), (-20, 0, 110));
+        // Nothing is due yet.
+        assert!(s.release_due(&rules, 999, 100).unwrap().is_empty());
+        // o1 is released: spendable, counts as earned, and crosses no threshold (80 < 100).
+        let done = s.release_due(&rules, 1_000, 100).unwrap();
+        assert_eq!(done.len(), 1);
+        let rel = &done[0].1.entry;
+        assert_eq!((rel.kind, rel.points, rel.balance_after, rel.pending_after, rel.lifetime_after), (Kind::Release, 80, 80, 30, 80));
+        // Its due entry stays until its events are stored: asked again, the same release.
+        let again = s.release_due(&rules, 1_500, 100).unwrap();
+        assert!(again[0].1.duplicate && again[0].1.entry == *rel);
+        s.release_done(&[again[0].0.clone()]).unwrap();
+        assert!(s.release_due(&rules, 1_500, 100).unwrap().is_empty());
+        // o2's 30 left are released and cross 100.
+        let done = s.release_due(&rules, 5_000, 100).unwrap();
+        let rel = &done[0].1.entry;
+        assert_eq!((rel.points, rel.balance_after, rel.pending_after), (30, 110, 0));
+        assert_eq!(rel.crossed, vec![100]);
+        // After the release a refund takes from the balance, never more than is left of o2.
+        let rev = s.ledger_reverse(&r(None, "refund-2"), &rules).unwrap().unwrap();
+        assert!(!rev.entry.pending);
+        assert_eq!((rev.entry.points, rev.entry.balance_after), (-30, 80));
+        let m = s.member("m-1").unwrap().unwrap();
+        assert_eq!((m.balance, m.pending, m.lifetime), (80, 0, 80));
+    }
+
+    #[test]
+    fn a_hold_reversed_in_full_is_never_released() {
+        let (_d, s) = store();
+        let rules = Rules::default();
+        let mut o = Op::new("m-1", Kind::Accrue, 40, "order", "shop:1", keyed("shop", "o1"));
+        o.hold_until_ms = Some(1_000);
+        s.ledger_apply(&o, &rules).unwrap();
+        let r = Reversal {
+            of: keyed("shop", "o1"),
+            points: None,
+            reason: "refund".into(),
+            source: "shop:2".into(),
+            idempotency_key: "refund".into(),
+            cancel: Vec::new(),
+        };
+        s.ledger_reverse(&r, &rules).unwrap().unwrap();
+        assert!(s.release_due(&rules, 10_000, 100).unwrap().is_empty());
+        let m = s.member("m-1").unwrap().unwrap();
+        assert_eq!((m.balance, m.pending, m.lifetime), (0, 0, 0));
+    }
+
+    #[test]
+    fn members_are_found_by_their_aliases() {
+        let (_d, s) = store();
+        let rules = Rules::default();
+        s.set_profile(
+            "cust-1",
+            Profile {
+                email: Some(" Sarah@Example.com ".into()),
+                phone: Some("+14155550100".into()),
+                birthday: Some("02-29".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.resolve_member("sarah@example.com").unwrap(), "cust-1");
+        assert_eq!(s.resolve_member("SARAH@example.com").unwrap(), "cust-1");
+        assert_eq!(s.resolve_member("+14155550100").unwrap(), "cust-1");
+        assert_eq!(s.resolve_member("nobody@example.com").unwrap(), "nobody@example.com");
+        // Points earned through the phone number land on the member.
+        let mut a = op(Kind::Accrue, 10, "sq-1");
+        a.member = "+14155550100".into();
+        assert_eq!(s.ledger_apply(&a, &rules).unwrap().entry.member, "cust-1");
+        assert_eq!(s.member("cust-1").unwrap().unwrap().balance, 10);
+        // Another member cannot take the alias; a changed e-mail frees the old one.
+        let taken = s.set_profile(
+            "cust-2",
+            Profile {
+                email: Some("sarah@example.com".into()),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(taken, Err(LedgerError::Invalid(m)) if m.contains("cust-1")));
+        s.set_profile(
+            "cust-1",
+            Profile {
+                email: Some("sarah@new.example".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.resolve_member("sarah@example.com").unwrap(), "sarah@example.com");
+        let m = s.member("cust-1").unwrap().unwrap();
+        assert_eq!(m.profile.phone.as_deref(), Some("+14155550100"));
+        // Bad values are refused with the reason.
+        for bad in [
+            Profile { email: Some("not-an-address".into()), ..Default::default() },
+            Profile { phone: Some("4155550100".into()), ..Default::default() },
+            Profile { birthday: Some("13-01".into()), ..Default::default() },
+        ] {
+            assert!(matches!(s.set_profile("cust-3", bad), Err(LedgerError::Invalid(_))));
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! blocking thread.
 
 use crate::app::Runtime;
-use crate::pipeline::run::{Effects, LookupCall, LookupError};
+use crate::pipeline::run::{Effects, LookupCall, LookupError, Reversed};
 use crate::sink::classify::Outcome;
 use crate::sink::SinkClient;
 use serde_json::Value as Json;
@@ -75,15 +75,51 @@ impl Live<'_> {
     }
 }
 
+impl Live<'_> {
+    /// The stored events an accrual caused: the one it came from, and the ledger's events
+    /// (thresholds, tiers) it and its release emitted.
+    fn caused_by(&self, accrual: &crate::ledger::Entry) -> Result<Vec<String>, String> {
+        let mut ids: Vec<String> = accrual
+            .source
+            .rsplit_once(':')
+            .map(|(_, id)| id.to_string())
+            .into_iter()
+            .collect();
+        let mut entries = vec![accrual.clone()];
+        let release = format!("release:{}:{}", accrual.member, accrual.seq);
+        if let Some(e) = self.store.keyed_entry(&release).map_err(|e| e.to_string())? {
+            entries.push(e);
+        }
+        for e in entries {
+            for ev in e.events(&self.runtime.loyalty, 0) {
+                if let Some(id) = self
+                    .store
+                    .dedup_lookup(&ev.source, &ev.vendor_id)
+                    .map_err(|e| e.to_string())?
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+}
+
 impl Effects for Live<'_> {
-    fn issue_code(&self, pool: &str, member: &str, key: &str) -> Result<Json, LookupError> {
+    fn issue_code(
+        &self,
+        pool: &str,
+        member: &str,
+        key: &str,
+        order: Option<&str>,
+    ) -> Result<Json, LookupError> {
         use crate::codes::CodeError;
         let spec = self.runtime.promo_codes.get(pool).ok_or_else(|| {
             LookupError::Fail(format!("no promo code pool `{pool}` (the config changed?)"))
         })?;
         let (c, duplicate) = self
             .store
-            .assign_code(pool, spec, member, key, crate::delivery::now_ms())
+            .assign_code(pool, spec, member, key, order, crate::delivery::now_ms())
             .map_err(|e| match e {
                 CodeError::Store(s) => LookupError::Retry(s),
                 other => LookupError::Fail(other.to_string()),
@@ -92,22 +128,57 @@ impl Effects for Live<'_> {
             "code": c.code, "pool": c.pool, "expires_at_ms": c.expires_at_ms, "duplicate": duplicate,
         }))
     }
-    fn reverse(
-        &self,
-        r: &crate::ledger::Reversal,
-    ) -> Result<Option<crate::ledger::Applied>, LookupError> {
+
+    fn reverse(&self, r: &crate::ledger::Reversal) -> Result<Reversed, LookupError> {
         use crate::ledger::LedgerError;
-        let applied = self
-            .store
-            .ledger_reverse(r, &self.runtime.loyalty)
-            .map_err(|e| match e {
-                LedgerError::Store(s) => LookupError::Retry(s),
-                other => LookupError::Fail(other.to_string()),
-            })?;
-        if let Some(a) = &applied {
+        let ledger_err = |e: LedgerError| match e {
+            LedgerError::Store(s) => LookupError::Retry(s),
+            other => LookupError::Fail(other.to_string()),
+        };
+        let rules = &self.runtime.loyalty;
+        let outcome = self.store.ledger_reverse(r, rules);
+        if let Err(LedgerError::Store(s)) = &outcome {
+            return Err(LookupError::Retry(s.clone()));
+        }
+        if let Ok(Some(a)) = &outcome {
             self.emit(a)?;
         }
-        Ok(applied)
+        // Once nothing of the order's points is left (or it earned none), its unused codes
+        // are voided and the unsent rewards it caused are cancelled. Both are idempotent.
+        let accrual = self.store.accrual_left(&r.of).map_err(ledger_err)?;
+        let mut done = Reversed::default();
+        if accrual.as_ref().is_none_or(|(_, _, left)| *left == 0) {
+            let now = crate::delivery::now_ms();
+            let why = format!("voided: {}", r.reason);
+            done.voided = self
+                .store
+                .void_order_codes(&r.of, &why, now)
+                .map_err(|e| LookupError::Retry(e.to_string()))?;
+            if let (Some((_, entry, _)), false) = (&accrual, r.cancel.is_empty()) {
+                let events = self.caused_by(entry).map_err(LookupError::Retry)?;
+                done.cancelled = self
+                    .store
+                    .cancel_unsent(&events, &r.cancel, &format!("cancelled: {}", r.reason), now)
+                    .map_err(|e| LookupError::Retry(e.to_string()))?;
+                if !done.cancelled.is_empty() {
+                    tracing::info!(order = %r.of, jobs = ?done.cancelled, "cancelled the unsent rewards of a refunded order");
+                }
+            }
+        }
+        done.applied = outcome.map_err(ledger_err)?;
+        Ok(done)
+    }
+
+    fn enroll(
+        &self,
+        member: &str,
+        profile: crate::ledger::Profile,
+    ) -> Result<crate::ledger::Member, LookupError> {
+        use crate::ledger::LedgerError;
+        self.store.set_profile(member, profile).map_err(|e| match e {
+            LedgerError::Store(s) => LookupError::Retry(s),
+            other => LookupError::Fail(other.to_string()),
+        })
     }
 
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {

@@ -123,6 +123,8 @@ pub enum JobState {
     Dead,
     /// Dropped from the dead-letter queue by an operator.
     Dropped,
+    /// Cancelled before it was sent (the order it rewarded was refunded).
+    Cancelled,
 }
 
 impl JobState {
@@ -690,6 +692,44 @@ impl Store {
         self.job_writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(skipped)
+    }
+
+    /// Cancels the jobs of `event_ids` on `sinks` that were never sent and cannot have taken
+    /// effect (pending, no uncertain attempt); a job in flight, delivered, dead or uncertain
+    /// is left as it is. Returns the keys cancelled.
+    pub fn cancel_unsent(
+        &self,
+        event_ids: &[String],
+        sinks: &[String],
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut changes = Vec::new();
+        for id in event_ids {
+            for j in Store::event_jobs(self, id)? {
+                if j.kind == JobKind::Send
+                    && j.state == JobState::Pending
+                    && !j.uncertain
+                    && sinks.contains(&j.sink)
+                {
+                    let mut after = j.clone();
+                    after.state = JobState::Cancelled;
+                    after.reason = Some(reason.to_string());
+                    after.finished_at_ms = Some(now_ms);
+                    changes.push((j, after));
+                }
+            }
+        }
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let skipped = self.write_jobs(&changes)?;
+        self.flush_jobs()?;
+        Ok(changes
+            .into_iter()
+            .map(|(_, a)| a.key)
+            .filter(|k| !skipped.contains(k))
+            .collect())
     }
 
     /// Jobs left in flight by a process that is gone (this one just started).

@@ -71,6 +71,14 @@ pub struct Store {
     pub(crate) code_pool: sled::Tree,
     /// Assignment keys -> code (`codes`).
     pub(crate) code_keys: sled::Tree,
+    /// Points on hold: accrual entry key -> (points left, release time) (`ledger`).
+    pub(crate) held: sled::Tree,
+    /// Holds by (release time, entry key) (`ledger`).
+    pub(crate) held_due: sled::Tree,
+    /// Member aliases (`email:<address>`, `phone:<E.164>`) -> member id (`ledger`).
+    pub(crate) aliases: sled::Tree,
+    /// Schedule state per pipeline (`schedule`).
+    pub(crate) schedules: sled::Tree,
     pub(crate) wal: Wal,
     pub(crate) durability: Durability,
     /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
@@ -133,6 +141,10 @@ impl Store {
             codes: db.open_tree("codes")?,
             code_pool: db.open_tree("code_pool")?,
             code_keys: db.open_tree("code_keys")?,
+            held: db.open_tree("held")?,
+            held_due: db.open_tree("held_due")?,
+            aliases: db.open_tree("aliases")?,
+            schedules: db.open_tree("schedules")?,
             events,
             wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())
                 .map_err(|e| io("log", e))?,

@@ -30,12 +30,19 @@ pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySpec {
     pub key: Interpolated,
-    /// `members:read` (balance, tier, history), `members:redeem`.
+    /// `members:read` (balance, tier, history), `members:redeem`, `members:write` (profile),
+    /// `codes:redeem`, `reports:read`.
     pub scopes: Vec<String>,
 }
 
 /// The scopes an API key may have.
-pub const API_SCOPES: &[&str] = &["members:read", "members:redeem", "codes:redeem"];
+pub const API_SCOPES: &[&str] = &[
+    "members:read",
+    "members:redeem",
+    "members:write",
+    "codes:redeem",
+    "reports:read",
+];
 
 /// Top level of `perkflow.yaml`. Sources and sinks are parsed entry by entry afterwards.
 #[derive(Debug, Default, Deserialize)]

@@ -5,7 +5,7 @@
 //! `POST /api/codes/generate` (operators, bulk into a pool).
 //!
 //! Callers authenticate with `Authorization: Bearer <key>`: an app's key from `api_keys`
-//! (scoped: `members:read`, `members:redeem`) or the admin token (everything). Keys are
+//! (scoped: `members:read`, `members:redeem`, `members:write`, `codes:redeem`) or the admin token (everything). Keys are
 //! compared in constant time; a known key without the scope gets 403.
 
 use crate::app::AppState;
@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/members/{id}", get(show))
         .route("/api/members/{id}/redeem", post(redeem))
         .route("/api/members/{id}/adjust", post(adjust))
+        .route("/api/members/{id}/profile", axum::routing::put(put_profile))
         .route("/api/codes/generate", post(generate_codes))
         .route("/api/codes/{code}", get(show_code))
         .route("/api/codes/{code}/redeem", post(redeem_code))
@@ -94,7 +95,11 @@ async fn show(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<St
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }
     let store = app.store.clone();
+    // A member may be named by its e-mail address or phone number.
     let found = tokio::task::spawn_blocking(move || {
+        let id = store
+            .resolve_member(&id)
+            .map_err(|e| crate::store::StoreError::Io(e.to_string()))?;
         Ok::<_, crate::store::StoreError>((store.member(&id)?, store.member_entries(&id, 50)?))
     })
     .await;
@@ -102,8 +107,10 @@ async fn show(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<St
         Ok(Ok((Some(m), history))) => Json(json!({
             "member": m.id,
             "balance": m.balance,
+            "pending": m.pending,
             "lifetime": m.lifetime,
             "tier": app.runtime().loyalty.tier(m.lifetime).map(|t| t.name.clone()),
+            "profile": m.profile,
             "entries": m.entries,
             "created_at_ms": m.created_at_ms,
             "updated_at_ms": m.updated_at_ms,
@@ -127,18 +134,16 @@ struct Change {
 }
 
 async fn apply(app: AppState, id: String, caller: String, kind: Kind, c: Change) -> Response {
-    let op = Op {
-        member: id,
+    let op = Op::new(
+        id,
         kind,
-        points: c.points,
-        reason: c
-            .reason
+        c.points,
+        c.reason
             .unwrap_or_else(|| format!("{kind:?} through the API").to_lowercase()),
-        source: format!("api:{caller}"),
+        format!("api:{caller}"),
         // Keys are per caller: two apps cannot collide on each other's keys.
-        idempotency_key: format!("api:{caller}:{}", c.idempotency_key),
-        also_index: None,
-    };
+        format!("api:{caller}:{}", c.idempotency_key),
+    );
     let store = app.store.clone();
     let rules = app.runtime().loyalty.clone();
     let applied = tokio::task::spawn_blocking(move || store.ledger_apply(&op, &rules)).await;
@@ -207,6 +212,29 @@ async fn adjust(
     match body {
         Ok(Json(c)) => apply(app, id, caller, Kind::Adjust, c).await,
         Err(e) => error(StatusCode::BAD_REQUEST, e.body_text()),
+    }
+}
+
+/// Creates the member if new and merges its profile (apps with `members:write`).
+async fn put_profile(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<crate::ledger::Profile>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err((code, msg)) = authorize(&app, &headers, Some("members:write")) {
+        return error(code, msg);
+    }
+    let profile = match body {
+        Ok(Json(p)) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let store = app.store.clone();
+    match tokio::task::spawn_blocking(move || store.set_profile(&id, profile)).await {
+        Ok(Ok(m)) => Json(json!({ "member": m.id, "profile": m.profile })).into_response(),
+        Ok(Err(e @ LedgerError::Store(_))) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     }
 }
 

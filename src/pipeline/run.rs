@@ -92,29 +92,54 @@ pub trait Effects {
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
         dry_ledger(op)
     }
-    /// Assigns a promo code of `pool` to `member` under `key` (the same key: the same code).
-    /// The default (dry runs, tests) makes up a placeholder.
-    fn issue_code(&self, pool: &str, member: &str, key: &str) -> Result<Json, LookupError> {
-        let _ = (member, key);
+    /// Assigns a promo code of `pool` to `member` under `key` (the same key: the same code),
+    /// for the order `order` (a refund voids it). The default (dry runs, tests) makes up a
+    /// placeholder.
+    fn issue_code(
+        &self,
+        pool: &str,
+        member: &str,
+        key: &str,
+        order: Option<&str>,
+    ) -> Result<Json, LookupError> {
+        let _ = (member, key, order);
         Ok(
             json!({"code": format!("{}-DRY-RUN", pool.to_uppercase()), "pool": pool, "duplicate": false}),
         )
     }
-    /// Reverses a keyed accrual; `Ok(None)` when there is none.
-    fn reverse(
+    /// Reverses a keyed accrual (`applied` is `None` when there is none), voids the unused
+    /// promo codes issued for the order and cancels the listed sinks' unsent deliveries it
+    /// caused. The default (dry runs, tests) finds nothing to take back.
+    fn reverse(&self, r: &crate::ledger::Reversal) -> Result<Reversed, LookupError> {
+        let _ = r;
+        Ok(Reversed::default())
+    }
+    /// Creates the member if new and records its profile. The default (dry runs, tests)
+    /// stores nothing and answers a new member with that profile.
+    fn enroll(
         &self,
-        r: &crate::ledger::Reversal,
-    ) -> Result<Option<crate::ledger::Applied>, LookupError> {
-        dry_reverse(r)
+        member: &str,
+        profile: crate::ledger::Profile,
+    ) -> Result<crate::ledger::Member, LookupError> {
+        let profile = profile
+            .normalised()
+            .map_err(|e| LookupError::Fail(e.to_string()))?;
+        Ok(crate::ledger::Member {
+            id: member.to_string(),
+            profile,
+            ..Default::default()
+        })
     }
 }
 
-/// Takes back what a keyed accrual earned. The default (dry runs, tests) finds nothing to
-/// take back.
-fn dry_reverse(
-    _r: &crate::ledger::Reversal,
-) -> Result<Option<crate::ledger::Applied>, LookupError> {
-    Ok(None)
+/// What a reversal did.
+#[derive(Debug, Default, Clone)]
+pub struct Reversed {
+    pub applied: Option<crate::ledger::Applied>,
+    /// Promo codes voided (unused codes issued for the order).
+    pub voided: Vec<String>,
+    /// Deliveries cancelled before they were sent (their job keys).
+    pub cancelled: Vec<String>,
 }
 
 /// A ledger that starts every member at 0 and forgets: what dry runs and tests see.
@@ -145,6 +170,9 @@ fn dry_ledger(op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupEr
             base_points: None,
             crossed: Vec::new(),
             tier_change: None,
+            pending: op.hold_until_ms.is_some(),
+            release_at_ms: op.hold_until_ms,
+            pending_after: 0,
         },
         duplicate: false,
     })
@@ -392,6 +420,8 @@ fn ledger_result(
         "points": a.entry.points,
         "balance": a.entry.balance_after,
         "lifetime": a.entry.lifetime_after,
+        "pending": a.entry.pending_after,
+        "held": a.entry.pending,
         "duplicate": a.duplicate,
     });
     if let Some(f) = found {
@@ -552,6 +582,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             points,
             reason,
             key,
+            hold,
             when,
         } => {
             match step_when(st, path, when, &ctx) {
@@ -606,24 +637,85 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 }
                 Some(Err(e)) => return fail(st, &format!("{path}.key"), e),
             };
-            let op = crate::ledger::Op {
+            let mut op = crate::ledger::Op::new(
                 member,
-                kind: *kind,
+                *kind,
                 points,
                 reason,
-                source: format!("{}:{}", st.source, st.event_id),
+                format!("{}:{}", st.source, st.event_id),
                 idempotency_key,
-                also_index: None,
-            };
+            );
+            op.hold_until_ms =
+                hold.map(|h| crate::delivery::now_ms().saturating_add(h.as_millis() as u64));
             match st.effects.ledger(&op) {
                 Ok(a) => ledger_result(st, path, &a, None),
                 Err(e) => effect_failed(st, path, "ledger", e),
+            }
+        }
+        Step::Enroll {
+            path,
+            member,
+            email,
+            phone,
+            birthday,
+            attributes,
+            when,
+        } => {
+            match step_when(st, path, when, &ctx) {
+                Ok(true) => {}
+                Ok(false) => return Flow::Continue,
+                Err(flow) => return flow,
+            }
+            let member = match member_id(st, path, member, &ctx) {
+                Ok(m) => m,
+                Err(flow) => return flow,
+            };
+            let text = |name: &str, t: &Option<Tmpl>| -> Result<Option<String>, Flow> {
+                match t.as_ref().map(|t| eval_tree(st.engine, t, &ctx)) {
+                    None | Some(Ok(Json::Null)) => Ok(None),
+                    Some(Ok(Json::String(s))) => Ok(Some(s)),
+                    Some(Ok(other)) => Ok(Some(other.to_string())),
+                    Some(Err(e)) => Err(fail(st, &format!("{path}.{name}"), e)),
+                }
+            };
+            let (email, phone, birthday) =
+                match (text("email", email), text("phone", phone), text("birthday", birthday)) {
+                    (Ok(e), Ok(p), Ok(b)) => (e, p, b),
+                    (Err(f), _, _) | (_, Err(f), _) | (_, _, Err(f)) => return f,
+                };
+            let attributes = match eval_with(st, &format!("{path}.attributes"), attributes, &ctx)
+            {
+                Ok(Json::Object(m)) => m,
+                Ok(_) => Map::new(),
+                Err(flow) => return flow,
+            };
+            let profile = crate::ledger::Profile {
+                email,
+                phone,
+                birthday,
+                attributes,
+            };
+            match st.effects.enroll(&member, profile) {
+                Ok(m) => {
+                    let result = json!({
+                        "member": m.id, "balance": m.balance, "lifetime": m.lifetime,
+                        "pending": m.pending, "profile": m.profile,
+                    });
+                    set_var(st, "loyalty", result.clone());
+                    st.steps.push(StepTrace {
+                        step: path.clone(),
+                        detail: result,
+                    });
+                    Flow::Continue
+                }
+                Err(e) => effect_failed(st, path, "member profile", e),
             }
         }
         Step::IssueCode {
             path,
             pool,
             member,
+            key: order,
             when,
         } => {
             match step_when(st, path, when, &ctx) {
@@ -638,8 +730,15 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 Ok(m) => m,
                 Err(flow) => return flow,
             };
+            let order = match order.as_ref().map(|k| {
+                id_field(st, path, "key", k, &ctx, |v| format!("an empty key ({v})"))
+            }) {
+                None => None,
+                Some(Ok(k)) => Some(crate::ledger::keyed(st.source, &k)),
+                Some(Err(flow)) => return flow,
+            };
             let key = format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline);
-            match st.effects.issue_code(pool, &member, &key) {
+            match st.effects.issue_code(pool, &member, &key, order.as_deref()) {
                 Ok(code) => {
                     set_var(st, "code", code.clone());
                     st.steps.push(StepTrace {
@@ -656,6 +755,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             key,
             points,
             reason,
+            cancel,
             when,
         } => {
             match step_when(st, path, when, &ctx) {
@@ -695,17 +795,31 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 reason,
                 source: format!("{}:{}", st.source, st.event_id),
                 idempotency_key: format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+                cancel: cancel.clone(),
             };
             match st.effects.reverse(&r) {
-                Ok(Some(a)) => ledger_result(st, path, &a, Some(true)),
-                Ok(None) => {
-                    let result = json!({"found": false, "key": key, "points": 0});
-                    set_var(st, "loyalty", result.clone());
-                    st.steps.push(StepTrace {
-                        step: path.clone(),
-                        detail: result,
-                    });
-                    Flow::Continue
+                Ok(done) => {
+                    let flow = match &done.applied {
+                        Some(a) => ledger_result(st, path, a, Some(true)),
+                        None => {
+                            let result = json!({"found": false, "key": key, "points": 0});
+                            set_var(st, "loyalty", result.clone());
+                            st.steps.push(StepTrace {
+                                step: path.clone(),
+                                detail: result,
+                            });
+                            Flow::Continue
+                        }
+                    };
+                    let mut loyalty = st.ctx.get("loyalty").cloned().unwrap_or(json!({}));
+                    loyalty["voided_codes"] = json!(done.voided);
+                    loyalty["cancelled"] = json!(done.cancelled);
+                    set_var(st, "loyalty", loyalty);
+                    if let Some(t) = st.steps.last_mut() {
+                        t.detail["voided_codes"] = json!(done.voided);
+                        t.detail["cancelled"] = json!(done.cancelled);
+                    }
+                    flow
                 }
                 Err(e) => effect_failed(st, path, "ledger", e),
             }

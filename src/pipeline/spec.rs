@@ -61,6 +61,26 @@ enum StepSpec {
     /// Assigns a unique promo code from a pool to a member (once per event and step).
     #[serde(rename = "loyalty.issue_code")]
     LoyaltyIssueCode(IssueCodeSpec),
+    /// Creates the member if new and records its profile (e-mail and phone aliases,
+    /// birthday, attributes).
+    #[serde(rename = "loyalty.enroll")]
+    LoyaltyEnroll(EnrollSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollSpec {
+    member: serde_yaml::Value,
+    #[serde(default)]
+    email: Option<serde_yaml::Value>,
+    #[serde(default)]
+    phone: Option<serde_yaml::Value>,
+    #[serde(default)]
+    birthday: Option<serde_yaml::Value>,
+    #[serde(default)]
+    attributes: IndexMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    when: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +88,10 @@ enum StepSpec {
 struct IssueCodeSpec {
     pool: String,
     member: serde_yaml::Value,
+    /// The order the code is for: a refund of that order (`loyalty.reverse` with the same
+    /// key) voids it while it is unused.
+    #[serde(default)]
+    key: Option<serde_yaml::Value>,
     #[serde(default)]
     when: Option<String>,
 }
@@ -82,6 +106,10 @@ struct ReverseSpec {
     points: Option<serde_yaml::Value>,
     #[serde(default)]
     reason: Option<serde_yaml::Value>,
+    /// Sinks whose not-yet-sent deliveries for the order (and for the rewards its points
+    /// triggered) are cancelled: pending gift-card orders of a refunded order.
+    #[serde(default)]
+    cancel: Vec<String>,
     #[serde(default)]
     when: Option<String>,
 }
@@ -97,6 +125,10 @@ struct LedgerSpec {
     /// here awards an order once even when the vendor sends it again as a new event.
     #[serde(default)]
     key: Option<serde_yaml::Value>,
+    /// Accruals only: the points stay pending this long (`14d`, a return window) before
+    /// they can be spent.
+    #[serde(default)]
+    hold: Option<String>,
     #[serde(default)]
     when: Option<String>,
 }
@@ -199,6 +231,17 @@ pub enum Step {
         path: String,
         pool: String,
         member: Tmpl,
+        key: Option<Tmpl>,
+        when: Option<String>,
+    },
+    /// Creates or updates a member's profile; the result is `loyalty` for later steps.
+    Enroll {
+        path: String,
+        member: Tmpl,
+        email: Option<Tmpl>,
+        phone: Option<Tmpl>,
+        birthday: Option<Tmpl>,
+        attributes: IndexMap<String, Tmpl>,
         when: Option<String>,
     },
     /// Takes back what the accrual with this `key` earned.
@@ -207,6 +250,7 @@ pub enum Step {
         key: Tmpl,
         points: Option<Tmpl>,
         reason: Option<Tmpl>,
+        cancel: Vec<String>,
         when: Option<String>,
     },
     /// A ledger operation; its result is `balance`, `lifetime` and `loyalty` for later steps.
@@ -217,6 +261,7 @@ pub enum Step {
         points: Tmpl,
         reason: Option<Tmpl>,
         key: Option<Tmpl>,
+        hold: Option<std::time::Duration>,
         when: Option<String>,
     },
 }
@@ -624,6 +669,26 @@ fn check_step(
                 .key
                 .as_ref()
                 .map(|k| compile_tree(doc, &join(&lpath, "key"), k, scope, diags));
+            let hold = match (&l.hold, kind) {
+                (None, _) => None,
+                (Some(h), crate::ledger::Kind::Accrue) => match humantime::parse_duration(h) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    _ => {
+                        diags.push(doc.at(
+                            &join(&lpath, "hold"),
+                            format!("`{h}` is not a positive duration (`14d`, `36h`)"),
+                        ));
+                        None
+                    }
+                },
+                (Some(_), _) => {
+                    diags.push(doc.at(
+                        &join(&lpath, "hold"),
+                        format!("only accruals are held (this is `{name}`)"),
+                    ));
+                    None
+                }
+            };
             {
                 let mut known = scope.known.borrow_mut();
                 for v in ["balance", "lifetime", "loyalty"] {
@@ -637,6 +702,35 @@ fn check_step(
                 points,
                 reason,
                 key,
+                hold,
+                when,
+            }
+        }
+        StepSpec::LoyaltyEnroll(e) => {
+            let epath = join(path, "loyalty.enroll");
+            let when = check_when(doc, &epath, e.when, scope, diags);
+            let member = compile_tree(doc, &join(&epath, "member"), &e.member, scope, diags);
+            let opt = |name: &str, v: &Option<serde_yaml::Value>, diags: &mut Diagnostics| {
+                v.as_ref()
+                    .map(|v| compile_tree(doc, &join(&epath, name), v, scope, diags))
+            };
+            let email = opt("email", &e.email, diags);
+            let phone = opt("phone", &e.phone, diags);
+            let birthday = opt("birthday", &e.birthday, diags);
+            let apath = join(&epath, "attributes");
+            let attributes = e
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), compile_tree(doc, &join(&apath, k), v, scope, diags)))
+                .collect();
+            scope.known.borrow_mut().insert("loyalty".to_string());
+            Step::Enroll {
+                path: epath,
+                member,
+                email,
+                phone,
+                birthday,
+                attributes,
                 when,
             }
         }
@@ -658,11 +752,16 @@ fn check_step(
             }
             let when = check_when(doc, &cpath, c.when, scope, diags);
             let member = compile_tree(doc, &join(&cpath, "member"), &c.member, scope, diags);
+            let key = c
+                .key
+                .as_ref()
+                .map(|k| compile_tree(doc, &join(&cpath, "key"), k, scope, diags));
             scope.known.borrow_mut().insert("code".to_string());
             Step::IssueCode {
                 path: cpath,
                 pool: c.pool,
                 member,
+                key,
                 when,
             }
         }
@@ -678,6 +777,17 @@ fn check_step(
                 .reason
                 .as_ref()
                 .map(|x| compile_tree(doc, &join(&rpath, "reason"), x, scope, diags));
+            for (i, sink) in r.cancel.iter().enumerate() {
+                if !scope.sinks.contains_key(sink) {
+                    let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
+                        .map(|s| format!(" (did you mean `{s}`?)"))
+                        .unwrap_or_default();
+                    diags.push(doc.at(
+                        &format!("{}[{i}]", join(&rpath, "cancel")),
+                        format!("unknown sink `{sink}`{hint}"),
+                    ));
+                }
+            }
             {
                 let mut known = scope.known.borrow_mut();
                 for v in ["balance", "lifetime", "loyalty"] {
@@ -689,6 +799,7 @@ fn check_step(
                 key,
                 points,
                 reason,
+                cancel: r.cancel,
                 when,
             }
         }
