@@ -513,6 +513,16 @@ impl Prepared {
                 expiry_stop.clone(),
             ))
         };
+        let schedules = {
+            let state = self.state.clone();
+            let wake = self.state.wake.clone();
+            tokio::spawn(crate::schedule::run(
+                self.store.clone(),
+                move || state.runtime(),
+                wake,
+                expiry_stop.clone(),
+            ))
+        };
         let sampler_stop = CancellationToken::new();
         let sampler = tokio::spawn(crate::ops::connectors::sampler(
             self.state.clone(),
@@ -526,6 +536,7 @@ impl Prepared {
         let _ = watcher.await;
         expiry_stop.cancel();
         let _ = expiry.await;
+        let _ = schedules.await;
         retention_stop.cancel();
         if let Some(r) = retention {
             let _ = r.await;

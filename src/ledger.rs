@@ -1274,7 +1274,7 @@ mod tests {
             thresholds: vec![100],
             ..Default::default()
         };
-        let mut held = |points: i64, key: &str, until: u64| {
+        let held = |points: i64, key: &str, until: u64| {
             let mut o = Op::new("m-1", Kind::Accrue, points, "order", "shop:1", keyed("shop", key));
             o.hold_until_ms = Some(until);
             s.ledger_apply(&o, &rules).unwrap()

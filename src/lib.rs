@@ -22,6 +22,7 @@ pub mod redact;
 pub mod reload;
 pub mod retention;
 pub mod sandbox;
+pub mod schedule;
 pub mod sign;
 pub mod sink;
 pub mod store;

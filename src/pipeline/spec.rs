@@ -27,8 +27,14 @@ struct PipelineSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnSpec {
+    #[serde(default)]
     pub source: String,
+    #[serde(default)]
     pub events: Vec<String>,
+    /// A cron-style trigger instead of a source: an event per matching member at each fire
+    /// (source `schedule`, event type the pipeline's name).
+    #[serde(default)]
+    pub schedule: Option<crate::schedule::ScheduleSpec>,
 }
 
 /// One step, as written: a single-key map.
@@ -405,7 +411,7 @@ pub fn load_one(
             return None;
         }
     };
-    let spec: PipelineSpec = match doc.parse() {
+    let mut spec: PipelineSpec = match doc.parse() {
         Ok(s) => s,
         Err(d) => {
             diags.push(d);
@@ -413,6 +419,19 @@ pub fn load_one(
         }
     };
     let before = diags.len();
+    if let Some(sched) = &spec.on.schedule {
+        if !spec.on.source.is_empty() || !spec.on.events.is_empty() {
+            diags.push(doc.at(
+                "on.schedule",
+                "a scheduled pipeline has no `source` or `events`: its events are the schedule's",
+            ));
+        }
+        for (field, problem) in sched.check(scope.engine) {
+            diags.push(doc.at(&format!("on.schedule.{field}"), problem));
+        }
+        spec.on.source = crate::schedule::SOURCE.to_string();
+        spec.on.events = vec![spec.pipeline.clone()];
+    }
     scope.deliver_count.set(0);
     scope.deliver_ids.borrow_mut().clear();
     *scope.known.borrow_mut() = super::run::RESERVED.iter().map(|s| s.to_string()).collect();
@@ -435,6 +454,9 @@ pub fn load_one(
 }
 
 fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics) {
+    if on.schedule.is_some() {
+        return; // checked on parsing
+    }
     // The ledger's own events.
     if on.source == crate::ledger::SOURCE && !scope.sources.contains_key(&on.source) {
         let emits = [

@@ -38,7 +38,9 @@ pub fn input_from_fixture(
     // An internal event (a sink's `reward.fulfilled`, the ledger's thresholds): the fixture
     // is its payload.
     let internal =
-        cfg.sinks.contains_key(&pipeline.on.source) || pipeline.on.source == crate::ledger::SOURCE;
+        cfg.sinks.contains_key(&pipeline.on.source)
+        || pipeline.on.source == crate::ledger::SOURCE
+        || pipeline.on.schedule.is_some();
     if !cfg.sources.contains_key(&pipeline.on.source) && internal {
         let (body, _) = crate::sign::read_fixture(&path)?;
         let event: serde_json::Value = serde_json::from_slice(&body)
