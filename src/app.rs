@@ -362,6 +362,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ops::admin::routes(state.clone()))
         .merge(crate::ops::page::routes())
         .merge(crate::ops::members::routes())
+        .merge(crate::ops::reports::routes())
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod outbox;
 pub mod pipeline;
 pub mod redact;
+pub mod reports;
 pub mod reload;
 pub mod retention;
 pub mod sandbox;

@@ -120,6 +120,17 @@ enum Command {
         #[command(subcommand)]
         command: perkflow::ops::client::DlqCommand,
     },
+    /// Scheduled pipelines (anniversaries, birthdays, campaigns): list them, or run one now.
+    Schedules {
+        #[command(subcommand)]
+        command: perkflow::ops::client_loyalty::SchedulesCommand,
+    },
+    /// The loyalty program's figures per day, week or month: points issued, redeemed and
+    /// expired per source; rewards per sink and status. As a table, CSV or JSON.
+    Reports {
+        #[command(subcommand)]
+        command: perkflow::ops::client_loyalty::ReportsCommand,
+    },
     /// Print a correctly signed request (a curl command) for a fixture, to test a deployment.
     ///
     /// The fixture's headers are read from FILE's sibling `<name>.headers.yaml`. Without
@@ -184,6 +195,8 @@ fn main() -> ExitCode {
         }),
         Command::Sandbox { listen } => sandbox(listen),
         Command::Dlq { command } => perkflow::ops::client::dlq(command),
+        Command::Schedules { command } => perkflow::ops::client_loyalty::schedules(command),
+        Command::Reports { command } => perkflow::ops::client_loyalty::reports(command),
         Command::Status { admin, json } => match perkflow::ops::client::status(admin, json) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
