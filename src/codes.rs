@@ -423,7 +423,9 @@ mod tests {
             Err(CodeError::Expired)
         );
         // An empty pool generates on demand.
-        let (c, _) = s.assign_code("vip", &spec(), "m-2", "ev:2", None, 2_000).unwrap();
+        let (c, _) = s
+            .assign_code("vip", &spec(), "m-2", "ev:2", None, 2_000)
+            .unwrap();
         assert!(c.code.starts_with("WELCOME-"));
     }
 
@@ -440,14 +442,26 @@ mod tests {
             .assign_code("p", &spec(), "m-1", "ev:3", Some("shop:key:90"), 10)
             .unwrap();
         s.redeem_code(&b.code, "till", 20).unwrap();
-        let voided = s.void_order_codes("shop:key:9", "order refunded", 30).unwrap();
-        assert_eq!(voided, vec![a.code.clone()], "the redeemed one stays redeemed");
+        let voided = s
+            .void_order_codes("shop:key:9", "order refunded", 30)
+            .unwrap();
+        assert_eq!(
+            voided,
+            vec![a.code.clone()],
+            "the redeemed one stays redeemed"
+        );
         assert_eq!(s.code(&a.code).unwrap().unwrap().state, CodeState::Void);
         assert_eq!(s.redeem_code(&a.code, "till", 40), Err(CodeError::Void));
         assert_eq!(s.code(&b.code).unwrap().unwrap().state, CodeState::Redeemed);
-        assert_eq!(s.code(&other.code).unwrap().unwrap().state, CodeState::Assigned);
+        assert_eq!(
+            s.code(&other.code).unwrap().unwrap().state,
+            CodeState::Assigned
+        );
         // Again: nothing more.
-        assert!(s.void_order_codes("shop:key:9", "again", 50).unwrap().is_empty());
+        assert!(s
+            .void_order_codes("shop:key:9", "again", 50)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

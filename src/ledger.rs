@@ -197,7 +197,9 @@ impl Profile {
             let e = e.trim().to_lowercase();
             if !e.is_empty() {
                 if e.len() > 254 || !e.contains('@') || e.chars().any(|c| c.is_whitespace()) {
-                    return Err(LedgerError::Invalid(format!("`{e}` is not an e-mail address")));
+                    return Err(LedgerError::Invalid(format!(
+                        "`{e}` is not an e-mail address"
+                    )));
                 }
                 self.email = Some(e);
             }
@@ -206,7 +208,8 @@ impl Profile {
             let p = p.trim().to_string();
             if !p.is_empty() {
                 let digits = p.strip_prefix('+').unwrap_or("");
-                if !(8..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) {
+                if !(8..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit())
+                {
                     return Err(LedgerError::Invalid(format!(
                         "`{p}` is not an E.164 phone number (`+14155550100`; the `e164` filter makes one)"
                     )));
@@ -231,7 +234,11 @@ impl Profile {
 
 /// The (month, day) of `MM-DD` or `YYYY-MM-DD`, if it is a date.
 pub fn month_day(s: &str) -> Option<(i8, i8)> {
-    let full = if s.len() == 5 { format!("2000-{s}") } else { s.to_string() };
+    let full = if s.len() == 5 {
+        format!("2000-{s}")
+    } else {
+        s.to_string()
+    };
     let d: jiff::civil::Date = full.parse().ok()?;
     Some((d.month(), d.day()))
 }
@@ -331,6 +338,8 @@ impl Entry {
 pub const SOURCE: &str = "loyalty";
 pub const THRESHOLD_CROSSED: &str = "loyalty.threshold_crossed";
 pub const TIER_CHANGED: &str = "loyalty.tier_changed";
+/// A delivered action's answer was stored on a member (`keep:`).
+pub const ATTRIBUTE_STORED: &str = "loyalty.attribute_stored";
 
 /// The outcome of an operation.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -339,7 +348,6 @@ pub struct Applied {
     /// The key was seen before: this is the first operation's entry, nothing was changed.
     pub duplicate: bool,
 }
-
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LedgerError {
@@ -742,7 +750,10 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Applied)>, LedgerError> {
         let mut out = Vec::new();
-        for item in self.held_due.range(..due_key(now_ms.saturating_add(1), &[])) {
+        for item in self
+            .held_due
+            .range(..due_key(now_ms.saturating_add(1), &[]))
+        {
             let (k, _) = item?;
             let target = k[8..].to_vec();
             let Some(raw) = self.ledger.get(&target)? else {
@@ -871,7 +882,10 @@ impl Store {
             )));
         }
         let mut reversed = 0i64;
-        for item in self.ledger_keys.scan_prefix(reversal_prefix(key).as_bytes()) {
+        for item in self
+            .ledger_keys
+            .scan_prefix(reversal_prefix(key).as_bytes())
+        {
             let (_, v) = item?;
             if let Some(raw) = self.ledger.get(&v)? {
                 let e: Entry =
@@ -1011,12 +1025,15 @@ pub async fn run_upkeep(
             Ok(Err(e)) => tracing::warn!(error = %e, "releasing held points failed; trying again"),
             Err(e) => tracing::warn!(error = %e, "releasing held points failed; trying again"),
         }
-        if let (Some(after), true) = (rules.expire_after, std::time::Instant::now() >= next_expiry) {
+        if let (Some(after), true) = (rules.expire_after, std::time::Instant::now() >= next_expiry)
+        {
             let s = store.clone();
             let now = now_ms();
             let rules2 = rules.clone();
-            match tokio::task::spawn_blocking(move || s.expire_inactive(&rules2, after, now, 10_000))
-                .await
+            match tokio::task::spawn_blocking(move || {
+                s.expire_inactive(&rules2, after, now, 10_000)
+            })
+            .await
             {
                 Ok(Ok(done)) if !done.is_empty() => {
                     let points: i64 = done.iter().map(|a| -a.entry.points).sum();
@@ -1029,7 +1046,9 @@ pub async fn run_upkeep(
                     );
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "expiring points failed; trying again later"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "expiring points failed; trying again later")
+                }
                 Err(e) => tracing::warn!(error = %e, "expiring points failed; trying again later"),
             }
             next_expiry = std::time::Instant::now()
@@ -1275,13 +1294,27 @@ mod tests {
             ..Default::default()
         };
         let held = |points: i64, key: &str, until: u64| {
-            let mut o = Op::new("m-1", Kind::Accrue, points, "order", "shop:1", keyed("shop", key));
+            let mut o = Op::new(
+                "m-1",
+                Kind::Accrue,
+                points,
+                "order",
+                "shop:1",
+                keyed("shop", key),
+            );
             o.hold_until_ms = Some(until);
             s.ledger_apply(&o, &rules).unwrap()
         };
         let a = held(80, "o1", 1_000);
         assert!(a.entry.pending);
-        assert_eq!((a.entry.balance_after, a.entry.pending_after, a.entry.lifetime_after), (0, 80, 0));
+        assert_eq!(
+            (
+                a.entry.balance_after,
+                a.entry.pending_after,
+                a.entry.lifetime_after
+            ),
+            (0, 80, 0)
+        );
         held(50, "o2", 2_000);
         // Held points cannot be spent.
         assert!(matches!(
@@ -1297,16 +1330,35 @@ mod tests {
             idempotency_key: key.into(),
             cancel: Vec::new(),
         };
-        let rev = s.ledger_reverse(&r(Some(20), "refund-1"), &rules).unwrap().unwrap();
+        let rev = s
+            .ledger_reverse(&r(Some(20), "refund-1"), &rules)
+            .unwrap()
+            .unwrap();
         assert!(rev.entry.pending);
-        assert_eq!((rev.entry.points, rev.entry.balance_after, rev.entry.pending_after), (-20, 0, 110));
+        assert_eq!(
+            (
+                rev.entry.points,
+                rev.entry.balance_after,
+                rev.entry.pending_after
+            ),
+            (-20, 0, 110)
+        );
         // Nothing is due yet.
         assert!(s.release_due(&rules, 999, 100).unwrap().is_empty());
         // o1 is released: spendable, counts as earned, and crosses no threshold (80 < 100).
         let done = s.release_due(&rules, 1_000, 100).unwrap();
         assert_eq!(done.len(), 1);
         let rel = &done[0].1.entry;
-        assert_eq!((rel.kind, rel.points, rel.balance_after, rel.pending_after, rel.lifetime_after), (Kind::Release, 80, 80, 30, 80));
+        assert_eq!(
+            (
+                rel.kind,
+                rel.points,
+                rel.balance_after,
+                rel.pending_after,
+                rel.lifetime_after
+            ),
+            (Kind::Release, 80, 80, 30, 80)
+        );
         // Its due entry stays until its events are stored: asked again, the same release.
         let again = s.release_due(&rules, 1_500, 100).unwrap();
         assert!(again[0].1.duplicate && again[0].1.entry == *rel);
@@ -1315,10 +1367,16 @@ mod tests {
         // o2's 30 left are released and cross 100.
         let done = s.release_due(&rules, 5_000, 100).unwrap();
         let rel = &done[0].1.entry;
-        assert_eq!((rel.points, rel.balance_after, rel.pending_after), (30, 110, 0));
+        assert_eq!(
+            (rel.points, rel.balance_after, rel.pending_after),
+            (30, 110, 0)
+        );
         assert_eq!(rel.crossed, vec![100]);
         // After the release a refund takes from the balance, never more than is left of o2.
-        let rev = s.ledger_reverse(&r(None, "refund-2"), &rules).unwrap().unwrap();
+        let rev = s
+            .ledger_reverse(&r(None, "refund-2"), &rules)
+            .unwrap()
+            .unwrap();
         assert!(!rev.entry.pending);
         assert_eq!((rev.entry.points, rev.entry.balance_after), (-30, 80));
         let m = s.member("m-1").unwrap().unwrap();
@@ -1329,7 +1387,14 @@ mod tests {
     fn a_hold_reversed_in_full_is_never_released() {
         let (_d, s) = store();
         let rules = Rules::default();
-        let mut o = Op::new("m-1", Kind::Accrue, 40, "order", "shop:1", keyed("shop", "o1"));
+        let mut o = Op::new(
+            "m-1",
+            Kind::Accrue,
+            40,
+            "order",
+            "shop:1",
+            keyed("shop", "o1"),
+        );
         o.hold_until_ms = Some(1_000);
         s.ledger_apply(&o, &rules).unwrap();
         let r = Reversal {
@@ -1363,7 +1428,10 @@ mod tests {
         assert_eq!(s.resolve_member("sarah@example.com").unwrap(), "cust-1");
         assert_eq!(s.resolve_member("SARAH@example.com").unwrap(), "cust-1");
         assert_eq!(s.resolve_member("+14155550100").unwrap(), "cust-1");
-        assert_eq!(s.resolve_member("nobody@example.com").unwrap(), "nobody@example.com");
+        assert_eq!(
+            s.resolve_member("nobody@example.com").unwrap(),
+            "nobody@example.com"
+        );
         // Points earned through the phone number land on the member.
         let mut a = op(Kind::Accrue, 10, "sq-1");
         a.member = "+14155550100".into();
@@ -1386,16 +1454,31 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(s.resolve_member("sarah@example.com").unwrap(), "sarah@example.com");
+        assert_eq!(
+            s.resolve_member("sarah@example.com").unwrap(),
+            "sarah@example.com"
+        );
         let m = s.member("cust-1").unwrap().unwrap();
         assert_eq!(m.profile.phone.as_deref(), Some("+14155550100"));
         // Bad values are refused with the reason.
         for bad in [
-            Profile { email: Some("not-an-address".into()), ..Default::default() },
-            Profile { phone: Some("4155550100".into()), ..Default::default() },
-            Profile { birthday: Some("13-01".into()), ..Default::default() },
+            Profile {
+                email: Some("not-an-address".into()),
+                ..Default::default()
+            },
+            Profile {
+                phone: Some("4155550100".into()),
+                ..Default::default()
+            },
+            Profile {
+                birthday: Some("13-01".into()),
+                ..Default::default()
+            },
         ] {
-            assert!(matches!(s.set_profile("cust-3", bad), Err(LedgerError::Invalid(_))));
+            assert!(matches!(
+                s.set_profile("cust-3", bad),
+                Err(LedgerError::Invalid(_))
+            ));
         }
     }
 

@@ -87,7 +87,11 @@ impl Live<'_> {
             .collect();
         let mut entries = vec![accrual.clone()];
         let release = format!("release:{}:{}", accrual.member, accrual.seq);
-        if let Some(e) = self.store.keyed_entry(&release).map_err(|e| e.to_string())? {
+        if let Some(e) = self
+            .store
+            .keyed_entry(&release)
+            .map_err(|e| e.to_string())?
+        {
             entries.push(e);
         }
         for e in entries {
@@ -175,10 +179,12 @@ impl Effects for Live<'_> {
         profile: crate::ledger::Profile,
     ) -> Result<crate::ledger::Member, LookupError> {
         use crate::ledger::LedgerError;
-        self.store.set_profile(member, profile).map_err(|e| match e {
-            LedgerError::Store(s) => LookupError::Retry(s),
-            other => LookupError::Fail(other.to_string()),
-        })
+        self.store
+            .set_profile(member, profile)
+            .map_err(|e| match e {
+                LedgerError::Store(s) => LookupError::Retry(s),
+                other => LookupError::Fail(other.to_string()),
+            })
     }
 
     fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {

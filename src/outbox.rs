@@ -56,6 +56,19 @@ pub struct Job {
     /// logged (reasons, vendor answers); `with` keeps the real values, which get sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sensitive: Vec<String>,
+    /// A value of the vendor's answer to store on a member once delivered (a booking's
+    /// promo code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<Keep>,
+}
+
+/// Where a delivered job's answer goes: `attribute` of `member` gets the value at
+/// `pointer` (a JSON pointer) in the vendor's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Keep {
+    pub member: String,
+    pub attribute: String,
+    pub pointer: String,
 }
 
 /// What a job does.
@@ -220,6 +233,7 @@ impl Job {
             kind: JobKind::Send,
             version: 0,
             sensitive: Vec::new(),
+            keep: d.keep.clone(),
         }
     }
 }
@@ -920,6 +934,7 @@ mod cas_tests {
             kind: JobKind::Send,
             version: 0,
             sensitive: Vec::new(),
+            keep: None,
         }
     }
 

@@ -110,16 +110,16 @@ impl ScheduleSpec {
         member_json: &Json,
     ) -> Result<Option<Json>, String> {
         let tz = self.zone()?;
-        let fire = zoned(fire_ms, &tz).ok_or("a fire time out of range")?.date();
+        let fire = zoned(fire_ms, &tz)
+            .ok_or("a fire time out of range")?
+            .date();
         let extra = match self.members {
             MemberSet::All => json!({}),
             MemberSet::Anniversary => {
                 let Some(joined) = zoned(m.created_at_ms, &tz).map(|z| z.date()) else {
                     return Ok(None);
                 };
-                if joined.year() >= fire.year()
-                    || !same_day(joined.month(), joined.day(), fire)
-                {
+                if joined.year() >= fire.year() || !same_day(joined.month(), joined.day(), fire) {
                     return Ok(None);
                 }
                 json!({ "years": fire.year() - joined.year() })
@@ -344,7 +344,12 @@ async fn step(
     run.emitted += n as u64;
     let done = page.len() < BATCH;
     if done {
-        tracing::info!(pipeline, events = run.emitted, fire_ms = run.fire_ms, "schedule run finished");
+        tracing::info!(
+            pipeline,
+            events = run.emitted,
+            fire_ms = run.fire_ms,
+            "schedule run finished"
+        );
         st.last_fire_ms = Some(st.last_fire_ms.unwrap_or(0).max(run.fire_ms));
         st.run = None;
     } else {
@@ -378,7 +383,16 @@ pub async fn run(
                 if stop.is_cancelled() {
                     return;
                 }
-                match step(&store, &p.name, spec, &rt.loyalty, &engine, crate::delivery::now_ms()).await {
+                match step(
+                    &store,
+                    &p.name,
+                    spec,
+                    &rt.loyalty,
+                    &engine,
+                    crate::delivery::now_ms(),
+                )
+                .await
+                {
                     Ok(Step::Idle) => break,
                     Ok(Step::Started(fire)) => {
                         tracing::info!(pipeline = %p.name, fire_ms = fire, "schedule fired");
@@ -447,14 +461,26 @@ mod tests {
         let e = Engine::new();
         let s = spec("0 9 * * *", MemberSet::All);
         assert!(s.check(&e).is_empty());
-        assert_eq!(s.latest_fire(ms("2026-11-22T08:59:00Z")), Some(ms("2026-11-21T09:00:00Z")));
-        assert_eq!(s.latest_fire(ms("2026-11-22T09:00:00Z")), Some(ms("2026-11-22T09:00:00Z")));
-        assert_eq!(s.next_fire(ms("2026-11-22T09:00:00Z")), Some(ms("2026-11-23T09:00:00Z")));
+        assert_eq!(
+            s.latest_fire(ms("2026-11-22T08:59:00Z")),
+            Some(ms("2026-11-21T09:00:00Z"))
+        );
+        assert_eq!(
+            s.latest_fire(ms("2026-11-22T09:00:00Z")),
+            Some(ms("2026-11-22T09:00:00Z"))
+        );
+        assert_eq!(
+            s.next_fire(ms("2026-11-22T09:00:00Z")),
+            Some(ms("2026-11-23T09:00:00Z"))
+        );
         let paris = ScheduleSpec {
             tz: Some("Europe/Paris".into()),
             ..s.clone()
         };
-        assert_eq!(paris.next_fire(ms("2026-11-22T07:00:00Z")), Some(ms("2026-11-22T08:00:00Z")));
+        assert_eq!(
+            paris.next_fire(ms("2026-11-22T07:00:00Z")),
+            Some(ms("2026-11-22T08:00:00Z"))
+        );
         let bad = ScheduleSpec {
             cron: "0 25 * * *".into(),
             tz: Some("Mars/Olympus".into()),
@@ -484,9 +510,15 @@ mod tests {
             s.matches(m, ms(when), &e, &member_json(m, &rules)).unwrap()
         };
         // Signed up on 29 February: the 28th in other years, never the year itself.
-        assert_eq!(at(&ann, &m, "2025-02-28T09:00:00Z"), Some(json!({"years": 1})));
+        assert_eq!(
+            at(&ann, &m, "2025-02-28T09:00:00Z"),
+            Some(json!({"years": 1}))
+        );
         assert_eq!(at(&ann, &m, "2025-03-01T09:00:00Z"), None);
-        assert_eq!(at(&ann, &m, "2028-02-29T09:00:00Z"), Some(json!({"years": 4})));
+        assert_eq!(
+            at(&ann, &m, "2028-02-29T09:00:00Z"),
+            Some(json!({"years": 4}))
+        );
         assert_eq!(at(&ann, &m, "2028-02-28T09:00:00Z"), None);
         assert_eq!(at(&ann, &m, "2024-02-29T11:00:00Z"), None);
         assert!(at(&bday, &m, "2026-11-22T09:00:00Z").is_some());
@@ -511,7 +543,14 @@ mod tests {
         for i in 0..1_200 {
             store
                 .ledger_apply(
-                    &Op::new(format!("m{i:05}"), crate::ledger::Kind::Accrue, 1, "t", "t", format!("k{i}")),
+                    &Op::new(
+                        format!("m{i:05}"),
+                        crate::ledger::Kind::Accrue,
+                        1,
+                        "t",
+                        "t",
+                        format!("k{i}"),
+                    ),
                     &rules,
                 )
                 .unwrap();
@@ -519,8 +558,14 @@ mod tests {
         let s = spec("0 9 * * *", MemberSet::All);
         let t0 = ms("2026-11-22T08:00:00Z");
         // First seen: nothing fires for the past.
-        assert_eq!(step(&store, "p", &s, &rules, &e, t0).await.unwrap(), Step::Idle);
-        assert_eq!(step(&store, "p", &s, &rules, &e, t0).await.unwrap(), Step::Idle);
+        assert_eq!(
+            step(&store, "p", &s, &rules, &e, t0).await.unwrap(),
+            Step::Idle
+        );
+        assert_eq!(
+            step(&store, "p", &s, &rules, &e, t0).await.unwrap(),
+            Step::Idle
+        );
         let t1 = ms("2026-11-22T09:00:05Z");
         assert_eq!(
             step(&store, "p", &s, &rules, &e, t1).await.unwrap(),
@@ -528,7 +573,10 @@ mod tests {
         );
         assert_eq!(
             step(&store, "p", &s, &rules, &e, t1).await.unwrap(),
-            Step::Emitted { events: 500, done: false }
+            Step::Emitted {
+                events: 500,
+                done: false
+            }
         );
         // A crash here: the state says where to go on; the batch re-emitted is a duplicate.
         let mut st = store.schedule_state("p").unwrap();
@@ -538,20 +586,34 @@ mod tests {
         store.save_schedule_state("p", &st).unwrap();
         assert_eq!(
             step(&store, "p", &s, &rules, &e, t1).await.unwrap(),
-            Step::Emitted { events: 500, done: false }
+            Step::Emitted {
+                events: 500,
+                done: false
+            }
         );
         assert_eq!(store.pending_len(), 500, "the same 500 events, stored once");
         assert_eq!(
             step(&store, "p", &s, &rules, &e, t1).await.unwrap(),
-            Step::Emitted { events: 500, done: false }
+            Step::Emitted {
+                events: 500,
+                done: false
+            }
         );
         assert_eq!(
             step(&store, "p", &s, &rules, &e, t1).await.unwrap(),
-            Step::Emitted { events: 200, done: true }
+            Step::Emitted {
+                events: 200,
+                done: true
+            }
         );
         assert_eq!(store.pending_len(), 1_200);
         // Done until the next fire.
-        assert_eq!(step(&store, "p", &s, &rules, &e, t1 + 60_000).await.unwrap(), Step::Idle);
+        assert_eq!(
+            step(&store, "p", &s, &rules, &e, t1 + 60_000)
+                .await
+                .unwrap(),
+            Step::Idle
+        );
         assert_eq!(
             store.schedule_state("p").unwrap().last_fire_ms,
             Some(ms("2026-11-22T09:00:00Z"))

@@ -63,6 +63,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../connectors/zendesk.yaml"),
     ),
     (
+        "connectors/bookings.yaml",
+        include_str!("../../connectors/bookings.yaml"),
+    ),
+    (
         "connectors/hubspot.yaml",
         include_str!("../../connectors/hubspot.yaml"),
     ),

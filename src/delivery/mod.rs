@@ -735,6 +735,7 @@ async fn record(
         let now = now_ms();
         let mut changes: Vec<(Job, Job)> = Vec::with_capacity(batch.len());
         let mut emitted = Vec::new();
+        let mut kept = Vec::new();
         for d in &batch {
             let track = d
                 .lane
@@ -775,7 +776,21 @@ async fn record(
                     (JobKind::Send, None, None) => {}
                 }
             }
+            // A value of the answer kept on a member (a booking's promo code).
+            if let (Some(k), JobState::Delivered, JobKind::Send) =
+                (&d.job.keep, after.state, d.job.kind)
+            {
+                match d.sent.answer.as_ref().and_then(|a| a.pointer(&k.pointer)) {
+                    Some(v) if !v.is_null() => kept.push((k.clone(), v.clone(), after.clone())),
+                    _ => {
+                        tracing::warn!(sink = %d.lane.client.name, job = %after.key, pointer = %k.pointer, "the answer has nothing to keep at this pointer")
+                    }
+                }
+            }
             changes.push((d.stored.clone(), after));
+        }
+        if !kept.is_empty() {
+            emitted.extend(keep_on_members(&store, kept, now).await);
         }
         // The internal events are stored (durably, de-duplicated on the vendor's id and
         // status) before the jobs that announce them are marked done: a crash in between
@@ -865,6 +880,47 @@ fn log_outcome(lane: &Lane, job: &Job, sent: &Sent) {
             tracing::debug!(%sink, job = %job.key, latency_ms = sent.latency.as_millis() as u64, "delivered")
         }
     }
+}
+
+/// Stores kept values on their members (before the jobs are marked delivered: a crash in
+/// between delivers again or reconciles, and stores again), and returns the
+/// `loyalty.attribute_stored` events to emit.
+async fn keep_on_members(
+    store: &Store,
+    kept: Vec<(crate::outbox::Keep, serde_json::Value, Job)>,
+    now: u64,
+) -> Vec<crate::inbox::NewEvent> {
+    let s = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut events = Vec::new();
+        for (k, value, job) in kept {
+            let mut profile = crate::ledger::Profile::default();
+            profile.attributes.insert(k.attribute.clone(), value.clone());
+            match s.set_profile(&k.member, profile) {
+                Ok(m) => {
+                    let payload = serde_json::json!({
+                        "member": m.id, "attribute": k.attribute, "value": value,
+                        "sink": job.sink, "action": job.action, "job": job.key,
+                        "email": m.profile.email, "phone": m.profile.phone,
+                    });
+                    events.push(crate::inbox::NewEvent {
+                        source: crate::ledger::SOURCE.into(),
+                        connector: crate::ledger::SOURCE.into(),
+                        vendor_id: format!("{}:kept:{}", job.key, k.attribute),
+                        event_type: crate::ledger::ATTRIBUTE_STORED.into(),
+                        event_time: None,
+                        received_at_ms: now,
+                        headers: Vec::new(),
+                        payload: bytes::Bytes::from(serde_json::to_vec(&payload).unwrap_or_default()),
+                    });
+                }
+                Err(e) => tracing::error!(member = %k.member, attribute = %k.attribute, job = %job.key, error = %e, "storing a delivered answer on the member failed; replay the job to store it"),
+            }
+        }
+        events
+    })
+    .await;
+    result.unwrap_or_default()
 }
 
 /// Tells connector health how an attempt (or a lookup) went, `personal` data masked.

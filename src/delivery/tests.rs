@@ -23,6 +23,7 @@ fn job() -> Job {
         kind: crate::outbox::JobKind::Send,
         version: 0,
         sensitive: Vec::new(),
+        keep: None,
     }
 }
 

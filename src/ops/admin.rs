@@ -95,7 +95,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/dlq/{key}/replay", post(replay_one))
         .route("/api/dlq/{key}/drop", post(drop_one))
         .route("/api/schedules", get(crate::ops::schedules::list))
-        .route("/api/schedules/{pipeline}/run", post(crate::ops::schedules::run_now))
+        .route(
+            "/api/schedules/{pipeline}/run",
+            post(crate::ops::schedules::run_now),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state, guard))
 }
 

@@ -124,10 +124,16 @@ pub fn reports(command: ReportsCommand) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
-            (crate::reports::to_csv(&rows), (
-                format!("{:<10}  {:<12}  {:<9}  {:>10}  {:>7}", "PERIOD", "SOURCE", "KIND", "POINTS", "ENTRIES"),
-                lines,
-            ))
+            (
+                crate::reports::to_csv(&rows),
+                (
+                    format!(
+                        "{:<10}  {:<12}  {:<9}  {:>10}  {:>7}",
+                        "PERIOD", "SOURCE", "KIND", "POINTS", "ENTRIES"
+                    ),
+                    lines,
+                ),
+            )
         }
         ReportsCommand::Rewards { .. } => {
             let rows: Vec<RewardsRow> = serde_json::from_value(rows)?;
@@ -140,10 +146,16 @@ pub fn reports(command: ReportsCommand) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
-            (crate::reports::to_csv(&rows), (
-                format!("{:<10}  {:<12}  {:<16}  {:<10}  {:>7}", "PERIOD", "SINK", "ACTION", "STATE", "COUNT"),
-                lines,
-            ))
+            (
+                crate::reports::to_csv(&rows),
+                (
+                    format!(
+                        "{:<10}  {:<12}  {:<16}  {:<10}  {:>7}",
+                        "PERIOD", "SINK", "ACTION", "STATE", "COUNT"
+                    ),
+                    lines,
+                ),
+            )
         }
     };
     if r.format == "csv" {

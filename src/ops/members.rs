@@ -53,7 +53,11 @@ fn same(a: &str, b: &str) -> bool {
 /// Why a caller may not: the status and the message of the answer.
 type Denied = (StatusCode, String);
 
-pub(crate) fn authorize(app: &AppState, headers: &HeaderMap, scope: Option<&str>) -> Result<String, Denied> {
+pub(crate) fn authorize(
+    app: &AppState,
+    headers: &HeaderMap,
+    scope: Option<&str>,
+) -> Result<String, Denied> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());

@@ -68,8 +68,7 @@ async fn report<T: serde::Serialize + Send + 'static>(
     params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
     build: fn(&crate::store::Store, &Range) -> Result<Vec<T>, crate::store::StoreError>,
 ) -> Response {
-    if let Err((code, msg)) = crate::ops::members::authorize(&app, &headers, Some("reports:read"))
-    {
+    if let Err((code, msg)) = crate::ops::members::authorize(&app, &headers, Some("reports:read")) {
         return error(code, msg);
     }
     let p = match params {

@@ -17,8 +17,7 @@ pub async fn list(State(app): State<AppState>) -> Response {
         rt.pipelines
             .values()
             .filter_map(|p| {
-                p.on
-                    .schedule
+                p.on.schedule
                     .as_ref()
                     .map(|s| crate::schedule::status(&store, &p.name, s, now))
             })
@@ -31,10 +30,10 @@ pub async fn list(State(app): State<AppState>) -> Response {
 
 pub async fn run_now(State(app): State<AppState>, Path(name): Path<String>) -> Response {
     let rt = app.runtime();
-    if !rt
+    if rt
         .pipelines
         .get(&name)
-        .is_some_and(|p| p.on.schedule.is_some())
+        .is_none_or(|p| p.on.schedule.is_none())
     {
         return (
             StatusCode::NOT_FOUND,
@@ -48,7 +47,11 @@ pub async fn run_now(State(app): State<AppState>, Path(name): Path<String>) -> R
     match tokio::task::spawn_blocking(move || store.start_schedule_run(&n, now)).await {
         Ok(Ok(run)) => {
             tracing::info!(pipeline = %name, "schedule run started by an operator");
-            (StatusCode::ACCEPTED, Json(json!({ "pipeline": name, "run": run }))).into_response()
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "pipeline": name, "run": run })),
+            )
+                .into_response()
         }
         Ok(Err(e)) => (StatusCode::CONFLICT, Json(json!({ "error": e }))).into_response(),
         Err(_) => (

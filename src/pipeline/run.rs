@@ -32,6 +32,8 @@ pub struct Delivery {
     pub sink: String,
     pub action: String,
     pub with: Json,
+    /// What of the vendor's answer is stored on a member once delivered.
+    pub keep: Option<crate::outbox::Keep>,
 }
 
 impl Delivery {
@@ -678,13 +680,15 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                     Some(Err(e)) => Err(fail(st, &format!("{path}.{name}"), e)),
                 }
             };
-            let (email, phone, birthday) =
-                match (text("email", email), text("phone", phone), text("birthday", birthday)) {
-                    (Ok(e), Ok(p), Ok(b)) => (e, p, b),
-                    (Err(f), _, _) | (_, Err(f), _) | (_, _, Err(f)) => return f,
-                };
-            let attributes = match eval_with(st, &format!("{path}.attributes"), attributes, &ctx)
-            {
+            let (email, phone, birthday) = match (
+                text("email", email),
+                text("phone", phone),
+                text("birthday", birthday),
+            ) {
+                (Ok(e), Ok(p), Ok(b)) => (e, p, b),
+                (Err(f), _, _) | (_, Err(f), _) | (_, _, Err(f)) => return f,
+            };
+            let attributes = match eval_with(st, &format!("{path}.attributes"), attributes, &ctx) {
                 Ok(Json::Object(m)) => m,
                 Ok(_) => Map::new(),
                 Err(flow) => return flow,
@@ -730,9 +734,10 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 Ok(m) => m,
                 Err(flow) => return flow,
             };
-            let order = match order.as_ref().map(|k| {
-                id_field(st, path, "key", k, &ctx, |v| format!("an empty key ({v})"))
-            }) {
+            let order = match order
+                .as_ref()
+                .map(|k| id_field(st, path, "key", k, &ctx, |v| format!("an empty key ({v})")))
+            {
                 None => None,
                 Some(Ok(k)) => Some(crate::ledger::keyed(st.source, &k)),
                 Some(Err(flow)) => return flow,
@@ -753,6 +758,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
         Step::Reverse {
             path,
             key,
+            id,
             points,
             reason,
             cancel,
@@ -789,12 +795,21 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 Ok(r) => r,
                 Err(flow) => return flow,
             };
+            // One reversal per event and step, or per the step's own `id` (a refund id).
+            let idempotency_key = match id
+                .as_ref()
+                .map(|t| id_field(st, path, "id", t, &ctx, |v| format!("an empty id ({v})")))
+            {
+                None => format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+                Some(Ok(i)) => format!("{}:reversal:{i}", st.source),
+                Some(Err(flow)) => return flow,
+            };
             let r = crate::ledger::Reversal {
                 of: crate::ledger::keyed(st.source, &key),
                 points,
                 reason,
                 source: format!("{}:{}", st.source, st.event_id),
-                idempotency_key: format!("{}:{}:{}:{path}", st.source, st.event_id, st.pipeline),
+                idempotency_key,
                 cancel: cancel.clone(),
             };
             match st.effects.reverse(&r) {
@@ -829,6 +844,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             id,
             sink,
             action,
+            keep,
             when,
             with,
         } => {
@@ -849,12 +865,24 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 Ok(o) => o,
                 Err(flow) => return flow,
             };
+            let keep = match keep {
+                None => None,
+                Some(k) => match member_id(st, &format!("{path}.keep"), &k.member, &ctx) {
+                    Ok(member) => Some(crate::outbox::Keep {
+                        member,
+                        attribute: k.name.clone(),
+                        pointer: k.from.clone(),
+                    }),
+                    Err(flow) => return flow,
+                },
+            };
             let d = Delivery {
                 step: path.clone(),
                 id: id.clone(),
                 sink: sink.clone(),
                 action: action.clone(),
                 with: out,
+                keep,
             };
             st.steps.push(StepTrace {
                 step: path.clone(),

@@ -112,6 +112,10 @@ struct ReverseSpec {
     points: Option<serde_yaml::Value>,
     #[serde(default)]
     reason: Option<serde_yaml::Value>,
+    /// What makes two reversals the same (default: the event and the step): a refund id, so
+    /// the vendor's several events about one refund reverse once.
+    #[serde(default)]
+    id: Option<serde_yaml::Value>,
     /// Sinks whose not-yet-sent deliveries for the order (and for the rewards its points
     /// triggered) are cancelled: pending gift-card orders of a refunded order.
     #[serde(default)]
@@ -179,6 +183,29 @@ struct DeliverSpec {
     when: Option<String>,
     #[serde(default)]
     with: IndexMap<String, serde_yaml::Value>,
+    /// Stores a value of the vendor's answer on a member once delivered (a booking API's
+    /// promo code), and emits `loyalty.attribute_stored`.
+    #[serde(default)]
+    keep: Option<KeepSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeepSpec {
+    member: serde_yaml::Value,
+    /// The attribute's name on the member.
+    #[serde(rename = "as")]
+    name: String,
+    /// A JSON pointer into the answer (`/promo_code`).
+    from: String,
+}
+
+/// A checked `keep`: the member, the attribute, the pointer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keep {
+    pub member: Tmpl,
+    pub name: String,
+    pub from: String,
 }
 
 /// Reads an enum written as a single-key map (`- when: "…"`), keeping exact error places.
@@ -229,6 +256,7 @@ pub enum Step {
         id: String,
         sink: String,
         action: String,
+        keep: Option<Keep>,
         when: Option<String>,
         with: IndexMap<String, Tmpl>,
     },
@@ -254,6 +282,7 @@ pub enum Step {
     Reverse {
         path: String,
         key: Tmpl,
+        id: Option<Tmpl>,
         points: Option<Tmpl>,
         reason: Option<Tmpl>,
         cancel: Vec<String>,
@@ -462,6 +491,7 @@ fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics)
         let emits = [
             crate::ledger::THRESHOLD_CROSSED,
             crate::ledger::TIER_CHANGED,
+            crate::ledger::ATTRIBUTE_STORED,
         ];
         for (i, ev) in on.events.iter().enumerate() {
             if !emits.contains(&ev.as_str()) {
@@ -743,7 +773,12 @@ fn check_step(
             let attributes = e
                 .attributes
                 .iter()
-                .map(|(k, v)| (k.clone(), compile_tree(doc, &join(&apath, k), v, scope, diags)))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        compile_tree(doc, &join(&apath, k), v, scope, diags),
+                    )
+                })
                 .collect();
             scope.known.borrow_mut().insert("loyalty".to_string());
             Step::Enroll {
@@ -791,6 +826,9 @@ fn check_step(
             let rpath = join(path, "loyalty.reverse");
             let when = check_when(doc, &rpath, r.when, scope, diags);
             let key = compile_tree(doc, &join(&rpath, "key"), &r.key, scope, diags);
+            let id =
+                r.id.as_ref()
+                    .map(|x| compile_tree(doc, &join(&rpath, "id"), x, scope, diags));
             let points = r
                 .points
                 .as_ref()
@@ -819,6 +857,7 @@ fn check_step(
             Step::Reverse {
                 path: rpath,
                 key,
+                id,
                 points,
                 reason,
                 cancel: r.cancel,
@@ -839,11 +878,43 @@ fn check_step(
                     format!("another deliver step of this pipeline is `{id}`"),
                 ));
             }
+            let keep = d.keep.as_ref().map(|k| {
+                let kpath = join(&dpath, "keep");
+                let valid = !k.name.is_empty()
+                    && k.name.len() <= 64
+                    && k.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    diags.push(doc.at(
+                        &join(&kpath, "as"),
+                        format!(
+                            "`{}`: an attribute name is 1 to 64 letters, digits or `_`",
+                            k.name
+                        ),
+                    ));
+                }
+                if !k.from.starts_with('/') {
+                    diags.push(doc.at(
+                        &join(&kpath, "from"),
+                        format!(
+                            "`{}` is not a JSON pointer into the answer (`/promo_code`)",
+                            k.from
+                        ),
+                    ));
+                }
+                Keep {
+                    member: compile_tree(doc, &join(&kpath, "member"), &k.member, scope, diags),
+                    name: k.name.clone(),
+                    from: k.from.clone(),
+                }
+            });
             Step::Deliver {
                 path: dpath,
                 id,
                 sink,
                 action,
+                keep,
                 when,
                 with,
             }

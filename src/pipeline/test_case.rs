@@ -37,8 +37,7 @@ pub fn input_from_fixture(
     let path = resolve(cfg, fixture);
     // An internal event (a sink's `reward.fulfilled`, the ledger's thresholds): the fixture
     // is its payload.
-    let internal =
-        cfg.sinks.contains_key(&pipeline.on.source)
+    let internal = cfg.sinks.contains_key(&pipeline.on.source)
         || pipeline.on.source == crate::ledger::SOURCE
         || pipeline.on.schedule.is_some();
     if !cfg.sources.contains_key(&pipeline.on.source) && internal {

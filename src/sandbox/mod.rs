@@ -10,6 +10,7 @@
 //! (`{"vendor", "status": [503, 429], "retry_after": 1, "delay_ms": 0}` — answered in order,
 //! before the real handling), `POST /_sandbox/reset`, `POST /_sandbox/giftcard/expire-tokens`.
 
+mod bookings;
 mod giftcard;
 mod limits;
 mod vendors;
@@ -43,6 +44,7 @@ pub struct Credentials {
     pub square_token: String,
     pub giftcard_email: String,
     pub giftcard_access_token: String,
+    pub bookings_key: String,
 }
 
 impl Default for Credentials {
@@ -60,6 +62,7 @@ impl Default for Credentials {
             square_token: "dev-square-token".into(),
             giftcard_email: "dev@example.com".into(),
             giftcard_access_token: "dev-giftcard-token".into(),
+            bookings_key: "dev-bookings-key".into(),
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct Sandbox {
     received: Mutex<Vec<Received>>,
     faults: Mutex<Faults>,
     pub(crate) giftcard: Mutex<giftcard::Orders>,
+    /// Bookings made through the promo-code bookings API.
+    pub(crate) bookings: Mutex<Vec<Value>>,
     /// Zendesk tickets by Idempotency-Key, Klaviyo unique ids, Square keys -> body.
     pub(crate) idempotency: Mutex<HashMap<String, Value>>,
     pub(crate) counter: std::sync::atomic::AtomicU64,
@@ -130,6 +135,7 @@ impl Sandbox {
             faults: Mutex::default(),
             giftcard: Mutex::new(giftcard::Orders::default()),
             idempotency: Mutex::default(),
+            bookings: Mutex::default(),
             counter: std::sync::atomic::AtomicU64::new(1),
             events: broadcast::channel(1024).0,
             fulfil_after: Duration::from_millis(1500),

@@ -15,6 +15,7 @@ pub(crate) async fn handle(sb: &Sandbox, vendor: &str, req: &Req) -> Answer {
         "square" => square(sb, req),
         "quickbooks" => quickbooks(sb, req),
         "giftcard" => super::giftcard::handle(sb, req).await,
+        "bookings" => super::bookings::handle(sb, req),
         "webhook" => Answer::json(
             200,
             json!({"received": true}),

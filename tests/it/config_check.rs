@@ -156,7 +156,7 @@ fn unset_secrets_pass_check_but_stop_serve_naming_variable_and_place() {
         (r.code, r.stdout.as_str(), r.stderr.as_str()),
         (
             Some(0),
-            "valid_unset_env.yaml: ok (3 sources, 0 sinks, 0 pipelines, 15 connectors)\n",
+            "valid_unset_env.yaml: ok (3 sources, 0 sinks, 0 pipelines, 16 connectors)\n",
             ""
         ),
     );

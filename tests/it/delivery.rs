@@ -42,6 +42,7 @@ pub async fn api(
         "GET" => c.get(url),
         "POST" => c.post(url),
         "DELETE" => c.delete(url),
+        "PUT" => c.put(url),
         _ => unreachable!(),
     }
     .bearer_auth(TOKEN);

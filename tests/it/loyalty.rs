@@ -207,7 +207,7 @@ async fn a_woocommerce_order_edited_after_completion_earns_once_and_a_refund_tak
     let (sb, url, _stop) = sandbox().await;
     let dir = shipped(&["woocommerce-order-points", "woocommerce-refund-points"]);
     let config = format!(
-        "admin_token: {TOKEN}\nsources:\n  woo: {{ connector: woocommerce, secret: w }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
+        "admin_token: {TOKEN}\nsources:\n  woo: {{ connector: woocommerce, secret: w }}\nsinks:\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n  rewards: {{ connector: giftcard, email: dev@example.com, access_token: dev-giftcard-token, base_url: \"{url}/giftcard\" }}\n"
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
@@ -295,12 +295,12 @@ async fn a_refund_reverses_exactly_what_its_order_earned() {
     let (sb, url, _stop) = sandbox().await;
     let dir = shipped(&["shopify-order-points", "shopify-refund-points"]);
     let config = format!(
-        "admin_token: {TOKEN}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: dev-twilio-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n"
+        "admin_token: {TOKEN}\npromo_codes:\n  next_order: {{ prefix: THANKS-, length: 10 }}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: dev-twilio-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  email: {{ connector: sendgrid, api_key: SG.dev-key, from: rewards@example.com, base_url: \"{url}/sendgrid\" }}\n  rewards: {{ connector: giftcard, email: dev@example.com, access_token: dev-giftcard-token, base_url: \"{url}/giftcard\" }}\n"
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
     let paid = stored_id(&c, &d.url("/hooks/shop"), &order(1)).await;
-    settled_jobs(&c, &d, &paid, 1, Duration::from_secs(20)).await;
+    settled_jobs(&c, &d, &paid, 2, Duration::from_secs(20)).await;
     let balance = |c: reqwest::Client, url: String| async move {
         send(c.get(url).bearer_auth(TOKEN)).await.json()
     };
@@ -372,7 +372,10 @@ async fn a_refund_reverses_exactly_what_its_order_earned() {
         .iter()
         .filter(|r| r.vendor == "sendgrid")
         .count();
-    assert_eq!(emails, 1, "one e-mail, for the one reversal");
+    assert_eq!(
+        emails, 2,
+        "the order's thank-you code, and the one reversal"
+    );
 }
 
 /// 50 concurrent adjustments of +100 from 0 cross the 1,000 threshold in exactly one entry:
@@ -635,7 +638,7 @@ async fn inactive_balances_expire() {
 async fn stripe_refunds_take_back_in_proportion_never_more_than_earned() {
     let dir = shipped(&["stripe-payment-points", "stripe-refund-points"]);
     let config = format!(
-        "admin_token: {TOKEN}\nsources:\n  stripe: {{ connector: stripe, secret: whsec_test }}\n"
+        "admin_token: {TOKEN}\nsources:\n  stripe: {{ connector: stripe, secret: whsec_test }}\nsinks:\n  rewards: {{ connector: giftcard, email: dev@example.com, access_token: t, base_url: \"http://127.0.0.1:9\" }}\n"
     );
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();

@@ -19,5 +19,7 @@ mod paypal_api;
 mod paypal_fetch;
 mod pipelines;
 mod reload;
+mod rewards;
+mod schedules;
 mod sinks;
 mod worker;

@@ -112,6 +112,28 @@ fn check_reports_pipeline_problems_at_their_place() {
 }
 
 #[test]
+fn check_reports_loyalty_and_schedule_problems_at_their_place() {
+    let dir = project(
+        "pipeline: p\non:\n  schedule: { cron: \"0 25 * * *\", tz: Mars/Base, members: birthday, where: \"member.x ==\" }\nsteps:\n  - loyalty.accrue: { member: x, points: 1, hold: forever }\n  - loyalty.redeem: { member: x, points: 1, hold: 1d }\n  - loyalty.reverse: { key: k, cancel: [smss] }\n  - deliver: { to: sms.send_sms, with: { to: a }, keep: { member: x, as: \"bad name\", from: promo } }\n",
+    );
+    let (code, _out, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let expected = [
+        "pipelines/p.yaml:3:21: on.schedule.cron: `0 25 * * *` is not a cron pattern (Component error: Number out of bounds.); e.g. `0 9 * * *` (09:00 every day)",
+        "pipelines/p.yaml:3:39: on.schedule.tz: unknown time zone `Mars/Base` (an IANA name: `Europe/Paris`)",
+        "pipelines/p.yaml:3:76: on.schedule.where: syntax error: unexpected end of input, expected expression (in <expression>:1)",
+        "pipelines/p.yaml:5:51: steps[0].loyalty.accrue.hold: `forever` is not a positive duration (`14d`, `36h`)",
+        "pipelines/p.yaml:6:51: steps[1].loyalty.redeem.hold: only accruals are held (this is `loyalty.redeem`)",
+        "pipelines/p.yaml:7:41: steps[2].loyalty.reverse.cancel[0]: unknown sink `smss` (did you mean `sms`?)",
+        "pipelines/p.yaml:8:74: steps[3].deliver.keep.as: `bad name`: an attribute name is 1 to 64 letters, digits or `_`",
+        "pipelines/p.yaml:8:92: steps[3].deliver.keep.from: `promo` is not a JSON pointer into the answer (`/promo_code`)",
+        "8 problems found",
+    ];
+    assert_eq!(lines, expected, "{err}");
+}
+
+#[test]
 fn check_reports_lookup_problems_at_their_place() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - lookup: { from: sms.send_sms, as: event }\n  - lookup: { from: sms.nope, as: 1x, with: { id: \"{{ evnt.id }}\" } }\n  - lookup: { from: sms.send_sms, as: answer }\n  - set: { y: \"{{ answer.sid }}\" }\n",
