@@ -1002,7 +1002,7 @@ sinks:
             "perkflow.yaml:3:5: sinks.sms: sink connector `twilio_sms` needs `auth_token:`\n\
 perkflow.yaml:5:5: sinks.sms.auth_tokn: unknown parameter `auth_tokn` for sink connector `twilio_sms` (did you mean `auth_token`?); expected one of `account_sid`, `auth_token`, `api_key_sid`, `from`, `messaging_service_sid`, `status_callback`, `base_url`, `rate`, `concurrency`, `timeout`, `max_attempts`, `max_age`\n\
 perkflow.yaml:6:11: sinks.sms.rate: `fast` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`\n\
-perkflow.yaml:7:19: sinks.x.connector: unknown sink connector `twilio` (did you mean `twilio_sms`?); known: quickbooks, giftcard, twilio_sms, sendgrid, klaviyo, slack, zendesk, hubspot, square_loyalty, webhook\n"
+perkflow.yaml:7:19: sinks.x.connector: unknown sink connector `twilio` (did you mean `twilio_sms`?); known: quickbooks, giftcard, twilio_sms, sendgrid, klaviyo, slack, zendesk, bookings, hubspot, square_loyalty, webhook\n"
         );
         assert_eq!(parse_rate("100/10s"), Some(10.0));
         assert_eq!(parse_rate("600/min"), Some(10.0));

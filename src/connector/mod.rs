@@ -436,6 +436,7 @@ mod tests {
                 "klaviyo",
                 "slack",
                 "zendesk",
+                "bookings",
                 "hubspot",
                 "square_loyalty",
                 "webhook"
