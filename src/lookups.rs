@@ -147,11 +147,12 @@ impl Effects for Live<'_> {
         if let Ok(Some(a)) = &outcome {
             self.emit(a)?;
         }
-        // Once nothing of the order's points is left (or it earned none), its unused codes
-        // are voided and the unsent rewards it caused are cancelled. Both are idempotent.
+        // A refund in full (no `points`: everything is taken back, whatever was spent
+        // already), or once nothing of the order's points is left, voids its unused codes
+        // and cancels the unsent rewards it caused. Both are idempotent.
         let accrual = self.store.accrual_left(&r.of).map_err(ledger_err)?;
         let mut done = Reversed::default();
-        if accrual.as_ref().is_none_or(|(_, _, left)| *left == 0) {
+        if r.points.is_none() || accrual.as_ref().is_none_or(|(_, _, left)| *left == 0) {
             let now = crate::delivery::now_ms();
             let why = format!("voided: {}", r.reason);
             done.voided = self

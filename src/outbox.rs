@@ -62,6 +62,24 @@ pub struct Job {
     pub keep: Option<Keep>,
 }
 
+/// Sinks whose jobs of an event are cancelled (its order was refunded).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cancellation {
+    pub sinks: Vec<String>,
+    pub reason: String,
+}
+
+impl Cancellation {
+    /// Creates `job` cancelled when its sink is one of these.
+    pub fn apply(&self, job: &mut Job, now_ms: u64) {
+        if self.sinks.contains(&job.sink) && job.state == JobState::Pending {
+            job.state = JobState::Cancelled;
+            job.reason = Some(self.reason.clone());
+            job.finished_at_ms = Some(now_ms);
+        }
+    }
+}
+
 /// Where a delivered job's answer goes: `attribute` of `member` gets the value at
 /// `pointer` (a JSON pointer) in the vendor's answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -486,7 +504,7 @@ impl Store {
         struct Row {
             id: u64,
             trace: Option<Vec<u8>>,
-            jobs: Vec<(String, Vec<u8>, Vec<u8>)>,
+            jobs: Vec<(String, Vec<u8>, Option<Vec<u8>>)>,
         }
         let mut rows = Vec::with_capacity(done.len());
         for (event, runs, jobs) in done {
@@ -500,8 +518,15 @@ impl Store {
             let jobs = jobs
                 .iter()
                 .map(|j| {
-                    serde_json::to_vec(j)
-                        .map(|v| (j.key.clone(), v, due_key(&j.sink, j.next_at_ms, &j.key)))
+                    serde_json::to_vec(j).map(|v| {
+                        (
+                            j.key.clone(),
+                            v,
+                            j.state
+                                .scheduled()
+                                .then(|| due_key(&j.sink, j.next_at_ms, &j.key)),
+                        )
+                    })
                 })
                 .collect::<Result<_, _>>()
                 .map_err(|e| StoreError::Io(e.to_string()))?;
@@ -518,7 +543,9 @@ impl Store {
                 if self.outbox.get(key.as_bytes())?.is_some() {
                     continue;
                 }
-                self.due.insert(due_at.as_slice(), &[])?;
+                if let Some(d) = due_at {
+                    self.due.insert(d.as_slice(), &[])?;
+                }
                 self.event_jobs.insert(event_job_key(r.id, key), &[])?;
                 let _ = self.outbox.compare_and_swap(
                     key.as_bytes(),
@@ -718,6 +745,19 @@ impl Store {
         reason: &str,
         now_ms: u64,
     ) -> Result<Vec<String>, StoreError> {
+        // First the tombstones, so that jobs the events' runs create later (a threshold
+        // event not processed yet) are created cancelled.
+        for id in event_ids {
+            let mut c = self.cancellation(id)?.unwrap_or_default();
+            for s in sinks {
+                if !c.sinks.contains(s) {
+                    c.sinks.push(s.clone());
+                }
+            }
+            c.reason = reason.to_string();
+            self.cancels
+                .insert(id.as_bytes(), serde_json::to_vec(&c).map_err(io)?)?;
+        }
         let mut changes = Vec::new();
         for id in event_ids {
             for j in Store::event_jobs(self, id)? {
@@ -744,6 +784,14 @@ impl Store {
             .map(|(_, a)| a.key)
             .filter(|k| !skipped.contains(k))
             .collect())
+    }
+
+    /// The sinks whose jobs of `event_id` are cancelled, and why.
+    pub fn cancellation(&self, event_id: &str) -> Result<Option<Cancellation>, StoreError> {
+        self.cancels
+            .get(event_id.as_bytes())?
+            .map(|raw| serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
     }
 
     /// Jobs left in flight by a process that is gone (this one just started).

@@ -79,6 +79,8 @@ pub struct Store {
     pub(crate) aliases: sled::Tree,
     /// Schedule state per pipeline (`schedule`).
     pub(crate) schedules: sled::Tree,
+    /// Sinks whose jobs of an event are cancelled, even those not created yet (`outbox`).
+    pub(crate) cancels: sled::Tree,
     pub(crate) wal: Wal,
     pub(crate) durability: Durability,
     /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
@@ -145,6 +147,7 @@ impl Store {
             held_due: db.open_tree("held_due")?,
             aliases: db.open_tree("aliases")?,
             schedules: db.open_tree("schedules")?,
+            cancels: db.open_tree("cancels")?,
             events,
             wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())
                 .map_err(|e| io("log", e))?,

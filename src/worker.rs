@@ -81,6 +81,12 @@ pub fn process(
             .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
             .collect();
         let personal = runtime.personal_data(ev);
+        // Rewards of a refunded order cancelled before this event's run made them.
+        let cancelled = if subscribed.is_empty() {
+            None
+        } else {
+            store.cancellation(&ev.meta.id)?
+        };
         if !subscribed.is_empty() {
             let input = input(ev);
             let id = crate::inbox::parse_id(&ev.meta.id).unwrap_or_default();
@@ -122,6 +128,9 @@ pub fn process(
                 jobs.extend(r.deliveries.iter().map(|d| {
                     let mut j = Job::from_delivery(ev, &p.name, d, now_ms);
                     j.sensitive = personal.list().to_vec();
+                    if let Some(c) = &cancelled {
+                        c.apply(&mut j, now_ms);
+                    }
                     j
                 }));
                 runs.push(crate::pipeline::run::redacted(&r, &personal));

@@ -12,6 +12,7 @@ mod fake_vendor;
 mod giftcard;
 mod helpers;
 mod ingest;
+mod ledger_crash;
 mod lookups;
 mod loyalty;
 mod ops;

@@ -114,7 +114,10 @@ async fn a_schedule_interrupted_by_kill_9_resumes_without_duplicates() {
         let run_done = api(&c, &d, "GET", "/api/schedules", None).await.json()["schedules"][0]
             ["run"]
             .is_null();
-        if run_done && sent.len() + dead.len() >= texted.len() {
+        let settled = texted
+            .iter()
+            .all(|p| sent.contains_key(p) || dead.iter().any(|j| j["with"]["to"] == p.as_str()));
+        if run_done && settled {
             break (sent, dead);
         }
         if Instant::now() > deadline {
@@ -150,11 +153,13 @@ async fn a_schedule_interrupted_by_kill_9_resumes_without_duplicates() {
         sent.keys().all(|to| texted.contains(to)),
         "only members with a phone number are texted"
     );
+    // Not texted: only a send in flight at the kill (its outcome lost, so dead-lettered for
+    // an operator rather than resent). A dead letter may also be a text that did arrive.
     let missing: Vec<&String> = texted.iter().filter(|p| !sent.contains_key(*p)).collect();
-    assert_eq!(
-        missing.len(),
-        dead.len(),
-        "every member not texted has a dead letter: {missing:?} {dead:#?}"
+    assert!(missing.len() <= dead.len(), "{missing:?} {dead:#?}");
+    assert!(
+        dead.len() <= 4,
+        "at most the sink's concurrency was in flight: {dead:#?}"
     );
     for j in &dead {
         assert!(
