@@ -287,6 +287,9 @@ pub struct Entry {
     /// Pending points after the entry.
     #[serde(default)]
     pub pending_after: i64,
+    /// The member's tier after the entry (none without tiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_after: Option<String>,
 }
 
 impl Entry {
@@ -625,6 +628,7 @@ impl Store {
                     pending,
                     release_at_ms,
                     pending_after: m.pending,
+                    tier_after: rules.tier(m.lifetime).map(|t| t.name.clone()),
                 };
                 ledger.insert(key.clone(), enc(&entry)?)?;
                 members.insert(member_id.as_bytes(), enc(&m)?)?;
@@ -1234,6 +1238,7 @@ mod tests {
         assert_eq!((a.points, a.base_points), (1200, None));
         assert_eq!(a.crossed, [500, 1000]);
         assert_eq!(a.tier_change, Some(("Bronze".into(), "Silver".into())));
+        assert_eq!(a.tier_after.as_deref(), Some("Silver"));
         let b = s
             .ledger_apply(&op(Kind::Accrue, 100, "b"), &rules)
             .unwrap()

@@ -175,6 +175,7 @@ fn dry_ledger(op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupEr
             pending: op.hold_until_ms.is_some(),
             release_at_ms: op.hold_until_ms,
             pending_after: 0,
+            tier_after: None,
         },
         duplicate: false,
     })
@@ -424,6 +425,7 @@ fn ledger_result(
         "lifetime": a.entry.lifetime_after,
         "pending": a.entry.pending_after,
         "held": a.entry.pending,
+        "tier": a.entry.tier_after,
         "duplicate": a.duplicate,
     });
     if let Some(f) = found {

@@ -47,7 +47,7 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
         &[("card", card)],
     );
     let config = format!(
-        "admin_token: {TOKEN}\napi_keys:\n  finance: {{ key: {REPORTS_KEY}, scopes: [reports:read] }}\nloyalty:\n  thresholds: [1000]\npromo_codes:\n  next_order: {{ prefix: THANKS-, length: 10 }}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n{}",
+        "admin_token: {TOKEN}\napi_keys:\n  finance: {{ key: {REPORTS_KEY}, scopes: [reports:read] }}\nloyalty:\n  tiers: [{{ name: Bronze, from: 0 }}, {{ name: Silver, from: 1000 }}]\n  thresholds: [1000]\npromo_codes:\n  next_order: {{ prefix: THANKS-, length: 10 }}\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n{}",
         sinks(&url)
     );
     // The gift-card vendor is down for now: the card's job waits, unsent.
@@ -76,6 +76,19 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
         .await
         .json();
     assert_eq!(shown["state"], "assigned", "{shown:#}");
+    // The accrual's result, for later steps, carries the new balance and tier.
+    let ev = api(&c, &d, "GET", &format!("/api/events/{paid}"), None)
+        .await
+        .json();
+    let accrual = ev["trace"][0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"].as_str().unwrap().ends_with("loyalty.accrue"))
+        .cloned()
+        .unwrap();
+    assert_eq!(accrual["detail"]["balance"], 1255, "{accrual:#}");
+    assert_eq!(accrual["detail"]["tier"], "Silver", "{accrual:#}");
     assert_eq!(shown["order"], "shop:key:order-6012345678901");
 
     // The threshold's gift card: tried, refused for now, waiting.
