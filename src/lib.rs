@@ -4,6 +4,7 @@
 //! `inbox` (de-duplicated, durable) over `store` (sled). `config` and `connector` turn YAML
 //! into a checked configuration; `app` wires it all; `ops` serves health and metrics.
 
+pub mod alloc;
 pub mod app;
 pub mod codes;
 pub mod config;

@@ -9,7 +9,19 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: perkflow::alloc::Allocator = perkflow::alloc::Allocator;
+
+/// Transparent huge pages off for this process: mimalloc's arenas would otherwise be backed
+/// by 2 MiB pages as soon as they are touched (measured: 47 MB of huge pages at idle) for no
+/// gain at this heap size.
+fn small_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) only sets a flag of this process; it takes
+    // no pointers, and failure (an old kernel) changes nothing.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -172,6 +184,7 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    small_pages();
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {

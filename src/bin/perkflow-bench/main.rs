@@ -2,8 +2,11 @@
 //! measured in the same run, alternating.
 //!
 //! ```text
-//! cargo run --release --bin perkflow-bench -- [--suite ingest|e2e|all] [--rounds 3] [--duration 10] [--concurrency 32] [--size 2048]
+//! cargo run --release --bin perkflow-bench -- [--suite ingest|e2e|resources|all] [--rounds 3] [--duration 10] [--concurrency 32] [--size 2048] [--pending 1000000]
 //! ```
+//!
+//! `--suite resources` measures start-up (to listening, to ready), idle RSS beside the
+//! reference server's, and the time to ready after a restart with `--pending` jobs waiting.
 //!
 //! `--suite e2e` measures webhook -> sink latency instead: open-loop load at 200/s and
 //! 1,000/s, the fast `sink` of the bench tools recording the time from the load generator's
@@ -24,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod resources;
+
 const SECRET: &str = "bench-secret";
 
 struct Opts {
@@ -33,12 +38,14 @@ struct Opts {
     concurrency: usize,
     size: usize,
     tools: PathBuf,
+    /// Jobs waiting in the store for the restart measurement.
+    pending: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: perkflow-bench [--suite ingest|e2e|all (ingest)] [--rounds N (3)] [--duration SECS (10)] [--concurrency C (32)] [--size BYTES (2048)] \
-         [--tools DIR (../shared/bench-tools)]"
+        "usage: perkflow-bench [--suite ingest|e2e|resources|all (ingest)] [--rounds N (3)] [--duration SECS (10)] [--concurrency C (32)] [--size BYTES (2048)] \
+         [--pending JOBS (1000000)] [--tools DIR (../shared/bench-tools)]"
     );
     std::process::exit(2)
 }
@@ -51,6 +58,7 @@ fn opts() -> Opts {
         concurrency: 32,
         size: 2048,
         tools: PathBuf::from("../shared/bench-tools"),
+        pending: 1_000_000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -62,15 +70,17 @@ fn opts() -> Opts {
             "--concurrency" => o.concurrency = v().parse().unwrap_or_else(|_| usage()),
             "--size" => o.size = v().parse().unwrap_or_else(|_| usage()),
             "--tools" => o.tools = PathBuf::from(v()),
+            "--pending" => o.pending = v().parse().unwrap_or_else(|_| usage()),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
-    if !matches!(o.suite.as_str(), "ingest" | "e2e" | "all") {
+    if !matches!(o.suite.as_str(), "ingest" | "e2e" | "resources" | "all") {
         usage()
     }
     o.rounds = o.rounds.clamp(1, 20);
     o.duration = o.duration.clamp(1, 120);
+    o.pending = o.pending.clamp(1, 10_000_000);
     o
 }
 
@@ -532,6 +542,16 @@ fn main() {
     if o.suite == "e2e" || o.suite == "all" {
         suite_e2e(&perkflow, &tools, &o, &scratch);
         if o.suite == "e2e" {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return;
+        }
+    }
+    if o.suite == "resources" || o.suite == "all" {
+        if let Err(e) = resources::suite(&perkflow, &tools, &o, &scratch) {
+            eprintln!("resources: {e}");
+            std::process::exit(1);
+        }
+        if o.suite == "resources" {
             let _ = std::fs::remove_dir_all(&scratch);
             return;
         }
