@@ -5,6 +5,9 @@
 //! cargo run --release --bin perkflow-bench -- [--suite ingest|e2e|resources|all] [--rounds 3] [--duration 10] [--concurrency 32] [--size 2048] [--pending 1000000]
 //! ```
 //!
+//! `--suite soak` is a bounded steady run (`--soak-minutes`, `--rate`) through a faulty sink,
+//! sampling memory, open files and disk, and checking that nothing is lost.
+//!
 //! `--suite resources` measures start-up (to listening, to ready), idle RSS beside the
 //! reference server's, and the time to ready after a restart with `--pending` jobs waiting.
 //!
@@ -28,6 +31,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod resources;
+mod soak;
 
 const SECRET: &str = "bench-secret";
 
@@ -40,12 +44,15 @@ struct Opts {
     tools: PathBuf,
     /// Jobs waiting in the store for the restart measurement.
     pending: usize,
+    /// The soak run's length and rate.
+    soak_minutes: u64,
+    rate: u32,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: perkflow-bench [--suite ingest|e2e|resources|all (ingest)] [--rounds N (3)] [--duration SECS (10)] [--concurrency C (32)] [--size BYTES (2048)] \
-         [--pending JOBS (1000000)] [--tools DIR (../shared/bench-tools)]"
+        "usage: perkflow-bench [--suite ingest|e2e|resources|soak|all (ingest; all = ingest, e2e, resources)] [--rounds N (3)] [--duration SECS (10)] [--concurrency C (32)] [--size BYTES (2048)] \
+         [--pending JOBS (1000000)] [--soak-minutes M (30)] [--rate R/s (50)] [--tools DIR (../shared/bench-tools)]"
     );
     std::process::exit(2)
 }
@@ -59,6 +66,8 @@ fn opts() -> Opts {
         size: 2048,
         tools: PathBuf::from("../shared/bench-tools"),
         pending: 1_000_000,
+        soak_minutes: 30,
+        rate: 50,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -71,16 +80,23 @@ fn opts() -> Opts {
             "--size" => o.size = v().parse().unwrap_or_else(|_| usage()),
             "--tools" => o.tools = PathBuf::from(v()),
             "--pending" => o.pending = v().parse().unwrap_or_else(|_| usage()),
+            "--soak-minutes" => o.soak_minutes = v().parse().unwrap_or_else(|_| usage()),
+            "--rate" => o.rate = v().parse().unwrap_or_else(|_| usage()),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
     }
-    if !matches!(o.suite.as_str(), "ingest" | "e2e" | "resources" | "all") {
+    if !matches!(
+        o.suite.as_str(),
+        "ingest" | "e2e" | "resources" | "soak" | "all"
+    ) {
         usage()
     }
     o.rounds = o.rounds.clamp(1, 20);
     o.duration = o.duration.clamp(1, 120);
     o.pending = o.pending.clamp(1, 10_000_000);
+    o.soak_minutes = o.soak_minutes.clamp(1, 240);
+    o.rate = o.rate.clamp(1, 5_000);
     o
 }
 
@@ -545,6 +561,15 @@ fn main() {
             let _ = std::fs::remove_dir_all(&scratch);
             return;
         }
+    }
+    if o.suite == "soak" {
+        let r = soak::suite(&perkflow, &tools, &o, &scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        if let Err(e) = r {
+            eprintln!("soak: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
     if o.suite == "resources" || o.suite == "all" {
         if let Err(e) = resources::suite(&perkflow, &tools, &o, &scratch) {
