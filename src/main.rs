@@ -29,7 +29,10 @@ fn small_pages() {
     version,
     about = "Loyalty and reward programs from signed commerce webhooks",
     long_about = "perkflow verifies signed webhooks from Shopify, WooCommerce, Stripe, Square, PayPal and \
-QuickBooks, stores each event durably before answering, and de-duplicates re-deliveries.\n\n\
+QuickBooks, stores each event durably before answering, and de-duplicates re-deliveries. Pipelines \
+turn events into points on a ledger (tiers, thresholds, holds, expiry, refunds), promo codes and \
+rewards, delivered to SMS, e-mail, CRM and gift-card APIs with retries and dead letters; schedules \
+run campaigns, anniversaries and birthdays.\n\n\
 Configuration: perkflow.yaml (optional; defaults work), connectors/*.yaml (built in, overridable), \
 pipelines/*.yaml. Secrets come from ${ENV_VAR} or ${file:/path}, never from the command line of the daemon."
 )]
@@ -105,7 +108,7 @@ enum Command {
         exit: bool,
     },
     /// Local emulators of every sink vendor (Twilio, SendGrid, Klaviyo, Slack, Zendesk,
-    /// HubSpot, Square Loyalty, gift cards, QuickBooks reads) on one port, one path prefix per
+    /// HubSpot, Square Loyalty, gift cards, bookings, QuickBooks reads) on one port, one path prefix per
     /// vendor; they accept the shipped config's development credentials. `GET /_sandbox/received` lists
     /// what they got; `POST /_sandbox/faults` injects failures.
     Sandbox {
