@@ -397,6 +397,9 @@ pub struct Reversal {
     pub idempotency_key: String,
     /// Sinks whose unsent deliveries caused by the reversed entry are cancelled.
     pub cancel: Vec<String>,
+    /// `points` is the total to have taken back by now (a vendor's running refund total),
+    /// not this reversal's share.
+    pub cumulative: bool,
 }
 
 /// A hold's value: the points still held and when they are released.
@@ -419,6 +422,14 @@ fn decode_hold(v: &[u8]) -> Result<(i64, u64), String> {
 fn due_key(at_ms: u64, entry: &[u8]) -> Vec<u8> {
     let mut k = at_ms.to_be_bytes().to_vec();
     k.extend_from_slice(entry);
+    k
+}
+
+/// The points reversed so far of the accrual entry `target` (in `ledger_keys`, apart from
+/// idempotency keys by its leading NUL), updated in the reversal's transaction.
+fn reversed_key(target: &[u8]) -> Vec<u8> {
+    let mut k = b"\0reversed\0".to_vec();
+    k.extend_from_slice(target);
     k
 }
 
@@ -543,6 +554,24 @@ impl Store {
                 let mut release_at_ms = None;
                 let seq = m.entries + 1;
                 let key = entry_key(&member_id, seq);
+                // A reversal never takes back more than its accrual earned in all: the running
+                // total of what was reversed of it is read and written here, in the same
+                // transaction, so concurrent reversals of one accrual cannot both take it.
+                let (reversible, reversed_before) = match (&op.target, op.kind) {
+                    (Some(t), Kind::Reverse) => {
+                        let Some(raw) = ledger.get(t)? else {
+                            return Err(store_err("a reversal names no entry".into()));
+                        };
+                        let original: Entry = serde_json::from_slice(&raw)
+                            .map_err(|e| store_err(e.to_string()))?;
+                        let done = keys
+                            .get(reversed_key(t))?
+                            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes))
+                            .unwrap_or(0);
+                        ((original.points - done).max(0), done)
+                    }
+                    _ => (i64::MAX, 0),
+                };
                 match (op.kind, &hold) {
                     (Kind::Accrue, _) if op.hold_until_ms.is_some() => {
                         let until = op.hold_until_ms.unwrap_or(now);
@@ -561,11 +590,18 @@ impl Store {
                         m.pending -= left;
                         m.balance += left;
                         m.lifetime += left;
+                        // Expiry counts from when points became spendable.
+                        m.last_earned_at_ms = Some(now);
                         held.remove(t.clone())?;
                     }
                     (Kind::Reverse, Some((t, (left, until)))) => {
                         // A refund within the hold takes the points back from pending.
-                        let p = (-delta).min(*left);
+                        let p = (-delta).min(*left).min(reversible);
+                        if p <= 0 {
+                            return Err(ConflictableTransactionError::Abort(
+                                LedgerError::Invalid("reversed in full already".into()),
+                            ));
+                        }
                         delta = -p;
                         m.pending -= p;
                         pending = true;
@@ -575,6 +611,26 @@ impl Store {
                         } else {
                             held.insert(t.clone(), encode_hold(left - p, *until))?;
                         }
+                    }
+                    (Kind::Reverse, None) => {
+                        // What is left of the accrual and of the balance (points already
+                        // spent stay spent).
+                        let p = (-delta).min(reversible).min(m.balance);
+                        if p <= 0 {
+                            return Err(ConflictableTransactionError::Abort(
+                                LedgerError::Invalid(if reversible <= 0 {
+                                    "reversed in full already".into()
+                                } else {
+                                    format!(
+                                        "nothing to take back: the member's balance is {} (the points were spent)",
+                                        m.balance
+                                    )
+                                }),
+                            ));
+                        }
+                        delta = -p;
+                        m.balance -= p;
+                        m.lifetime = (m.lifetime - p).max(0);
                     }
                     _ => {
                         let balance = m.balance + delta;
@@ -592,7 +648,6 @@ impl Store {
                                 m.lifetime += delta;
                                 m.last_earned_at_ms = Some(now);
                             }
-                            Kind::Reverse => m.lifetime = (m.lifetime + delta).max(0),
                             _ => {}
                         }
                     }
@@ -630,6 +685,12 @@ impl Store {
                     pending_after: m.pending,
                     tier_after: rules.tier(m.lifetime).map(|t| t.name.clone()),
                 };
+                if let (Some(t), Kind::Reverse) = (&op.target, op.kind) {
+                    keys.insert(
+                        reversed_key(t),
+                        (reversed_before - delta).to_be_bytes().to_vec(),
+                    )?;
+                }
                 ledger.insert(key.clone(), enc(&entry)?)?;
                 members.insert(member_id.as_bytes(), enc(&m)?)?;
                 if let Some(extra) = &op.also_index {
@@ -693,6 +754,14 @@ impl Store {
                     ..Default::default()
                 },
             };
+            // An address that is another member's id would be shadowed by that member.
+            for v in [&profile.email, &profile.phone].into_iter().flatten() {
+                if v != &member && members.get(v.as_bytes())?.is_some() {
+                    return Err(abort(LedgerError::Invalid(format!(
+                        "`{v}` is the id of another member: merge the two accounts first"
+                    ))));
+                }
+            }
             for a in alias_keys(&profile) {
                 if let Some(owner) = aliases.get(a.as_bytes())? {
                     if owner.as_ref() != member.as_bytes() {
@@ -822,7 +891,37 @@ impl Store {
             return Ok(None);
         };
         let prefix = reversal_prefix(&r.of);
-        let wanted = r.points.map(|p| p.min(left)).unwrap_or(left);
+        // `points` are in the accrual's own units (a point per currency unit); a tier's
+        // multiplier applied to the accrual applies to its reversal too.
+        let scaled = r.points.map(|p| match original.base_points {
+            Some(base) if base > 0 => p.saturating_mul(original.points) / base,
+            _ => p,
+        });
+        // Cumulative (Stripe's `amount_refunded`): the total to have taken back by now.
+        let reversed = original.points - left;
+        let wanted = match (scaled, r.cumulative) {
+            (None, _) => left,
+            (Some(p), false) => p.min(left),
+            (Some(p), true) => (p - reversed).clamp(0, left),
+        };
+        if wanted == 0 && r.cumulative && reversed > 0 {
+            // This total was taken back already (the vendor repeats itself): the latest
+            // reversal is the answer.
+            let last = self
+                .ledger_keys
+                .scan_prefix(prefix.as_bytes())
+                .values()
+                .filter_map(Result::ok)
+                .filter_map(|k| self.ledger.get(k).ok().flatten())
+                .filter_map(|raw| serde_json::from_slice::<Entry>(&raw).ok())
+                .max_by_key(|e| e.seq);
+            if let Some(entry) = last {
+                return Ok(Some(Applied {
+                    entry,
+                    duplicate: true,
+                }));
+            }
+        }
         // Points still held are taken back from pending; else from the balance.
         let held = match self.held.get(&at)? {
             Some(v) => Some(decode_hold(&v).map_err(LedgerError::Store)?.0),
@@ -885,18 +984,11 @@ impl Store {
                 original.kind
             )));
         }
-        let mut reversed = 0i64;
-        for item in self
+        let reversed = self
             .ledger_keys
-            .scan_prefix(reversal_prefix(key).as_bytes())
-        {
-            let (_, v) = item?;
-            if let Some(raw) = self.ledger.get(&v)? {
-                let e: Entry =
-                    serde_json::from_slice(&raw).map_err(|e| LedgerError::Store(e.to_string()))?;
-                reversed += -e.points;
-            }
-        }
+            .get(reversed_key(&at))?
+            .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes))
+            .unwrap_or(0);
         let left = (original.points - reversed).max(0);
         Ok(Some((at, original, left)))
     }
@@ -1144,6 +1236,7 @@ mod tests {
             source: "test".into(),
             idempotency_key: key.into(),
             cancel: Vec::new(),
+            cumulative: false,
         };
         // A partial refund, then the same again (duplicate), then the rest.
         let a = s
@@ -1334,6 +1427,7 @@ mod tests {
             source: "shop:2".into(),
             idempotency_key: key.into(),
             cancel: Vec::new(),
+            cumulative: false,
         };
         let rev = s
             .ledger_reverse(&r(Some(20), "refund-1"), &rules)
@@ -1389,6 +1483,108 @@ mod tests {
     }
 
     #[test]
+    fn reversals_scale_with_the_tier_total_up_cumulatively_and_never_exceed_the_accrual() {
+        let (_d, s) = store();
+        let rules = Rules {
+            tiers: vec![
+                Tier {
+                    name: "Bronze".into(),
+                    from: 0,
+                    earn_percent: 100,
+                },
+                Tier {
+                    name: "Silver".into(),
+                    from: 10,
+                    earn_percent: 125,
+                },
+            ],
+            ..Default::default()
+        };
+        // Into Silver first; then a 40-unit payment earns 50.
+        s.ledger_apply(&op(Kind::Accrue, 10, "first"), &rules)
+            .unwrap();
+        let a = Op::new(
+            "m-1",
+            Kind::Accrue,
+            40,
+            "pay",
+            "stripe:1",
+            keyed("stripe", "pi"),
+        );
+        assert_eq!(s.ledger_apply(&a, &rules).unwrap().entry.points, 50);
+        let rev = |points: i64, key: &str, cumulative: bool| Reversal {
+            of: keyed("stripe", "pi"),
+            points: Some(points),
+            reason: "refund".into(),
+            source: "stripe:2".into(),
+            idempotency_key: key.into(),
+            cancel: Vec::new(),
+            cumulative,
+        };
+        // Running totals of 16, 16 (repeated), 32 and 40 units: 20, nothing, 20, 10 points.
+        let r1 = s
+            .ledger_reverse(&rev(16, "r1", true), &rules)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r1.entry.points, -20);
+        let r2 = s
+            .ledger_reverse(&rev(16, "r2", true), &rules)
+            .unwrap()
+            .unwrap();
+        assert!(r2.duplicate && r2.entry == r1.entry);
+        let r3 = s
+            .ledger_reverse(&rev(32, "r3", true), &rules)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r3.entry.points, -20);
+        let r4 = s
+            .ledger_reverse(&rev(40, "r4", true), &rules)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r4.entry.points, -10);
+        assert_eq!(
+            s.accrual_left(&keyed("stripe", "pi")).unwrap().unwrap().2,
+            0
+        );
+        assert_eq!(s.member("m-1").unwrap().unwrap().balance, 10);
+
+        // Many reversals of one accrual under different keys, at once: never more than it
+        // earned in all.
+        let b = Op::new(
+            "m-2",
+            Kind::Accrue,
+            100,
+            "order",
+            "shop:1",
+            keyed("shop", "o"),
+        );
+        s.ledger_apply(&b, &Rules::default()).unwrap();
+        let taken = std::sync::atomic::AtomicI64::new(0);
+        std::thread::scope(|t| {
+            for i in 0..16 {
+                let (s, taken) = (&s, &taken);
+                t.spawn(move || {
+                    let r = Reversal {
+                        of: keyed("shop", "o"),
+                        points: Some(30),
+                        reason: "refund".into(),
+                        source: "shop:2".into(),
+                        idempotency_key: format!("refund-{i}"),
+                        cancel: Vec::new(),
+                        cumulative: false,
+                    };
+                    if let Ok(Some(a)) = s.ledger_reverse(&r, &Rules::default()) {
+                        taken.fetch_add(-a.entry.points, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(taken.into_inner(), 100);
+        let m = s.member("m-2").unwrap().unwrap();
+        assert_eq!((m.balance, m.lifetime), (0, 0));
+    }
+
+    #[test]
     fn a_hold_reversed_in_full_is_never_released() {
         let (_d, s) = store();
         let rules = Rules::default();
@@ -1409,6 +1605,7 @@ mod tests {
             source: "shop:2".into(),
             idempotency_key: "refund".into(),
             cancel: Vec::new(),
+            cumulative: false,
         };
         s.ledger_reverse(&r, &rules).unwrap().unwrap();
         assert!(s.release_due(&rules, 10_000, 100).unwrap().is_empty());
@@ -1463,6 +1660,20 @@ mod tests {
             s.resolve_member("sarah@example.com").unwrap(),
             "sarah@example.com"
         );
+        // An address that is another member's id is refused (it would be shadowed).
+        s.ledger_apply(
+            &Op::new("bo@example.com", Kind::Accrue, 5, "t", "t", "bo"),
+            &rules,
+        )
+        .unwrap();
+        let shadowed = s.set_profile(
+            "cust-1",
+            Profile {
+                email: Some("bo@example.com".into()),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(shadowed, Err(LedgerError::Invalid(m)) if m.contains("another member")));
         let m = s.member("cust-1").unwrap().unwrap();
         assert_eq!(m.profile.phone.as_deref(), Some("+14155550100"));
         // Bad values are refused with the reason.

@@ -68,7 +68,8 @@ pub struct PointsRow {
     pub period: String,
     /// The source the entries came from (`shopify`, `api`, `expiry`, …).
     pub source: String,
-    /// issued | released | redeemed | expired | reversed | adjusted
+    /// issued | held | released | held_reversed | redeemed | expired | reversed | adjusted
+    /// (held points count as issued once released)
     pub kind: String,
     /// Points, positive whichever way they went (`adjusted` keeps its sign).
     pub points: i64,
@@ -88,6 +89,9 @@ pub struct RewardsRow {
 
 fn kind_label(e: &Entry) -> &'static str {
     match e.kind {
+        // Held points are issued when released.
+        Kind::Accrue if e.pending => "held",
+        Kind::Reverse if e.pending => "held_reversed",
         Kind::Accrue => "issued",
         Kind::Release => "released",
         Kind::Redeem => "redeemed",
@@ -221,6 +225,7 @@ mod tests {
                 source: "shopify:9".into(),
                 idempotency_key: "r1".into(),
                 cancel: Vec::new(),
+                cumulative: false,
             },
             &rules,
         )

@@ -19,8 +19,12 @@ use std::str::FromStr;
 /// The source of scheduled events.
 pub const SOURCE: &str = "schedule";
 
-/// Members a fire emits events for, at most this many per batch.
+/// Members a fire walks per step, by default.
 const BATCH: usize = 500;
+
+/// A run whose fire is older than this (the schedule was removed meanwhile and is back, or
+/// the daemon was down for days) is dropped rather than finished.
+const STALE_RUN_MS: u64 = 24 * 3_600_000;
 
 /// A pipeline's schedule, as written.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -37,6 +41,9 @@ pub struct ScheduleSpec {
     /// Only members for whom this condition holds (an expression over `member`).
     #[serde(default, rename = "where")]
     pub filter: Option<String>,
+    /// Members walked per step (default 500): a run saves its cursor after each.
+    #[serde(default)]
+    pub batch: Option<usize>,
 }
 
 /// Which members a fire is for.
@@ -73,7 +80,28 @@ impl ScheduleSpec {
                 out.push(("where", e));
             }
         }
+        if self.batch.is_some_and(|b| !(1..=10_000).contains(&b)) {
+            out.push(("batch", "a batch is 1 to 10,000 members".into()));
+        }
         out
+    }
+
+    /// The event id of `member`'s event from the fire at `fire_ms`: for anniversaries and
+    /// birthdays the fire's date (a manual run the same day is the same event: nobody is
+    /// celebrated twice), else the fire itself.
+    fn event_id(&self, pipeline: &str, fire_ms: u64, member: &str) -> String {
+        let day = match self.members {
+            MemberSet::All => None,
+            MemberSet::Anniversary | MemberSet::Birthday => self
+                .zone()
+                .ok()
+                .and_then(|tz| zoned(fire_ms, &tz))
+                .map(|z| z.date().to_string()),
+        };
+        match day {
+            Some(d) => format!("{pipeline}:{d}:{member}"),
+            None => format!("{pipeline}:{fire_ms}:{member}"),
+        }
     }
 
     fn zone(&self) -> Result<jiff::tz::TimeZone, String> {
@@ -277,6 +305,16 @@ async fn step(
 ) -> Result<Step, String> {
     use crate::inbox::Inbox;
     let mut st = store.schedule_state(pipeline).map_err(|e| e.to_string())?;
+    if let Some(r) = &st.run {
+        if !r.manual && now_ms.saturating_sub(r.fire_ms) > STALE_RUN_MS {
+            tracing::warn!(pipeline, fire_ms = r.fire_ms, "dropping a schedule run older than a day (the daemon was down, or the schedule was removed and is back)");
+            st.last_fire_ms = Some(r.fire_ms);
+            st.run = None;
+            store
+                .save_schedule_state(pipeline, &st)
+                .map_err(|e| e.to_string())?;
+        }
+    }
     let Some(mut run) = st.run.clone() else {
         let latest = spec.latest_fire(now_ms);
         match (st.last_fire_ms, latest) {
@@ -306,7 +344,8 @@ async fn step(
     let page = {
         let s = store.clone();
         let cursor = run.cursor.clone();
-        tokio::task::spawn_blocking(move || s.members_after(cursor.as_deref(), BATCH))
+        let batch = spec.batch.unwrap_or(BATCH);
+        tokio::task::spawn_blocking(move || s.members_after(cursor.as_deref(), batch))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?
@@ -314,8 +353,14 @@ async fn step(
     let mut events = Vec::new();
     for m in &page {
         let mj = member_json(m, rules);
-        let Some(extra) = spec.matches(m, run.fire_ms, engine, &mj)? else {
-            continue;
+        // One member's data failing the `where` skips that member, not the run.
+        let extra = match spec.matches(m, run.fire_ms, engine, &mj) {
+            Ok(Some(extra)) => extra,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(pipeline, member = %m.id, error = %e, "schedule: member skipped");
+                continue;
+            }
         };
         let payload = json!({
             "member": mj,
@@ -329,7 +374,7 @@ async fn step(
         events.push(crate::inbox::NewEvent {
             source: SOURCE.into(),
             connector: SOURCE.into(),
-            vendor_id: format!("{pipeline}:{}:{}", run.fire_ms, m.id),
+            vendor_id: spec.event_id(pipeline, run.fire_ms, &m.id),
             event_type: pipeline.to_string(),
             event_time: None,
             received_at_ms: now_ms,
@@ -342,7 +387,7 @@ async fn step(
         store.append(events).await.map_err(|e| e.to_string())?;
     }
     run.emitted += n as u64;
-    let done = page.len() < BATCH;
+    let done = page.len() < spec.batch.unwrap_or(BATCH);
     if done {
         tracing::info!(
             pipeline,
@@ -453,6 +498,7 @@ mod tests {
             tz: None,
             members,
             filter: None,
+            batch: None,
         }
     }
 
@@ -486,9 +532,30 @@ mod tests {
             tz: Some("Mars/Olympus".into()),
             members: MemberSet::All,
             filter: Some("member.tier ==".into()),
+            batch: Some(0),
         };
         let fields: Vec<&str> = bad.check(&e).iter().map(|(f, _)| *f).collect();
-        assert_eq!(fields, vec!["cron", "tz", "where"]);
+        assert_eq!(fields, vec!["cron", "tz", "where", "batch"]);
+    }
+
+    #[test]
+    fn celebrations_are_one_event_per_member_and_day_campaigns_one_per_fire() {
+        let bday = spec("0 8 * * *", MemberSet::Birthday);
+        let morning = bday.event_id("b", ms("2026-11-22T08:00:00Z"), "m1");
+        // An operator's run the same afternoon: the same event, so nobody gets two.
+        assert_eq!(
+            morning,
+            bday.event_id("b", ms("2026-11-22T15:30:00Z"), "m1")
+        );
+        assert_ne!(
+            morning,
+            bday.event_id("b", ms("2026-11-23T08:00:00Z"), "m1")
+        );
+        let all = spec("0 8 * * *", MemberSet::All);
+        assert_ne!(
+            all.event_id("c", ms("2026-11-22T08:00:00Z"), "m1"),
+            all.event_id("c", ms("2026-11-22T15:30:00Z"), "m1")
+        );
     }
 
     #[test]

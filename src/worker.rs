@@ -81,12 +81,6 @@ pub fn process(
             .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
             .collect();
         let personal = runtime.personal_data(ev);
-        // Rewards of a refunded order cancelled before this event's run made them.
-        let cancelled = if subscribed.is_empty() {
-            None
-        } else {
-            store.cancellation(&ev.meta.id)?
-        };
         if !subscribed.is_empty() {
             let input = input(ev);
             let id = crate::inbox::parse_id(&ev.meta.id).unwrap_or_default();
@@ -128,9 +122,6 @@ pub fn process(
                 jobs.extend(r.deliveries.iter().map(|d| {
                     let mut j = Job::from_delivery(ev, &p.name, d, now_ms);
                     j.sensitive = personal.list().to_vec();
-                    if let Some(c) = &cancelled {
-                        c.apply(&mut j, now_ms);
-                    }
                     j
                 }));
                 runs.push(crate::pipeline::run::redacted(&r, &personal));
@@ -139,6 +130,18 @@ pub fn process(
         out.jobs += jobs.len();
         metrics::counter!("perkflow_outbox_jobs_created_total").increment(jobs.len() as u64);
         done.push((ev, runs, jobs));
+    }
+    // Rewards of a refunded order cancelled before they were stored: by a refund processed
+    // earlier, or by one in this very batch (its run came after this event's).
+    for (ev, _, jobs) in done.iter_mut() {
+        if jobs.is_empty() {
+            continue;
+        }
+        if let Some(c) = store.cancellation(&ev.meta.id)? {
+            for j in jobs.iter_mut() {
+                c.apply(j, now_ms);
+            }
+        }
     }
     store.complete(&done)?;
     Ok(out)
@@ -319,6 +322,8 @@ pub fn plan_replay(
             produced.insert(job.key.clone());
             let old = existing.iter().find(|j| j.key == job.key);
             let (change, sends) = match old {
+                // Cancelled because its order was refunded: final.
+                Some(o) if o.state == JobState::Cancelled => ("cancelled", false),
                 None => ("new", true),
                 Some(o) if o.with != job.with => ("changed", true),
                 Some(o) => (

@@ -742,7 +742,7 @@ async fn record(
                 .client
                 .action(&d.job.action)
                 .and_then(|a| a.track.clone());
-            let after = match (&track, d.job.kind) {
+            let mut after = match (&track, d.job.kind) {
                 (Some(t), JobKind::Track) => settle_track(&d.job, &d.sent, t, now),
                 _ => settle(&d.job, &d.sent, &d.lane.policy, now, rand::random::<f64>()),
             };
@@ -783,6 +783,12 @@ async fn record(
                 match d.sent.answer.as_ref().and_then(|a| a.pointer(&k.pointer)) {
                     Some(v) if !v.is_null() => kept.push((k.clone(), v.clone(), after.clone())),
                     _ => {
+                        // Delivered (the vendor did it), but what was to be kept is not in
+                        // the answer: said on the job, where operators look.
+                        after.reason = Some(format!(
+                            "delivered, but the answer has nothing at {} to keep as `{}`",
+                            k.pointer, k.attribute
+                        ));
                         tracing::warn!(sink = %d.lane.client.name, job = %after.key, pointer = %k.pointer, "the answer has nothing to keep at this pointer")
                     }
                 }
@@ -836,6 +842,28 @@ async fn record(
             match written {
                 Ok(Ok(skipped)) => {
                     for key in skipped {
+                        // Cancelled (its order refunded) while its request was out, and
+                        // delivered anyway: what the vendor did wins.
+                        let delivered = changes
+                            .iter()
+                            .find(|(_, a)| a.key == key && a.state == JobState::Delivered);
+                        let current = store.job(&key).ok().flatten();
+                        if let (Some((_, after)), Some(cur)) = (delivered, current) {
+                            if cur.state == JobState::Cancelled {
+                                let mut after = after.clone();
+                                after.reason = Some(
+                                    "delivered: the request was out when the cancellation came"
+                                        .into(),
+                                );
+                                let s = store.clone();
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    s.write_jobs(&[(cur, after)])
+                                })
+                                .await;
+                                tracing::warn!(job = %key, "a cancelled job had been sent already: recorded as delivered");
+                                continue;
+                            }
+                        }
                         tracing::info!(job = %key, "the job changed while it was attempted (an operator replayed it); the newer state wins");
                     }
                     break;
@@ -914,7 +942,7 @@ async fn keep_on_members(
                         payload: bytes::Bytes::from(serde_json::to_vec(&payload).unwrap_or_default()),
                     });
                 }
-                Err(e) => tracing::error!(member = %k.member, attribute = %k.attribute, job = %job.key, error = %e, "storing a delivered answer on the member failed; replay the job to store it"),
+                Err(e) => tracing::error!(member = %k.member, attribute = %k.attribute, job = %job.key, error = %e, "storing a delivered answer on the member failed; the vendor has it (do not replay: that would create another)"),
             }
         }
         events

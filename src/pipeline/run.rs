@@ -764,6 +764,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
             points,
             reason,
             cancel,
+            cumulative,
             when,
         } => {
             match step_when(st, path, when, &ctx) {
@@ -813,6 +814,7 @@ fn run_step(st: &mut State, step: &Step) -> Flow {
                 source: format!("{}:{}", st.source, st.event_id),
                 idempotency_key,
                 cancel: cancel.clone(),
+                cumulative: *cumulative,
             };
             match st.effects.reverse(&r) {
                 Ok(done) => {

@@ -120,6 +120,10 @@ struct ReverseSpec {
     /// triggered) are cancelled: pending gift-card orders of a refunded order.
     #[serde(default)]
     cancel: Vec<String>,
+    /// `points` is the running total refunded so far (Stripe's `amount_refunded`): each
+    /// reversal takes back what that total adds to the earlier ones.
+    #[serde(default)]
+    cumulative: bool,
     #[serde(default)]
     when: Option<String>,
 }
@@ -286,6 +290,7 @@ pub enum Step {
         points: Option<Tmpl>,
         reason: Option<Tmpl>,
         cancel: Vec<String>,
+        cumulative: bool,
         when: Option<String>,
     },
     /// A ledger operation; its result is `balance`, `lifetime` and `loyalty` for later steps.
@@ -837,6 +842,12 @@ fn check_step(
                 .reason
                 .as_ref()
                 .map(|x| compile_tree(doc, &join(&rpath, "reason"), x, scope, diags));
+            if r.cumulative && r.points.is_none() {
+                diags.push(doc.at(
+                    &join(&rpath, "cumulative"),
+                    "a cumulative reversal needs `points` (the running total refunded)",
+                ));
+            }
             for (i, sink) in r.cancel.iter().enumerate() {
                 if !scope.sinks.contains_key(sink) {
                     let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
@@ -861,6 +872,7 @@ fn check_step(
                 points,
                 reason,
                 cancel: r.cancel,
+                cumulative: r.cumulative,
                 when,
             }
         }

@@ -14,7 +14,7 @@ async fn a_threshold_crossed_once_emits_one_event_after_a_kill_9() {
     let (sb, url, _stop) = sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("pipelines")).unwrap();
-    // 1 point per order: the 60 orders end at 60, crossing 40 once somewhere in the middle.
+    // 1 point per order: the 60 orders end at 60, crossing 10 once, before the kill.
     std::fs::write(
         dir.path().join("pipelines/p.yaml"),
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - loyalty.accrue: { member: \"{{ event.email }}\", points: 1 }\n",
@@ -26,7 +26,7 @@ async fn a_threshold_crossed_once_emits_one_event_after_a_kill_9() {
     )
     .unwrap();
     let config = format!(
-        "admin_token: {TOKEN}\nloyalty:\n  thresholds: [40]\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  team: {{ connector: webhook, url: \"{url}/webhook/x\" }}\n"
+        "admin_token: {TOKEN}\nloyalty:\n  thresholds: [10]\nsources:\n  shop: {{ connector: shopify, secret: s }}\nsinks:\n  team: {{ connector: webhook, url: \"{url}/webhook/x\" }}\n"
     );
     let mut d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
@@ -111,5 +111,5 @@ async fn a_threshold_crossed_once_emits_one_event_after_a_kill_9() {
         .filter(|r| r.vendor == "webhook")
         .collect();
     assert_eq!(posts.len(), 1, "{posts:#?}");
-    assert_eq!(posts[0].body["text"], "ada@example.com crossed 40");
+    assert_eq!(posts[0].body["text"], "ada@example.com crossed 10");
 }

@@ -694,7 +694,16 @@ async fn stripe_refunds_take_back_in_proportion_never_more_than_earned() {
     stored_id(&c, &d.url("/hooks/stripe"), &partial).await;
     let m = until_balance(30).await;
     assert_eq!(m["history"][0]["points"], -20, "{m:#}");
-    // Then all of it (cumulative 50 USD): only the 30 left of the award.
+    // `amount_refunded` is a running total: 35 USD refunded in all takes back 15 more.
+    let more = signed("stripe/charge-refunded.json", &|v| {
+        v["id"] = json!("evt_more");
+        v["data"]["object"]["amount_refunded"] = json!(3500);
+        v["data"]["object"]["refunded"] = json!(false);
+    });
+    stored_id(&c, &d.url("/hooks/stripe"), &more).await;
+    let m = until_balance(15).await;
+    assert_eq!(m["history"][0]["points"], -15, "{m:#}");
+    // Then all of it (50 USD): the 15 left of the award.
     stored_id(
         &c,
         &d.url("/hooks/stripe"),
@@ -702,10 +711,25 @@ async fn stripe_refunds_take_back_in_proportion_never_more_than_earned() {
     )
     .await;
     let m = until_balance(0).await;
-    assert_eq!(m["history"][0]["points"], -30, "{m:#}");
+    assert_eq!(m["history"][0]["points"], -15, "{m:#}");
+    // The same total again (another event about it): nothing more.
+    let again = signed("stripe/charge-refunded.json", &|v| {
+        v["id"] = json!("evt_again");
+    });
+    let again = stored_id(&c, &d.url("/hooks/stripe"), &again).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while api(&c, &d, "GET", &format!("/api/events/{again}"), None)
+        .await
+        .json()["pending"]
+        != false
+    {
+        assert!(std::time::Instant::now() < deadline, "not processed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = until_balance(0).await;
     assert_eq!(
         (m["lifetime"].as_i64(), m["entries"].as_i64()),
-        (Some(0), Some(3)),
+        (Some(0), Some(4)),
         "{m:#}"
     );
 }

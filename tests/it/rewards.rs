@@ -53,7 +53,7 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
     // The gift-card vendor is down for now: the card's job waits, unsent.
     let faults = client()
         .post(format!("{url}/_sandbox/faults"))
-        .json(&json!({ "vendor": "giftcard", "status": vec![503; 40], "retry_after": 120 }))
+        .json(&json!({ "vendor": "giftcard", "status": vec![503; 200], "retry_after": 5 }))
         .send()
         .await
         .unwrap();
@@ -173,7 +173,20 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A card still waiting would be retried within 5 s now (its Retry-After).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        api(
+            &c,
+            &d,
+            "GET",
+            &format!("/api/jobs/{}", card_job["key"].as_str().unwrap()),
+            None
+        )
+        .await
+        .json()["state"],
+        "cancelled"
+    );
     assert!(
         !sb.received()
             .iter()

@@ -1,5 +1,6 @@
-//! Scheduled pipelines with the daemon as a real process: a campaign run over 300 members,
-//! interrupted by kill -9 mid-way and resumed on restart, texts every member at most once
+//! Scheduled pipelines with the daemon as a real process: a campaign run over 300 members
+//! (walked one member per step, so that it takes seconds), interrupted by kill -9 while its
+//! cursor is mid-way and resumed on restart, texts every member at most once
 //! (and exactly once unless a send's outcome was lost in the crash, which is dead-lettered,
 //! never resent).
 
@@ -23,7 +24,7 @@ fn project(sandbox: &str) -> (tempfile::TempDir, String) {
         dir.path().join("pipelines/campaign.yaml"),
         r#"pipeline: campaign
 on:
-  schedule: { cron: "0 0 1 1 *", members: all, where: "member.phone" }
+  schedule: { cron: "0 0 1 1 *", members: all, where: "member.phone", batch: 1 }
 steps:
   - deliver:
       to: sms.send_sms
@@ -96,6 +97,12 @@ async fn a_schedule_interrupted_by_kill_9_resumes_without_duplicates() {
         assert!(Instant::now() < deadline, "the run did not start sending");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The run is under way (a member at a time, 20 a second): the kill lands mid-run.
+    let state = api(&c, &d, "GET", "/api/schedules", None).await.json();
+    assert!(
+        state["schedules"][0]["run"]["cursor"].is_string(),
+        "the run should be under way: {state:#}"
+    );
     d.kill9();
     let at_kill = texts(&sb).values().sum::<usize>();
     assert!(
