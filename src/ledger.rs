@@ -643,12 +643,9 @@ impl Store {
                             ));
                         }
                         m.balance = balance;
-                        match op.kind {
-                            Kind::Accrue => {
-                                m.lifetime += delta;
-                                m.last_earned_at_ms = Some(now);
-                            }
-                            _ => {}
+                        if op.kind == Kind::Accrue {
+                            m.lifetime += delta;
+                            m.last_earned_at_ms = Some(now);
                         }
                     }
                 }
