@@ -220,6 +220,7 @@ pub fn build(
                         ca_pem,
                         pins,
                         system_roots: true,
+                        fetch: true,
                     };
                     paypal::PaypalVerifier::cert(def, webhook_id, opts)
                 }

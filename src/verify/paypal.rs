@@ -56,6 +56,7 @@ struct CertMode {
     pins: HashMap<String, Vec<CertificateDer<'static>>>,
     cache: Mutex<HashMap<String, Arc<Vec<CertificateDer<'static>>>>>,
     client: reqwest::Client,
+    fetch: bool,
 }
 
 struct ApiMode {
@@ -87,6 +88,9 @@ pub struct CertOptions {
     pub pins: Vec<(String, Vec<u8>)>,
     /// Also trust the system's roots (true in production).
     pub system_roots: bool,
+    /// Fetch a certificate that is not pinned (true in production). Without it such a URL is
+    /// refused, so verification never touches the network (fuzzing, air-gapped checks).
+    pub fetch: bool,
 }
 
 /// What `verify: api` needs, resolved from config.
@@ -156,6 +160,7 @@ impl PaypalVerifier {
                 pins,
                 cache: Mutex::new(HashMap::new()),
                 client,
+                fetch: opts.fetch,
             }),
         })
     }
@@ -266,6 +271,9 @@ impl CertMode {
         }
         if let Some(hit) = self.cache.lock().expect("cache lock").get(cert_url) {
             return Ok(hit.clone());
+        }
+        if !self.fetch {
+            return Err(Rejection::CertUrlRefused("not pinned, and fetching is off".into()).into());
         }
         let pem = self.fetch(cert_url).await?;
         let chain = Arc::new(parse_pem_chain(&pem).map_err(Rejection::CertInvalid)?);
@@ -521,6 +529,7 @@ mod tests {
             ca_pem: Some(read("root-ca.pem")),
             pins: vec![(URL.into(), read(chain))],
             system_roots: false,
+            fetch: true,
         };
         PaypalVerifier::cert(&def(), "WH-ID".into(), opts).unwrap()
     }
@@ -608,5 +617,21 @@ mod tests {
             let r = rejected(run(&v, request("leaf.key", "WH-ID", url, "{}")));
             assert!(matches!(r, Rejection::CertUrlRefused(_)), "{url}: {r:?}");
         }
+    }
+
+    #[test]
+    fn without_fetching_an_unpinned_url_is_refused() {
+        let opts = CertOptions {
+            cert_hosts: None,
+            ca_pem: Some(read("root-ca.pem")),
+            pins: vec![(URL.into(), read("chain.pem"))],
+            system_roots: false,
+            fetch: false,
+        };
+        let v = PaypalVerifier::cert(&def(), "WH-ID".into(), opts).unwrap();
+        let other = "https://api.paypal.com/v1/notifications/certs/CERT-other";
+        let r = rejected(run(&v, request("leaf.key", "WH-ID", other, "{}")));
+        assert!(matches!(r, Rejection::CertUrlRefused(_)), "{r:?}");
+        run(&v, request("leaf.key", "WH-ID", URL, "{}")).unwrap();
     }
 }
