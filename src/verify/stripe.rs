@@ -102,7 +102,8 @@ impl StripeVerifier {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let age = now - t;
+        // A signed `t` may be anything an i64 holds: saturate rather than overflow.
+        let age = now.saturating_sub(t);
         if age.unsigned_abs() > self.tolerance.as_secs() {
             return Err(Rejection::Stale {
                 age_secs: age,
@@ -217,5 +218,21 @@ mod tests {
         ));
         let v = StripeVerifier::new(&def(), &["whsec_test"], Some(Duration::from_secs(600)));
         assert!(v.verify(&req(&h, BODY), at(1_700_000_500)).is_ok());
+    }
+
+    /// Found by fuzzing (`verify_stripe`): a correctly signed header with `t` at the ends of
+    /// i64 overflowed the age computation.
+    #[test]
+    fn extreme_signed_timestamps_are_stale_not_a_panic() {
+        let v = StripeVerifier::new(&def(), &["whsec_test"], None);
+        for t in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let (_, h) = sign(&def(), &["whsec_test"], t, BODY.as_bytes());
+            for now in [at(0), at(1_700_000_000), at(u32::MAX as u64)] {
+                assert!(
+                    matches!(v.verify(&req(&h, BODY), now), Err(Rejection::Stale { .. })),
+                    "t={t}"
+                );
+            }
+        }
     }
 }
