@@ -35,6 +35,12 @@ fn fields(f: &FieldsDef, req: &RawRequest<Verified>) -> Result<Identified, Strin
         Some(t) => get(t)?,
         None => None,
     };
+    // Pipelines see the event as JSON, parsed as the worker parses it: a body that is not
+    // (invalid UTF-8, nested deeper than serde_json's limit of 128) is refused here even when
+    // the ids come from headers. (Skipping it as `IgnoredAny` would check neither.)
+    if json.is_none() {
+        serde_json::from_slice::<Value>(&req.body).map_err(|e| format!("body is not JSON: {e}"))?;
+    }
     Ok(Identified {
         vendor_id,
         event_type,
@@ -221,6 +227,30 @@ mod tests {
         let v: Value = serde_json::from_slice(&ev[0].payload).unwrap();
         assert_eq!(v["intuitaccountid"], "9");
         assert_eq!(v["legacy"]["operation"], "Update");
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_refused_even_with_header_ids() {
+        let header = |n: &str| Selector::Header(crate::config::scalar::Names(vec![n.into()]));
+        let def = FieldsDef {
+            id: header("x-id"),
+            r#type: header("x-topic"),
+            time: None,
+        };
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("x-id", "1".parse().unwrap());
+        h.insert("x-topic", "orders/paid".parse().unwrap());
+        let req =
+            |body: &[u8]| RawRequest::trusted_fixture(h.clone(), Bytes::copy_from_slice(body));
+        assert!(fields(&def, &req(b"{\"a\":1}")).is_ok());
+        let bad_utf8 = fields(&def, &req(b"{\"a\":\"\xff\xfe\"}")).unwrap_err();
+        assert!(bad_utf8.contains("body is not JSON"), "{bad_utf8}");
+        let deep = fields(&def, &req(&b"[".repeat(100_000))).unwrap_err();
+        assert!(deep.contains("recursion limit"), "{deep}");
+        let nest = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let deep = fields(&def, &req(nest.as_bytes())).unwrap_err();
+        assert!(deep.contains("recursion limit"), "{deep}");
+        assert!(fields(&def, &req(b"")).is_err());
     }
 
     #[test]
