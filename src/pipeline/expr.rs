@@ -5,13 +5,73 @@
 //!   a string without them is a literal.
 //! - Conditions (`when`) are bare expressions; a missing field there is simply false.
 //! - Values are strict: using a missing field is an error, never a silent empty string.
-//! - Evaluation is sandboxed (no loader, no I/O) and bounded by fuel.
+//! - Evaluation is sandboxed (no loader, no I/O) and bounded: by fuel (instructions), by
+//!   minijinja's recursion limit, by [`MAX_VALUE`] (a template's output, an expression's
+//!   value, and what the built-ins that multiply sizes by a number would make; see
+//!   `filters::register_bounded`).
 
+use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use serde_json::Value as Json;
 
 /// Instructions an evaluation may run before it is stopped.
 pub const FUEL: u64 = 100_000;
+
+/// The largest template output or expression value, in bytes: what one field may hand to a
+/// sink request, a trace or the outbox.
+pub const MAX_VALUE: usize = 1 << 20;
+
+/// Macro and call nesting (minijinja's default is 500).
+const RECURSION_LIMIT: usize = 100;
+
+fn too_large() -> String {
+    format!("the value is larger than {} KiB", MAX_VALUE / 1024)
+}
+
+/// A template's output, refused past [`MAX_VALUE`] as it is written.
+#[derive(Default)]
+struct Capped {
+    out: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > MAX_VALUE {
+            self.overflowed = true;
+            return Err(std::io::Error::other(too_large()));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether `v` fits in `budget` bytes (strings by their length, anything else at least one
+/// byte), looking at no more of it than that.
+fn fits(v: &Value, budget: &mut usize, depth: usize) -> bool {
+    let cost = v.as_str().map_or(1, |s| s.len().max(1));
+    if cost > *budget || depth > RECURSION_LIMIT {
+        return false;
+    }
+    *budget -= cost;
+    match v.kind() {
+        ValueKind::Seq | ValueKind::Iterable => match v.try_iter() {
+            Ok(items) => items.into_iter().all(|i| fits(&i, budget, depth + 1)),
+            Err(_) => true,
+        },
+        ValueKind::Map => match v.try_iter() {
+            Ok(keys) => keys.into_iter().all(|k| {
+                let item = v.get_item(&k).unwrap_or_default();
+                fits(&k, budget, depth + 1) && fits(&item, budget, depth + 1)
+            }),
+            Err(_) => true,
+        },
+        _ => true,
+    }
+}
 
 /// The environments (strict for values, lenient for conditions). They are process-wide, so
 /// compiled expressions and templates can be cached across runs (`compiled`).
@@ -68,7 +128,9 @@ fn expression(lenient: bool, src: &str) -> Result<std::sync::Arc<Expr>, minijinj
 
 /// Renders the template `src`, compiled once and cached (a cached source is kept for the
 /// process's life, which the cache limit bounds; past it, sources are compiled per use).
-fn render_template(src: &str, ctx: Value) -> Result<String, minijinja::Error> {
+/// Output past [`MAX_VALUE`] stops the rendering.
+fn render_template(src: &str, ctx: Value) -> Result<String, String> {
+    let render = |t: &minijinja::Template<'_, '_>| render_capped(t, ctx);
     let cached = compiled()
         .lock()
         .expect("cache lock")
@@ -76,20 +138,39 @@ fn render_template(src: &str, ctx: Value) -> Result<String, minijinja::Error> {
         .get(src)
         .cloned();
     if let Some(t) = cached {
-        return t.render(ctx);
+        return render(&t);
     }
     let mut c = compiled().lock().expect("cache lock");
     if c.tmpls.len() >= CACHE_LIMIT {
         drop(c);
-        return strict_env().template_from_str(src)?.render(ctx);
+        let t = strict_env()
+            .template_from_str(src)
+            .map_err(|e| describe(&e))?;
+        return render(&t);
     }
     // Compiled before it is leaked: a source that does not compile is not kept.
-    strict_env().template_from_str(src)?;
+    strict_env()
+        .template_from_str(src)
+        .map_err(|e| describe(&e))?;
     let leaked: &'static str = Box::leak(src.to_string().into_boxed_str());
-    let t = std::sync::Arc::new(strict_env().template_from_str(leaked)?);
+    let t = std::sync::Arc::new(
+        strict_env()
+            .template_from_str(leaked)
+            .map_err(|e| describe(&e))?,
+    );
     c.tmpls.insert(src.to_string(), t.clone());
     drop(c);
-    t.render(ctx)
+    render(&t)
+}
+
+/// Renders `t`, stopping once its output passes [`MAX_VALUE`].
+fn render_capped(t: &minijinja::Template<'_, '_>, ctx: Value) -> Result<String, String> {
+    let mut out = Capped::default();
+    match t.render_captured_to(ctx, &mut out) {
+        Ok(_) => String::from_utf8(out.out).map_err(|e| e.to_string()),
+        Err(_) if out.overflowed => Err(format!("template output: {}", too_large())),
+        Err(e) => Err(describe(&e)),
+    }
 }
 
 /// A field of a step, as written.
@@ -107,8 +188,10 @@ fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(undefined);
     env.set_fuel(Some(FUEL));
+    env.set_recursion_limit(RECURSION_LIMIT);
     env.set_auto_escape_callback(|_| AutoEscape::None);
     crate::pipeline::filters::register(&mut env);
+    crate::pipeline::filters::register_bounded(&mut env);
     env
 }
 
@@ -163,9 +246,7 @@ impl Engine {
                 let v = expr.eval(ctx).map_err(|e| describe(&e))?;
                 to_json(&v)
             }
-            Field::Template(src) => render_template(src, ctx)
-                .map(Json::String)
-                .map_err(|e| describe(&e)),
+            Field::Template(src) => render_template(src, ctx).map(Json::String),
         }
     }
 
@@ -254,6 +335,10 @@ fn strip_braces(src: &str) -> &str {
 fn to_json(v: &Value) -> Result<Json, String> {
     if v.is_undefined() {
         return Err("the expression is undefined".into());
+    }
+    let mut budget = MAX_VALUE;
+    if !fits(v, &mut budget, 0) {
+        return Err(too_large());
     }
     serde_json::to_value(v).map_err(|e| format!("cannot represent the value: {e}"))
 }
@@ -347,5 +432,56 @@ mod tests {
             .unwrap();
         let err = e.eval(&f, &ctx()).unwrap_err();
         assert!(err.contains("fuel") || err.contains("range"), "{err}");
+    }
+
+    #[test]
+    fn exploding_templates_and_values_are_refused() {
+        let e = Engine::new();
+        let cases: &[(&str, &str)] = &[
+            // Output past MAX_VALUE stops the rendering.
+            ("{{ 'x' * 2000000 }}!", "larger than 1024 KiB"),
+            (
+                "{% for i in range(3000) %}{{ 'x' * 1000 }}{% endfor %}",
+                "larger than 1024 KiB",
+            ),
+            (
+                "{% set a = 'x' * 600000 %}{% set a = a ~ a %}{{ a }}!",
+                "larger than 1024 KiB",
+            ),
+            // A value past MAX_VALUE is refused before it is converted.
+            ("{{ [1] * 2000000 }}", "larger than 1024 KiB"),
+            ("{{ 'x' * 2000000 }}", "larger than 1024 KiB"),
+            // Built-ins that multiply sizes by a number check it first.
+            ("{{ 'a' | indent(99999999999) }}", "indent"),
+            ("{{ ('a\n' * 100000) | indent(100) }}", "indent"),
+            ("{{ [1, 2] | slice(99999999999) }}", "slice"),
+            ("{{ ('x' * 1000) | replace('', 'y' * 2000) }}", "replace"),
+            ("{{ points | tojson(indent=99999999999) }}", "at most 16"),
+            // `format`'s widths live in its format string: not available.
+            ("{{ '%99999999999s' | format('x') }}", "format"),
+            // Recursion stops at the limit.
+            (
+                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+                "recursion",
+            ),
+        ];
+        for (src, want) in cases {
+            let err = match e.field(src) {
+                Ok(f) => e.eval(&f, &ctx()).expect_err(src),
+                Err(compile) => compile,
+            };
+            assert!(err.contains(want), "{src}: {err}");
+        }
+        // What stays within the limits still works.
+        for (src, want) in [
+            ("{{ 'ab' | indent(2, true) }}", json!("  ab")),
+            ("{{ [1, 2, 3] | slice(2) | list }}", json!([[1, 2], [3]])),
+            ("{{ 'a-b' | replace('-', '+') }}", json!("a+b")),
+            ("{{ event.items | tojson }}", json!("[1, 2, 3]")),
+            ("{{ range(1000) | length }}", json!(1000)),
+        ] {
+            let f = e.field(src).unwrap();
+            assert_eq!(e.eval(&f, &ctx()).unwrap(), want, "{src}");
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! modes, dates in time zones, hashing, e-mail and phone normalisation. Pure functions; an
 //! input they cannot handle is an error, never a guess.
 
-use minijinja::value::ValueKind;
-use minijinja::{Environment, Error, ErrorKind, Value};
+use crate::pipeline::expr::MAX_VALUE;
+use minijinja::value::{Kwargs, StringInput, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, State, Value};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 use sha2::{Digest, Sha256};
@@ -22,6 +23,99 @@ pub fn register(env: &mut Environment<'static>) {
     env.add_filter("add_hours", add_hours);
     env.add_filter("strftime", strftime);
     env.add_filter("unix", unix);
+}
+
+/// minijinja's built-ins whose result grows with a number they are given rather than with
+/// their input get that number checked against [`MAX_VALUE`] first; the work stays
+/// minijinja's. `format` is removed: its widths and precisions, inside the format string, are
+/// unbounded.
+pub fn register_bounded(env: &mut Environment<'static>) {
+    env.add_filter("indent", indent);
+    env.add_filter("tojson", tojson);
+    env.add_filter("slice", slice);
+    env.add_filter("replace", replace);
+    env.remove_filter("format");
+}
+
+fn too_large(what: &str) -> Error {
+    bad(format!(
+        "{what}: the result would be larger than {} KiB",
+        MAX_VALUE / 1024
+    ))
+}
+
+/// `indent(width)`: every line gets `width` spaces.
+fn indent(
+    value: StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    let w = match width {
+        Some(w) => w,
+        None => kwargs.get::<Option<usize>>("width")?.unwrap_or(4),
+    };
+    let lines = value.as_str().bytes().filter(|&b| b == b'\n').count() + 1;
+    let size = lines
+        .checked_mul(w)
+        .and_then(|n| n.checked_add(value.as_str().len()));
+    if size.is_none_or(|n| n > MAX_VALUE) {
+        return Err(too_large("indent"));
+    }
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+/// `tojson(indent)`: each nesting level gets `indent` spaces per line.
+fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    let width = match &indent {
+        Some(i) => Some(i.clone()),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    if let Some(w) = width.filter(|w| w.kind() == ValueKind::Number) {
+        if w.as_usize().is_none_or(|n| n > 16) {
+            return Err(bad("tojson: indent is at most 16"));
+        }
+    }
+    minijinja::filters::tojson(value, indent, kwargs)
+}
+
+/// `slice(count)`: `count` lists.
+fn slice(
+    state: &State,
+    value: Value,
+    count: usize,
+    fill_with: Option<Value>,
+) -> Result<Value, Error> {
+    if count > 100_000 {
+        return Err(too_large("slice"));
+    }
+    minijinja::filters::slice(state, value, count, fill_with)
+}
+
+/// `replace(from, to)`: every occurrence of `from` (between any two characters when it is
+/// empty) becomes `to`.
+fn replace(
+    state: &mut State,
+    value: StringInput<'_>,
+    from: StringInput<'_>,
+    to: StringInput<'_>,
+) -> Result<Value, Error> {
+    let (text, f, t) = (value.as_str(), from.as_str(), to.as_str());
+    if t.len() > f.len() {
+        let hits = if f.is_empty() {
+            text.chars().count() + 1
+        } else {
+            text.matches(f).count()
+        };
+        let size = hits
+            .checked_mul(t.len() - f.len())
+            .and_then(|n| n.checked_add(text.len()));
+        if size.is_none_or(|n| n > MAX_VALUE) {
+            return Err(too_large("replace"));
+        }
+    }
+    minijinja::filters::replace(state, value, from, to)
 }
 
 fn bad(msg: impl Into<String>) -> Error {
