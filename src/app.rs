@@ -257,6 +257,8 @@ pub struct Boot {
     pub flush_interval: std::time::Duration,
     pub admin_token: Option<crate::config::secrets::Interpolated>,
     pub retention: Option<std::time::Duration>,
+    pub header_timeout: std::time::Duration,
+    pub body_timeout: std::time::Duration,
 }
 
 impl Boot {
@@ -268,6 +270,8 @@ impl Boot {
             flush_interval: cfg.flush_interval,
             admin_token: cfg.admin_token.clone(),
             retention: cfg.retention,
+            header_timeout: cfg.header_timeout,
+            body_timeout: cfg.body_timeout,
         }
     }
 }
@@ -318,6 +322,8 @@ impl AppState {
                 flush_interval: Default::default(),
                 admin_token: None,
                 retention: None,
+                header_timeout: crate::http::HEADER_TIMEOUT,
+                body_timeout: crate::ingest::BODY_TIMEOUT,
             }),
         }
     }
@@ -530,7 +536,8 @@ impl Prepared {
             std::time::Duration::from_secs(10),
             sampler_stop.clone(),
         ));
-        crate::http::serve(listener, router(self.state), shutdown).await?;
+        let header_timeout = self.state.boot.header_timeout;
+        crate::http::serve(listener, router(self.state), shutdown, header_timeout).await?;
         sampler_stop.cancel();
         let _ = sampler.await;
         watcher_stop.cancel();

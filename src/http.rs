@@ -1,6 +1,6 @@
 //! The HTTP/1.1 server loop, with the limits a stranger's connection gets: request headers
-//! must arrive within `HEADER_TIMEOUT` and fit in `MAX_HEADER_BYTES`; bodies are limited per
-//! source by ingest. Graceful shutdown stops accepting, lets in-flight requests finish (up
+//! must arrive within the header timeout (`header_timeout`, default [`HEADER_TIMEOUT`]) and
+//! fit in `MAX_HEADER_BYTES`; bodies are limited per source by ingest. Graceful shutdown stops accepting, lets in-flight requests finish (up
 //! to `DRAIN_TIMEOUT`) and closes idle keep-alive connections.
 
 use axum::Router;
@@ -11,17 +11,20 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The default `header_timeout`.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Open connections at once; past it new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
-/// Serves `app` on `listener` until `shutdown` is cancelled, then drains.
+/// Serves `app` on `listener` until `shutdown` is cancelled, then drains. A connection whose
+/// request headers are not all there within `header_timeout` is closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
+    header_timeout: Duration,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -47,7 +50,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
+            .header_read_timeout(header_timeout)
             .max_header_size(MAX_HEADER_BYTES)
             .serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn);

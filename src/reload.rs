@@ -65,6 +65,12 @@ pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
     if cfg.retention != boot.retention {
         need_restart.push("retention");
     }
+    if cfg.header_timeout != boot.header_timeout {
+        need_restart.push("header_timeout");
+    }
+    if cfg.body_timeout != boot.body_timeout {
+        need_restart.push("body_timeout");
+    }
     let summary = Reloaded {
         sources: rt.sources.len(),
         sinks: rt.sinks.len(),

@@ -62,6 +62,10 @@ struct TopSpec {
     pii_fields: Option<Vec<String>>,
     /// Stored payloads, traces and finished jobs older than this are purged (default: kept).
     retention: Option<DurationSpec>,
+    /// A request's headers must arrive within this (default 10 s).
+    header_timeout: Option<DurationSpec>,
+    /// A webhook's body must arrive within this (default 30 s).
+    body_timeout: Option<DurationSpec>,
     /// Keys of the apps that call the member API (checkout, self-service portal).
     api_keys: Option<IndexMap<String, ApiKeySpec>>,
     /// Tiers and thresholds of the points program.
@@ -168,6 +172,9 @@ pub struct Config {
     pub pii_fields: Vec<String>,
     /// Payloads, traces and finished jobs older than this are purged (`None`: kept).
     pub retention: Option<Duration>,
+    /// Slow senders: headers and a webhook's body must arrive within these.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
     /// Member API keys by app name.
     pub api_keys: IndexMap<String, ApiKeySpec>,
     /// Tiers and thresholds of the points program.
@@ -264,6 +271,14 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
             }
         }
     }
+    for (key, t) in [
+        ("header_timeout", &top.header_timeout),
+        ("body_timeout", &top.body_timeout),
+    ] {
+        if t.as_ref().is_some_and(|t| t.0 < Duration::from_secs(1)) {
+            diags.push(doc.at(key, "a timeout is at least 1s"));
+        }
+    }
     if let Some(u) = &top.public_url {
         if let Err(m) = check_url(u) {
             diags.push(doc.at("public_url", m));
@@ -358,6 +373,12 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         max_body: top.max_body.map(|b| b.0).unwrap_or(DEFAULT_MAX_BODY),
         pii_fields: top.pii_fields.unwrap_or_default(),
         retention: top.retention.map(|d| d.0),
+        header_timeout: top
+            .header_timeout
+            .map_or(crate::http::HEADER_TIMEOUT, |d| d.0),
+        body_timeout: top
+            .body_timeout
+            .map_or(crate::ingest::BODY_TIMEOUT, |d| d.0),
         api_keys: top.api_keys.unwrap_or_default(),
         loyalty: top.loyalty.unwrap_or_default(),
         promo_codes: top.promo_codes.unwrap_or_default(),
@@ -417,6 +438,8 @@ impl TopSpec {
             max_body,
             pii_fields,
             retention,
+            header_timeout,
+            body_timeout,
             api_keys,
             loyalty,
             promo_codes,
@@ -434,6 +457,8 @@ impl TopSpec {
         self.max_body = self.max_body.take().or(max_body);
         self.pii_fields = self.pii_fields.take().or(pii_fields);
         self.retention = self.retention.take().or(retention);
+        self.header_timeout = self.header_timeout.take().or(header_timeout);
+        self.body_timeout = self.body_timeout.take().or(body_timeout);
         self.api_keys = self.api_keys.take().or(api_keys);
         self.loyalty = self.loyalty.take().or(loyalty);
         self.promo_codes = self.promo_codes.take().or(promo_codes);

@@ -17,7 +17,8 @@ use axum::Json;
 use serde_json::json;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A body must arrive within this time (slow senders hold a connection and memory).
+/// The default `body_timeout`: a body must arrive within this time (slow senders hold a
+/// connection and memory).
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Headers never stored with an event.
@@ -89,23 +90,27 @@ pub async fn hook(
         count(&name, "unavailable", "busy");
         return retry_later(5, "too many requests in progress, retry later");
     };
-    let body =
-        match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, src.max_body)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                let too_large = std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-                if too_large {
-                    count(&name, "rejected", "too_large");
-                    return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
-                }
-                return status(StatusCode::BAD_REQUEST, "could not read body");
+    let body = match tokio::time::timeout(
+        app.boot.body_timeout,
+        axum::body::to_bytes(body, src.max_body),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                count(&name, "rejected", "too_large");
+                return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
             }
-            Err(_) => {
-                count(&name, "rejected", "slow_body");
-                return status(StatusCode::REQUEST_TIMEOUT, "body not received in time");
-            }
-        };
+            return status(StatusCode::BAD_REQUEST, "could not read body");
+        }
+        Err(_) => {
+            count(&name, "rejected", "slow_body");
+            return status(StatusCode::REQUEST_TIMEOUT, "body not received in time");
+        }
+    };
     if let Some(ping) = &src.def.ping {
         if is_ping(&headers, &body, &ping.form_field, &src.signature_headers) {
             tracing::info!(source = %name, "acknowledged the unsigned webhook creation ping; nothing stored");
