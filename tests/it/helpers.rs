@@ -39,19 +39,28 @@ impl Daemon {
 
     /// Starts the daemon with `config` in `dir` (reusing its data dir if present).
     pub fn start_in(dir: &Path, config: &str) -> Result<Daemon, String> {
+        Daemon::start_in_with(dir, config, |_| {})
+    }
+
+    /// `start_in`, with `prepare` adjusting the daemon's command first (limits, environment).
+    pub fn start_in_with(
+        dir: &Path,
+        config: &str,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Result<Daemon, String> {
         std::fs::write(dir.join("perkflow.yaml"), config).map_err(|e| e.to_string())?;
         let stderr_log = dir.join(format!("daemon-{}.log", now_unix_nanos()));
         let err = std::fs::File::create(&stderr_log).map_err(|e| e.to_string())?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_perkflow"))
-            .args(["serve", "-c"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_perkflow"));
+        cmd.args(["serve", "-c"])
             .arg(dir.join("perkflow.yaml"))
             .args(["--listen", "127.0.0.1:0"])
             .env("PERKFLOW_LOG", "perkflow=debug,info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .map_err(|e| e.to_string())?;
+            .stderr(Stdio::from(err));
+        prepare(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -11,6 +11,7 @@ mod demo;
 mod fake_vendor;
 mod giftcard;
 mod helpers;
+mod hostile;
 mod ingest;
 mod ledger_crash;
 mod lookups;
