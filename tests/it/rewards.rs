@@ -53,7 +53,7 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
     // The gift-card vendor is down for now: the card's job waits, unsent.
     let faults = client()
         .post(format!("{url}/_sandbox/faults"))
-        .json(&json!({ "vendor": "giftcard", "status": vec![503; 200], "retry_after": 5 }))
+        .json(&json!({ "vendor": "giftcard", "status": vec![503; 200], "retry_after": 10 }))
         .send()
         .await
         .unwrap();
@@ -94,11 +94,9 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
     // The threshold's gift card: tried, refused for now, waiting.
     let deadline = Instant::now() + Duration::from_secs(20);
     let card_job = loop {
-        if let Some(j) = jobs(&c, &d)
-            .await
-            .into_iter()
-            .find(|j| j["sink"] == "rewards" && j["attempts"].as_u64() >= Some(1))
-        {
+        if let Some(j) = jobs(&c, &d).await.into_iter().find(|j| {
+            j["sink"] == "rewards" && j["state"] == "pending" && j["attempts"].as_u64() >= Some(1)
+        }) {
             break j;
         }
         assert!(
@@ -173,8 +171,8 @@ async fn a_refund_voids_the_orders_unused_code_and_cancels_its_unsent_gift_card(
         .send()
         .await
         .unwrap();
-    // A card still waiting would be retried within 5 s now (its Retry-After).
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // A card still waiting would be retried within 10 s now (its Retry-After).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!(
         api(
             &c,
