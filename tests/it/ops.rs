@@ -332,6 +332,11 @@ async fn retention_purges_old_payloads_traces_and_finished_jobs_but_keeps_dead_l
     assert_eq!(ev["trace"], Value::Null, "{ev:#}");
     assert_eq!(ev["jobs"], json!([]), "the delivered job went too: {ev:#}");
     assert_eq!(ev["event_type"], "refunds/create", "the metadata stays");
+    assert_eq!(
+        ev["headers"],
+        json!([]),
+        "the request headers go with the payload: {ev:#}"
+    );
     // A late re-delivery is still recognised.
     let again = post(&c, &d.url("/hooks/shop"), &refund_req).await.json();
     assert_eq!(again["duplicate"], true);
