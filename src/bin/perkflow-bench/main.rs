@@ -387,21 +387,12 @@ fn e2e_perkflow(
     sink: u16,
     dir: &Path,
 ) -> Result<E2e, String> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir.join("pipelines")).map_err(|e| e.to_string())?;
-    let cfg = dir.join("perkflow.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "durability: fsync\nsources:\n  shop: {{ connector: shopify, secret: {SECRET} }}\nsinks:\n  fwd: {{ connector: webhook, url: \"http://127.0.0.1:{sink}/ingest\" }}\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(
-        dir.join("pipelines/forward.yaml"),
-        "pipeline: forward\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: fwd.post, with: { id: \"{{ event.id }}\", sent_us: \"{{ event.sent_us }}\" } }\n",
-    )
-    .map_err(|e| e.to_string())?;
+    let cfg = forward_project(
+        dir,
+        "durability: fsync\n",
+        &format!("http://127.0.0.1:{sink}/ingest"),
+        "{ id: \"{{ event.id }}\", sent_us: \"{{ event.sent_us }}\" }",
+    )?;
     let mut child = Command::new(perkflow)
         .args(["serve", "-c"])
         .arg(&cfg)
@@ -522,6 +513,49 @@ fn suite_e2e(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) {
     if failed {
         std::process::exit(1);
     }
+}
+
+/// A project in `dir` (emptied first): `settings` (top-level config lines), one Shopify
+/// source, and a pipeline that forwards every order to `sink_url` through the `webhook`
+/// connector with `with` (a YAML flow map). Returns the config file.
+fn forward_project(
+    dir: &Path,
+    settings: &str,
+    sink_url: &str,
+    with: &str,
+) -> Result<PathBuf, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("pipelines")).map_err(|e| e.to_string())?;
+    let cfg = dir.join("perkflow.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{settings}sources:\n  shop: {{ connector: shopify, secret: {SECRET} }}\nsinks:\n  out: {{ connector: webhook, url: \"{sink_url}\" }}\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("pipelines/forward.yaml"),
+        format!("pipeline: forward\non: {{ source: shop, events: [orders/paid] }}\nsteps:\n  - deliver: {{ to: out.post, with: {with} }}\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+/// Bytes in `dir` and below.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            total += if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            };
+        }
+    }
+    total
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -2,7 +2,7 @@
 //! after a restart with a large backlog of pending jobs (`--pending`, default 1,000,000),
 //! each beside the reference `baseline` where it has an equivalent.
 
-use super::{free_port, median, rss_kb, stop, wait_port, Opts};
+use super::{dir_bytes, forward_project, free_port, median, rss_kb, stop, wait_port, Opts};
 use perkflow::outbox::{Job, JobKind, JobState};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -75,21 +75,12 @@ fn ready(port: u16, t0: Instant, limit: Duration) -> Result<Duration, String> {
 }
 
 fn config(dir: &Path, sink_port: u16) -> Result<std::path::PathBuf, String> {
-    std::fs::create_dir_all(dir.join("pipelines")).map_err(|e| e.to_string())?;
-    let cfg = dir.join("perkflow.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "admin_token: bench-admin-token\nsources:\n  shop: {{ connector: shopify, secret: bench-secret }}\nsinks:\n  out: {{ connector: webhook, url: \"http://127.0.0.1:{sink_port}/sink\" }}\n"
-        ),
+    forward_project(
+        dir,
+        "admin_token: bench-admin-token\n",
+        &format!("http://127.0.0.1:{sink_port}/sink"),
+        "{ id: \"{{ event.id }}\" }",
     )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(
-        dir.join("pipelines/forward.yaml"),
-        "pipeline: forward\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: out.post, with: { id: \"{{ event.id }}\" } }\n",
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(cfg)
 }
 
 /// Writes `n` pending jobs (due in an hour) straight into a store in `dir`.
@@ -216,7 +207,7 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
         "  backlog of {} pending jobs written in {:.1} s ({} MB on disk)",
         o.pending,
         wrote.as_secs_f64(),
-        dir_size(&dir.join("data")) / (1 << 20)
+        dir_bytes(&dir.join("data")) / (1 << 20)
     );
     let mut restarts = Vec::new();
     for round in 1..=o.rounds {
@@ -245,19 +236,4 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
         verdict(median(restarts) < 5.0)
     );
     Ok(())
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            total += if p.is_dir() {
-                dir_size(&p)
-            } else {
-                e.metadata().map(|m| m.len()).unwrap_or(0)
-            };
-        }
-    }
-    total
 }

@@ -4,7 +4,7 @@
 //! daemon's resident memory, open files and data-dir size; at the end it waits for the
 //! backlog to drain and checks that every acknowledged webhook reached the sink.
 
-use super::{free_port, rss_kb, stop, Opts, SECRET};
+use super::{dir_bytes, forward_project, free_port, rss_kb, stop, Opts, SECRET};
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -77,40 +77,16 @@ fn open_files(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            total += if p.is_dir() {
-                dir_bytes(&p)
-            } else {
-                e.metadata().map(|m| m.len()).unwrap_or(0)
-            };
-        }
-    }
-    total
-}
-
 pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<(), String> {
     let sink = Arc::new(Sink::default());
     let sink_port = start_sink(sink.clone())?;
     let dir = scratch.join("soak");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("pipelines")).map_err(|e| e.to_string())?;
-    let cfg = dir.join("perkflow.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir: data\nretention: 2m\nsources:\n  shop: {{ connector: shopify, secret: {SECRET} }}\nsinks:\n  out: {{ connector: webhook, url: \"http://127.0.0.1:{sink_port}/sink\" }}\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    std::fs::write(
-        dir.join("pipelines/forward.yaml"),
-        "pipeline: forward\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: out.post, with: { id: \"{{ event.id }}\" } }\n",
-    )
-    .map_err(|e| e.to_string())?;
+    let cfg = forward_project(
+        &dir,
+        "data_dir: data\nretention: 2m\n",
+        &format!("http://127.0.0.1:{sink_port}/sink"),
+        "{ id: \"{{ event.id }}\" }",
+    )?;
     let mut child = Command::new(perkflow)
         .args(["serve", "-c"])
         .arg(&cfg)
