@@ -53,8 +53,8 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
-/// A dedup key decided new and written to sled, whose log write is not confirmed yet: its id
-/// and the outcome duplicates wait for.
+/// A dedup key decided new whose sled entry is not written yet: its id and the outcome of
+/// its log write, which duplicates wait for (`Some(true)` once durable).
 pub(crate) type Reservation = (u64, tokio::sync::watch::Receiver<Option<bool>>);
 
 /// An event this call decided new.
@@ -64,26 +64,15 @@ struct Fresh {
     outcome: tokio::sync::watch::Sender<Option<bool>>,
 }
 
-impl Fresh {
-    fn new(id: u64, key: Vec<u8>) -> Self {
-        Fresh {
-            id,
-            key,
-            outcome: tokio::sync::watch::channel(None).0,
-        }
-    }
-}
-
 /// What `append_now` decided and what the answer must wait for.
 #[derive(Default)]
 struct Staged {
     answers: Vec<Appended>,
     fresh: Vec<Fresh>,
-    /// Log writes (new records, or a barrier behind stored duplicates).
+    /// Log writes of the new records.
     writes: Vec<crate::wal::Pending>,
     /// Outcomes of originals still in flight in other requests.
     in_flight: Vec<tokio::sync::watch::Receiver<Option<bool>>>,
-    needs_barrier: bool,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -175,6 +164,18 @@ pub(crate) fn encode(meta: &EventMeta, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Where the 16 hex digits of the id sit in an encoded record (`id` is the first field).
+const ID_AT: std::ops::Range<usize> = 4 + 10..4 + 26;
+
+/// Writes `id` into a record encoded with a placeholder id.
+fn set_id(record: &mut [u8], id: u64) {
+    debug_assert_eq!(&record[4..ID_AT.start], br#"{"id":"ev_"#);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in record[ID_AT].iter_mut().enumerate() {
+        *b = HEX[((id >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
 pub(crate) fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
     let bad = || StoreError::Corrupt("event record".into());
     let len = u32::from_be_bytes(
@@ -192,19 +193,17 @@ pub(crate) fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
 }
 
 impl Store {
-    /// Decides, under the dedup lock, which events are new, reserves them (duplicates of an
-    /// event in flight wait for its outcome; duplicates of a stored one wait for a barrier
-    /// behind it) and queues their log records in decision order; then writes them to sled.
-    /// The checkpoint gate keeps a checkpoint from dropping a log file in between.
+    /// Decides, under the dedup lock, which events are new; gives each new one the next id
+    /// and queues its log record, so that ids grow in log order. Duplicates of an event in
+    /// flight wait for its outcome. The sled de-duplication entry is written after the record
+    /// is durable, by the indexer (`store`); until then the reservation answers for it.
     fn append_now(&self, events: &[NewEvent]) -> Result<Staged, StoreError> {
-        // Ids and records are prepared before taking the lock; an id unused by a duplicate
-        // is simply skipped.
-        let prepared: Vec<(u64, Vec<u8>, Bytes)> = events
+        // Encoded before taking the lock, with a placeholder id written in under it.
+        let prepared: Vec<(Vec<u8>, Vec<u8>)> = events
             .iter()
             .map(|e| {
-                let id = self.allocate_id();
                 let meta = EventMeta {
-                    id: format_id(id),
+                    id: format_id(0),
                     source: e.source.clone(),
                     connector: e.connector.clone(),
                     vendor_id: e.vendor_id.clone(),
@@ -215,204 +214,208 @@ impl Store {
                     purged_at_ms: None,
                 };
                 (
-                    id,
                     dedup_key(&e.source, &e.vendor_id),
-                    Bytes::from(encode(&meta, &e.payload)),
+                    encode(&meta, &e.payload),
                 )
             })
             .collect();
         let mut staged = Staged::default();
-        // Held until the sled writes are done: a checkpoint rotates the log only while no
-        // append is between queuing its record and writing sled, so it never drops a log
-        // file whose events sled does not have yet.
-        let _gate = self
-            .checkpoint_gate
-            .read()
-            .map_err(|_| StoreError::Io("checkpoint gate poisoned".into()))?;
-        let mut to_write = Vec::new();
-        {
-            let mut reserved = self
-                .reserved
-                .lock()
-                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-            for ((id, key, record), e) in prepared.into_iter().zip(events) {
-                if let Some((prior, outcome)) = reserved.get(&key) {
-                    let own = staged.fresh.iter().any(|f| f.id == *prior);
-                    staged.answers.push(Appended {
-                        id: format_id(*prior),
-                        duplicate: true,
-                    });
-                    if !own {
-                        staged.in_flight.push(outcome.clone());
-                    }
-                    continue;
-                }
-                let prior = match self.live_dedup(&key) {
-                    Ok(p) => p,
-                    Err(err) => {
-                        self.undo(&mut reserved, &staged.fresh, false);
-                        return Err(err);
-                    }
-                };
-                if let Some(prior) = prior {
-                    staged.answers.push(Appended {
-                        id: format_id(prior),
-                        duplicate: true,
-                    });
-                    staged.needs_barrier = true;
-                    continue;
-                }
-                // Reserved (duplicates now wait for this one) and queued in log order.
-                staged.writes.push(match self.durability {
-                    Durability::Fsync => self.wal.append(record.clone()),
-                    Durability::Batch => self.wal.append_written(record.clone()),
-                });
-                let fresh = Fresh::new(id, key);
-                reserved.insert(fresh.key.clone(), (id, fresh.outcome.subscribe()));
-                to_write.push((id, fresh.key.clone(), e.received_at_ms, record));
-                staged.fresh.push(fresh);
+        let mut reserved = self
+            .reserved
+            .lock()
+            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        for (key, mut record) in prepared {
+            if let Some((prior, outcome)) = reserved.get(&key) {
+                let own = staged.fresh.iter().any(|f| f.id == *prior);
                 staged.answers.push(Appended {
-                    id: format_id(id),
-                    duplicate: false,
+                    id: format_id(*prior),
+                    duplicate: true,
                 });
+                if !own {
+                    staged.in_flight.push(outcome.clone());
+                }
+                continue;
             }
-            if staged.writes.is_empty() && staged.needs_barrier {
-                staged
-                    .writes
-                    .push(self.wal.barrier(self.durability == Durability::Fsync));
+            let prior = match self.live_dedup(&key) {
+                Ok(p) => p,
+                Err(err) => {
+                    Self::settle(&mut reserved, &staged.fresh, false);
+                    return Err(err);
+                }
+            };
+            if let Some(prior) = prior {
+                staged.answers.push(Appended {
+                    id: format_id(prior),
+                    duplicate: true,
+                });
+                continue;
             }
-        }
-        // sled outside the dedup lock: reservations keep duplicates out meanwhile.
-        for (id, key, received_at_ms, record) in to_write {
-            if let Err(err) = self.insert_event(id, &key, received_at_ms, &record) {
-                let mut reserved = self
-                    .reserved
-                    .lock()
-                    .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-                self.undo(&mut reserved, &staged.fresh, false);
-                return Err(err);
-            }
+            let id = self.allocate_id();
+            set_id(&mut record, id);
+            let tag = crate::wal::Tag {
+                id,
+                key: key.clone(),
+            };
+            staged.writes.push(self.wal.append_tagged(
+                Bytes::from(record),
+                tag,
+                self.durability == Durability::Fsync,
+            ));
+            let outcome = tokio::sync::watch::channel(None).0;
+            reserved.insert(key.clone(), (id, outcome.subscribe()));
+            staged.fresh.push(Fresh { id, key, outcome });
+            staged.answers.push(Appended {
+                id: format_id(id),
+                duplicate: false,
+            });
         }
         Ok(staged)
     }
 
-    /// Ends the reservations of `fresh`: kept on success; on failure their sled writes are
-    /// undone first (a dedup entry only if it still points at the event), so a retry is not
-    /// taken for a duplicate of something that never became durable.
-    fn undo(
-        &self,
+    /// Tells the duplicates waiting for `fresh` how their log write ended. A failed one
+    /// leaves no trace (nothing of it reached sled or the index), so the sender's retry is
+    /// stored as new; a durable one stays reserved until the indexer has written its entry.
+    fn settle(
         reserved: &mut std::collections::HashMap<Vec<u8>, Reservation>,
         fresh: &[Fresh],
         ok: bool,
     ) {
         for f in fresh {
-            if !ok {
-                // Dedup entry first: it must never point at a removed event.
-                if let Ok(Some(v)) = self.dedup.get(&f.key) {
-                    if dedup_target(&v) == Some(f.id) {
-                        let _ = self.dedup.remove(&f.key);
-                    }
-                }
-                let _ = self.events.remove(f.id.to_be_bytes());
-                let _ = self.pending.remove(f.id.to_be_bytes());
-            }
-            if reserved.get(&f.key).is_some_and(|(id, _)| *id == f.id) {
+            if !ok && reserved.get(&f.key).is_some_and(|(id, _)| *id == f.id) {
                 reserved.remove(&f.key);
             }
             f.outcome.send_replace(Some(ok));
         }
     }
 
-    /// Event first, dedup entry last: a dedup entry always points at a written event.
-    fn insert_event(
-        &self,
-        id: u64,
-        dedup_key: &[u8],
-        received_at_ms: u64,
-        record: &[u8],
-    ) -> Result<(), StoreError> {
-        // Pending mark first, dedup entry last (sled recovers its log in order): an event
-        // without a pending mark was processed; a mark without an event is dropped; a dedup
-        // entry always points at a written event.
-        self.pending.insert(id.to_be_bytes(), &[])?;
-        self.events.insert(id.to_be_bytes(), record)?;
-        let mut val = id.to_be_bytes().to_vec();
-        val.extend_from_slice(&received_at_ms.to_be_bytes());
-        self.dedup.insert(dedup_key, val)?;
-        Ok(())
-    }
-
-    /// Replays one log record into sled (store opening). Returns whether it was missing.
-    pub(crate) fn apply_logged(&self, record: &[u8]) -> Result<bool, StoreError> {
-        let ev = decode(record)?;
-        let id = parse_id(&ev.meta.id)
-            .ok_or_else(|| StoreError::Corrupt(format!("logged event id {}", ev.meta.id)))?;
+    /// Checks (store opening) that a logged event has its de-duplication entry; writes it
+    /// if a crash cut it off. A second record for a key that already has a live entry (a
+    /// write that failed and was not cut back) is marked purged, so it is never processed.
+    /// Returns whether anything was written.
+    pub(crate) fn repair_dedup(&self, id: u64, meta: &EventMeta) -> Result<bool, StoreError> {
         self.observe_id(id);
-        let key = dedup_key(&ev.meta.source, &ev.meta.vendor_id);
-        let idb = id.to_be_bytes();
-        let mut repaired = false;
-        if !self.events.contains_key(idb)? {
-            // Never a second event for one vendor id.
-            if self.live_dedup(&key)?.is_some_and(|prior| prior != id) {
-                return Ok(false);
+        let key = dedup_key(&meta.source, &meta.vendor_id);
+        match self.live_dedup(&key)? {
+            Some(prior) if prior == id => Ok(false),
+            Some(_) => {
+                let mut gone = meta.clone();
+                gone.purged_at_ms = Some(crate::delivery::now_ms());
+                gone.headers.clear();
+                self.mark_kept();
+                self.events.insert(id.to_be_bytes(), encode(&gone, &[]))?;
+                Ok(true)
             }
-            self.pending.insert(idb, &[])?;
-            self.events.insert(idb, record)?;
-            repaired = true;
+            None => {
+                self.dedup.insert(key, &id.to_be_bytes())?;
+                Ok(true)
+            }
         }
-        // (An event present without a pending mark was processed: its mark was written first.)
-        // The dedup entry comes last in an append: complete it if a crash cut it off.
-        if self.live_dedup(&key)?.is_none() {
-            let mut val = id.to_be_bytes().to_vec();
-            val.extend_from_slice(&ev.meta.received_at_ms.to_be_bytes());
-            self.dedup.insert(key, val)?;
-            repaired = true;
-        }
-        Ok(repaired)
     }
 
     /// The stored event a dedup key points at, if that event exists and really is the one
-    /// for this key (a stale entry, or one pointing at a reused id, does not count).
+    /// for this key (a stale entry does not count).
     fn live_dedup(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
         let Some(target) = self.dedup.get(key)?.as_deref().and_then(dedup_target) else {
             return Ok(None);
         };
-        let Some(raw) = self.events.get(target.to_be_bytes())? else {
+        let Some(ev) = self.event_by_id(target)? else {
             return Ok(None);
         };
-        let ev = decode(&raw)?;
         Ok((dedup_key(&ev.meta.source, &ev.meta.vendor_id) == key).then_some(target))
     }
 
     /// One stored event by id.
     pub fn event(&self, id: &str) -> Result<Option<StoredEvent>, StoreError> {
-        let Some(n) = parse_id(id) else {
-            return Ok(None);
+        match parse_id(id) {
+            Some(n) => self.event_by_id(n),
+            None => Ok(None),
+        }
+    }
+
+    /// One stored event: kept in sled (purged, or moved out of a dropped log file), else
+    /// read from the log.
+    pub(crate) fn event_by_id(&self, n: u64) -> Result<Option<StoredEvent>, StoreError> {
+        if self.kept_in_sled() {
+            if let Some(raw) = self.events.get(n.to_be_bytes())? {
+                return decode(&raw).map(Some);
+            }
+        }
+        match self.log.locate(n)? {
+            Some((seq, e)) => decode(&self.log.read(seq, e)?).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// An event's record as stored, and whether it is kept in sled (not in the log).
+    pub(crate) fn event_record(&self, n: u64) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        if self.kept_in_sled() {
+            if let Some(raw) = self.events.get(n.to_be_bytes())? {
+                return Ok(Some((raw.to_vec(), true)));
+            }
+        }
+        match self.log.locate(n)? {
+            Some((seq, e)) => Ok(Some((self.log.read(seq, e)?, false))),
+            None => Ok(None),
+        }
+    }
+
+    /// Event ids in `lo..hi`, ascending (descending with `rev`): those of the log merged with
+    /// those kept in sled.
+    pub(crate) fn event_ids(
+        &self,
+        lo: u64,
+        hi: u64,
+        rev: bool,
+    ) -> impl Iterator<Item = Result<u64, StoreError>> + '_ {
+        let (lo_kept, hi_kept) = if self.kept_in_sled() {
+            (lo, hi)
+        } else {
+            (0, 0)
         };
-        self.events
-            .get(n.to_be_bytes())?
-            .map(|raw| decode(&raw))
-            .transpose()
+        let kept = self
+            .events
+            .range(lo_kept.to_be_bytes()..hi_kept.to_be_bytes())
+            .keys()
+            .map(|k| {
+                let k = k?;
+                k.as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("event key".into()))
+            });
+        let kept: Box<dyn Iterator<Item = Result<u64, StoreError>>> = if rev {
+            Box::new(kept.rev())
+        } else {
+            Box::new(kept)
+        };
+        Merged {
+            a: kept.peekable(),
+            b: self.log.ids(lo, hi, rev).peekable(),
+            rev,
+        }
     }
 
     /// Every stored event, oldest first.
     pub fn events(&self) -> impl Iterator<Item = Result<StoredEvent, StoreError>> + '_ {
-        self.events
-            .iter()
-            .map(|r| r.map_err(StoreError::from).and_then(|(_, v)| decode(&v)))
+        self.event_ids(0, u64::MAX, false)
+            .filter_map(|id| id.and_then(|id| self.event_by_id(id)).transpose())
     }
 
-    /// Ids whose first write is not confirmed yet.
-    pub(crate) fn in_flight_ids(&self) -> std::collections::HashSet<u64> {
-        self.reserved
-            .lock()
-            .map(|r| r.values().map(|(id, _)| *id).collect())
-            .unwrap_or_default()
+    /// Whether an event still waits for processing: above the watermark (and not purged),
+    /// or deferred.
+    pub(crate) fn is_pending(&self, id: u64, meta: &EventMeta) -> Result<bool, StoreError> {
+        if id >= self.processed_to.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(meta.purged_at_ms.is_none());
+        }
+        Ok(self.deferred.contains_key(id.to_be_bytes())?)
     }
 
     /// How many events wait for processing.
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        let from = self.processed_to.load(std::sync::atomic::Ordering::Relaxed);
+        self.log.count_from(from).unwrap_or(0)
+            + self.events.range(from.to_be_bytes()..).count()
+            + self.deferred.len()
     }
 
     /// The event id stored for (source, vendor id), if any.
@@ -421,25 +424,75 @@ impl Store {
         source: &str,
         vendor_id: &str,
     ) -> Result<Option<String>, StoreError> {
+        let key = dedup_key(source, vendor_id);
+        let reserved = self.reserved.lock().ok().and_then(|r| {
+            r.get(&key)
+                .filter(|(_, o)| *o.borrow() == Some(true))
+                .map(|(id, _)| *id)
+        });
+        if let Some(id) = reserved {
+            return Ok(Some(format_id(id)));
+        }
         Ok(self
             .dedup
-            .get(dedup_key(source, vendor_id))?
-            .and_then(|v| {
-                v.get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes)
-            })
+            .get(&key)?
+            .as_deref()
+            .and_then(dedup_target)
             .map(format_id))
     }
 }
 
-impl Store {
-    /// The rest of an append once its records are queued: wait for the log, settle the
-    /// reservations, and wait for in-flight originals of duplicates.
-    async fn append_settled(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
-        let mut staged = self.append_now(&events)?;
+/// Two ascending (or descending) id streams merged, each id once.
+struct Merged<A: Iterator, B: Iterator> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+    rev: bool,
+}
+
+impl<A, B> Iterator for Merged<A, B>
+where
+    A: Iterator<Item = Result<u64, StoreError>>,
+    B: Iterator<Item = Result<u64, StoreError>>,
+{
+    type Item = Result<u64, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let pick_a = match (self.a.peek(), self.b.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(_), None) => true,
+            (_, Some(Err(_))) | (None, Some(_)) => false,
+            (Some(Ok(x)), Some(Ok(y))) => {
+                if x == y {
+                    self.b.next();
+                    true
+                } else {
+                    (x < y) != self.rev
+                }
+            }
+        };
+        if pick_a {
+            self.a.next()
+        } else {
+            self.b.next()
+        }
+    }
+}
+
+/// The log writes of an append's new records, settled exactly once: by the append, or, if
+/// the request goes away first (its future dropped mid-wait), by a task that waits for the
+/// writes in its place. A reservation must never end before its write does: a retry would
+/// then be stored as new while the first copy may still become durable.
+struct Unsettled {
+    store: Store,
+    writes: Vec<crate::wal::Pending>,
+    fresh: Vec<Fresh>,
+}
+
+impl Unsettled {
+    /// Waits for every write; `Ok` if all of them are durable.
+    async fn wait(writes: &mut [crate::wal::Pending]) -> Result<(), StoreError> {
         let mut result = Ok(());
-        for w in staged.writes.drain(..) {
+        for w in writes.iter_mut() {
             let r = match w.await {
                 Ok(r) => r.map_err(StoreError::Io),
                 Err(_) => Err(StoreError::Closed),
@@ -448,13 +501,61 @@ impl Store {
                 result = r;
             }
         }
-        {
-            let mut reserved = self
-                .reserved
-                .lock()
-                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-            self.undo(&mut reserved, &staged.fresh, result.is_ok());
+        result
+    }
+
+    fn settle(&mut self, ok: bool) {
+        let fresh = std::mem::take(&mut self.fresh);
+        match self.store.reserved.lock() {
+            Ok(mut reserved) => Store::settle(&mut reserved, &fresh, ok),
+            Err(_) => tracing::error!("dedup lock poisoned"),
         }
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if self.fresh.is_empty() {
+            return;
+        }
+        let mut rest = Unsettled {
+            store: self.store.clone(),
+            writes: std::mem::take(&mut self.writes),
+            fresh: std::mem::take(&mut self.fresh),
+        };
+        let finish = async move {
+            let ok = Unsettled::wait(&mut rest.writes).await.is_ok();
+            rest.settle(ok);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(finish);
+            }
+            Err(_) => {
+                let _ = std::thread::Builder::new()
+                    .name("perkflow-settle".into())
+                    .spawn(move || {
+                        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
+                            rt.block_on(finish);
+                        }
+                    });
+            }
+        }
+    }
+}
+
+impl Store {
+    /// The rest of an append once its records are queued: wait for the log, settle the
+    /// reservations, and wait for in-flight originals of duplicates.
+    async fn append_settled(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        let mut staged = self.append_now(&events)?;
+        let mut unsettled = Unsettled {
+            store: self.clone(),
+            writes: std::mem::take(&mut staged.writes),
+            fresh: std::mem::take(&mut staged.fresh),
+        };
+        let mut result = Unsettled::wait(&mut unsettled.writes).await;
+        unsettled.settle(result.is_ok());
         for mut original in staged.in_flight.drain(..) {
             let ok = matches!(
                 original.wait_for(|v| v.is_some()).await.as_deref(),
@@ -472,14 +573,9 @@ impl Store {
 
 impl Inbox for Store {
     fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Appended>, StoreError>> {
-        // A task of its own: if the client goes away, the request future is dropped, but the
-        // append still finishes and settles its reservations.
-        let this = self.clone();
-        Box::pin(async move {
-            tokio::spawn(async move { this.append_settled(events).await })
-                .await
-                .map_err(|_| StoreError::Closed)?
-        })
+        // If the client goes away, the request future is dropped; `Unsettled` still settles
+        // the reservations once the writes end.
+        Box::pin(self.append_settled(events))
     }
 
     fn ready(&self) -> Result<(), StoreError> {
@@ -506,20 +602,16 @@ impl Inbox for Store {
         // early and `next` continues from where it stopped).
         const SCAN: usize = 50_000;
         let mut scanned = 0;
-        for item in self.events.range(..upper.to_be_bytes()).rev() {
-            let (key, raw) = item?;
+        for item in self.event_ids(0, upper, true) {
+            let id = item?;
             scanned += 1;
             if q.outcome.is_some() && scanned > SCAN {
-                next = Some(format_id(
-                    u64::from_be_bytes(
-                        key.as_ref()
-                            .try_into()
-                            .map_err(|_| StoreError::Corrupt("event key".into()))?,
-                    ) + 1,
-                ));
+                next = Some(format_id(id + 1));
                 break;
             }
-            let ev = decode(&raw)?;
+            let Some(ev) = self.event_by_id(id)? else {
+                continue; // dropped by retention meanwhile
+            };
             let matches = q.source.as_ref().is_none_or(|s| *s == ev.meta.source)
                 && q.event_type
                     .as_ref()
@@ -549,7 +641,7 @@ impl Inbox for Store {
                 next = events.last().map(|e: &EventSummary| e.meta.id.clone());
                 break;
             }
-            let pending = self.pending.contains_key(&key)?;
+            let pending = self.is_pending(id, &ev.meta)?;
             events.push(EventSummary {
                 payload_bytes: ev.payload.len(),
                 meta: ev.meta,
@@ -569,7 +661,7 @@ impl Inbox for Store {
             return Ok(None);
         };
         let n = parse_id(id).unwrap_or_default();
-        let pending = self.pending.contains_key(n.to_be_bytes())?;
+        let pending = self.is_pending(n, &ev.meta)?;
         Ok(Some((ev, pending)))
     }
 }
@@ -703,8 +795,16 @@ mod tests {
     #[tokio::test]
     async fn a_duplicate_shares_the_fate_of_its_in_flight_original() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
-        let original = s.append_now(&[ev("shop", "e1")]).unwrap();
+        let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let s = Store::open_with(
+            dir.path(),
+            Durability::Fsync,
+            Duration::from_millis(50),
+            64 << 20,
+            Some(fault.clone()),
+        )
+        .unwrap();
+        let mut original = s.append_now(&[ev("shop", "e1")]).unwrap();
         assert!(!original.answers[0].duplicate);
         let s2 = s.clone();
         let dup = tokio::spawn(async move { s2.append(vec![ev("shop", "e1")]).await });
@@ -713,9 +813,12 @@ mod tests {
             !dup.is_finished(),
             "the duplicate did not wait for its original"
         );
-        // The original's log write fails: it is undone and the duplicate fails with it.
-        s.undo(&mut s.reserved.lock().unwrap(), &original.fresh, false);
+        // The original's log write fails: the duplicate fails with it.
+        let written = original.writes.pop().unwrap().await.unwrap();
+        assert!(written.is_err());
+        Store::settle(&mut s.reserved.lock().unwrap(), &original.fresh, false);
         assert!(dup.await.unwrap().is_err());
+        fault.store(false, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(s.events().count(), 0);
         assert_eq!(s.dedup_lookup("shop", "e1").unwrap(), None);
         // The sender's retry is stored as new.
@@ -723,6 +826,8 @@ mod tests {
         assert!(!retry[0].duplicate);
         // And a duplicate of a stored event answers at once.
         assert!(s.append(vec![ev("shop", "e1")]).await.unwrap()[0].duplicate);
+        assert_eq!(s.events().count(), 1);
+        assert_eq!(s.pending_len(), 1);
     }
 
     /// Batch durability answers once the record is in the log file (it survives a crash of
@@ -738,52 +843,6 @@ mod tests {
             .map(|(_, f)| crate::wal::read_records(f).unwrap().len())
             .sum();
         assert_eq!(records, 1);
-    }
-
-    /// kill -9 can leave only some of an append's sled writes behind; the log replay
-    /// completes them (else the event is never processed and a re-delivery is stored again).
-    #[tokio::test]
-    async fn replay_completes_a_half_written_append() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = EventMeta {
-            id: format_id(7),
-            source: "shop".into(),
-            connector: "shopify".into(),
-            vendor_id: "half".into(),
-            event_type: "orders/paid".into(),
-            event_time: None,
-            received_at_ms: 5,
-            headers: vec![],
-            purged_at_ms: None,
-        };
-        let record = encode(&meta, b"{}");
-        {
-            let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
-            // An append cut short before its dedup entry.
-            s.pending.insert(7u64.to_be_bytes(), &[]).unwrap();
-            s.events
-                .insert(7u64.to_be_bytes(), record.as_slice())
-                .unwrap();
-            tokio::task::spawn_blocking(move || s.close())
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        let wal =
-            crate::wal::Wal::start(&dir.path().join("inbox-wal"), 100, None, Default::default())
-                .unwrap();
-        wal.append(record.clone().into()).await.unwrap().unwrap();
-        drop(wal);
-        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
-        assert_eq!(s.pending_len(), 1, "the event must still be processed");
-        let again = s.append(vec![ev("shop", "half")]).await.unwrap();
-        assert_eq!(
-            again[0],
-            Appended {
-                id: format_id(7),
-                duplicate: true
-            }
-        );
     }
 
     /// A client that goes away mid-append does not leave its vendor id stuck.
@@ -825,7 +884,7 @@ mod tests {
             headers: vec![],
             purged_at_ms: None,
         };
-        let wal = crate::wal::Wal::start(&wal_dir, 1, None, Default::default()).unwrap();
+        let wal = crate::wal::Wal::start(&wal_dir, 1, Default::default()).unwrap();
         wal.append(encode(&meta, b"{\"logged\":true}").into())
             .await
             .unwrap()
@@ -841,7 +900,8 @@ mod tests {
             .id
             .clone();
         assert!(parse_id(&new).unwrap() > 41, "{new}");
-        // The replayed log was checkpointed away.
-        assert_eq!(crate::wal::files(&wal_dir).unwrap().len(), 1);
+        // The recovered file stays (it is the event store), indexed; a new one is written.
+        assert_eq!(crate::wal::files(&wal_dir).unwrap().len(), 2);
+        assert!(s.log.is_sealed(1).unwrap());
     }
 }

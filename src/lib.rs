@@ -11,6 +11,7 @@ pub mod config;
 pub mod connector;
 pub mod delivery;
 pub mod demo;
+pub mod eventlog;
 pub mod http;
 pub mod inbox;
 pub mod ingest;

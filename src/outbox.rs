@@ -301,6 +301,15 @@ pub struct SinkQueue {
 /// Index entries read at most per stats call.
 pub const STATS_SCAN_LIMIT: usize = 2_000_000;
 
+/// Events for the worker to process.
+#[derive(Debug, Default)]
+pub struct PendingBatch {
+    pub events: Vec<StoredEvent>,
+    /// The highest id read from the watermark on: once the batch is complete, every event
+    /// up to it is processed (or deferred).
+    pub through: Option<u64>,
+}
+
 impl Outbox for Store {
     fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         let mut out = QueueStats {
@@ -445,51 +454,57 @@ impl Store {
         Ok(done)
     }
 
-    /// Up to `limit` events waiting for processing, oldest first, skipping those whose
-    /// acknowledgement is still in flight (their write may yet be undone).
+    /// Up to `limit` events waiting for processing (deferred ones first, then new ones
+    /// oldest first).
     pub fn pending_events(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        self.pending_events_except(limit, &Default::default())
+        Ok(self
+            .pending_events_except(limit, &Default::default())?
+            .events)
     }
 
-    /// `pending_events`, passing over the ids in `skip` (events whose runs wait to be
-    /// tried again).
+    /// Deferred events not in `skip` (their runs wait to be tried again), then events from
+    /// the processed watermark on, in id order: only acknowledged ones are in the log's
+    /// index, so nothing whose write may yet fail is read. Purged records (a second copy
+    /// found at recovery) are passed over.
     pub fn pending_events_except(
         &self,
         limit: usize,
         skip: &std::collections::HashSet<u64>,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        let in_flight = self.in_flight_ids();
-        let mut out = Vec::new();
-        for item in self.pending.iter() {
-            let (key, _) = item?;
+    ) -> Result<PendingBatch, StoreError> {
+        let mut out = PendingBatch::default();
+        let mut deferred = std::collections::HashSet::new();
+        for key in self.deferred.iter().keys() {
+            let key = key?;
             let id = u64::from_be_bytes(
                 key.as_ref()
                     .try_into()
-                    .map_err(|_| StoreError::Corrupt("pending key".into()))?,
+                    .map_err(|_| StoreError::Corrupt("deferred key".into()))?,
             );
-            if in_flight.contains(&id) || skip.contains(&id) {
+            deferred.insert(id);
+            if skip.contains(&id) || out.events.len() >= limit {
                 continue;
             }
-            match self.event(&crate::inbox::format_id(id))? {
-                Some(ev) => out.push(ev),
-                None => {
-                    // An append writes the pending mark before the event, while its id is
-                    // reserved: one that started after the snapshot above may be between
-                    // the two writes. Only a mark whose id is not reserved now, and whose
-                    // event is still absent after that check, is an orphan (undone).
-                    if self.in_flight_ids().contains(&id) {
-                        continue;
-                    }
-                    match self.event(&crate::inbox::format_id(id))? {
-                        Some(ev) => out.push(ev),
-                        None => {
-                            self.pending.remove(&key)?;
-                        }
-                    }
+            match self.event_by_id(id)? {
+                Some(ev) if ev.meta.purged_at_ms.is_none() => out.events.push(ev),
+                _ => {
+                    self.deferred.remove(&key)?;
                 }
             }
-            if out.len() >= limit {
+        }
+        let from = self.processed_to.load(std::sync::atomic::Ordering::Relaxed);
+        for id in self.event_ids(from, u64::MAX, false) {
+            if out.events.len() >= limit {
                 break;
+            }
+            let id = id?;
+            out.through = Some(id);
+            if deferred.contains(&id) {
+                continue;
+            }
+            if let Some(ev) = self.event_by_id(id)? {
+                if ev.meta.purged_at_ms.is_none() {
+                    out.events.push(ev);
+                }
             }
         }
         Ok(out)
@@ -499,13 +514,20 @@ impl Store {
     /// crash-safe unit: the writes are ordered (see below) and keyed so that replaying them
     /// after a crash at any point yields each job exactly once. A job whose key exists
     /// already is kept as it is (re-processing never duplicates an action). Events no
-    /// pipeline listened to leave no trace.
-    pub fn complete(&self, done: &[(&StoredEvent, Vec<Run>, Vec<Job>)]) -> Result<(), StoreError> {
+    /// pipeline listened to leave no trace. `deferred`: events of the batch whose runs wait
+    /// for another try; `through`: the batch's `PendingBatch::through`.
+    pub fn complete(
+        &self,
+        done: &[(&StoredEvent, Vec<Run>, Vec<Job>)],
+        deferred: &[u64],
+        through: Option<u64>,
+    ) -> Result<(), StoreError> {
         struct Row {
             id: u64,
             trace: Option<Vec<u8>>,
             jobs: Vec<(String, Vec<u8>, Option<Vec<u8>>)>,
         }
+        let watermark = self.processed_to.load(std::sync::atomic::Ordering::Relaxed);
         let mut rows = Vec::with_capacity(done.len());
         for (event, runs, jobs) in done {
             let id = parse_id(&event.meta.id)
@@ -532,12 +554,12 @@ impl Store {
                 .map_err(|e| StoreError::Io(e.to_string()))?;
             rows.push(Row { id, trace, jobs });
         }
-        // No transaction (sled's take a process-wide lock that stalls every inbox append):
-        // the writes are ordered so that a crash anywhere leaves a state the next run repairs.
-        // Each job's index entries go first, then the job (only if its key is new: the same
-        // event processed again yields the same keys), the trace, and last the pending mark.
-        // A crash before the mark is removed processes the event again; index entries
-        // without their job are dropped by the readers.
+        // No transaction (sled's take a process-wide lock): the writes are ordered so that a
+        // crash anywhere leaves a state the next run repairs. Each job's index entries go
+        // first, then the job (only if its key is new: the same event processed again yields
+        // the same keys), the trace, then the deferred marks, and last the watermark. A crash
+        // before the watermark moves processes the events again; index entries without
+        // their job are dropped by the readers.
         for r in &rows {
             for (key, value, due_at) in &r.jobs {
                 if self.outbox.get(key.as_bytes())?.is_some() {
@@ -556,7 +578,22 @@ impl Store {
             if let Some(t) = &r.trace {
                 self.traces.insert(r.id.to_be_bytes(), t.as_slice())?;
             }
-            self.pending.remove(r.id.to_be_bytes())?;
+            // A deferred event tried again (new events are at or above the watermark).
+            if r.id < watermark {
+                self.deferred.remove(r.id.to_be_bytes())?;
+            }
+        }
+        for id in deferred {
+            self.deferred.insert(id.to_be_bytes(), &[])?;
+        }
+        if let Some(t) = through {
+            let to = t + 1;
+            let before = self
+                .processed_to
+                .fetch_max(to, std::sync::atomic::Ordering::Relaxed);
+            if to > before {
+                self.meta.insert("processed_to", &to.to_be_bytes())?;
+            }
         }
         self.job_writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -61,15 +61,13 @@ impl Store {
                 }
             }
         }
-        for (examined, item) in self.events.range(from.to_be_bytes()..).enumerate() {
-            let (key, raw) = item?;
-            let id = u64::from_be_bytes(
-                key.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("event key".into()))?,
-            );
+        for (examined, item) in self.event_ids(from, u64::MAX, false).enumerate() {
+            let id = item?;
+            let Some(ev) = self.event_by_id(id)? else {
+                continue;
+            };
             // Ids grow with time: nothing from here on is old enough yet.
-            if decode(&raw)?.meta.received_at_ms >= cutoff_ms || examined == PASS {
+            if ev.meta.received_at_ms >= cutoff_ms || examined == PASS {
                 break;
             }
             out.resume_at = id + 1;
@@ -80,20 +78,42 @@ impl Store {
         out.kept = recheck.len() as u64;
         self.add_total("purged_events", out.events)?;
         self.add_total("purged_jobs", out.jobs)?;
+        self.drop_log_files(out.resume_at)?;
         Ok(out)
+    }
+
+    /// Deletes the sealed log files whose events are all below `below` (every one of them
+    /// purged, or kept): a kept event's record is first moved into sled, durably.
+    fn drop_log_files(&self, below: u64) -> Result<(), StoreError> {
+        for seq in self.log.sealed_below(below) {
+            for e in self.log.entries(seq)? {
+                let key = e.id.to_be_bytes();
+                if !self.events.contains_key(key)? {
+                    let record = self.log.read(seq, e)?;
+                    self.mark_kept();
+                    let _ =
+                        self.events
+                            .compare_and_swap(key, None as Option<&[u8]>, Some(record))?;
+                }
+            }
+            self.log.forget(seq)?;
+            self.make_sled_durable()?;
+            self.log.delete(seq)?;
+        }
+        Ok(())
     }
 
     /// Purges one event old enough, unless it is unfinished or holds dead letters.
     fn purge_one(&self, id: u64, now_ms: u64, out: &mut Purged) -> Result<Verdict, StoreError> {
         let key = id.to_be_bytes();
-        let Some(raw) = self.events.get(key)? else {
+        let Some((raw, kept_in_sled)) = self.event_record(id)? else {
             return Ok(Verdict::Gone);
         };
         let ev = decode(&raw)?;
         if ev.meta.purged_at_ms.is_some() {
             return Ok(Verdict::Gone);
         }
-        if self.pending.contains_key(key)? {
+        if self.is_pending(id, &ev.meta)? {
             return Ok(Verdict::Kept);
         }
         let jobs = self.event_jobs(&format_id(id))?;
@@ -120,9 +140,11 @@ impl Store {
         // The request headers go with the payload: only what de-duplication and listings
         // need stays (the soak measured ~1 KB per event kept with them).
         meta.headers.clear();
-        let swapped =
-            self.events
-                .compare_and_swap(key, Some(raw.as_ref()), Some(encode(&meta, &[])))?;
+        let old = kept_in_sled.then_some(raw.as_slice());
+        self.mark_kept();
+        let swapped = self
+            .events
+            .compare_and_swap(key, old, Some(encode(&meta, &[])))?;
         if swapped.is_ok() {
             out.events += 1;
             Ok(Verdict::Purged)
@@ -196,5 +218,101 @@ pub async fn run(store: Store, age: Duration, stop: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Durability;
+    use crate::inbox::{Inbox, NewEvent};
+    use crate::store::Store;
+    use std::time::Duration;
+
+    fn ev(vid: &str) -> NewEvent {
+        NewEvent {
+            source: "shop".into(),
+            connector: "shopify".into(),
+            vendor_id: vid.into(),
+            event_type: "orders/paid".into(),
+            event_time: None,
+            received_at_ms: 1_000,
+            headers: vec![("x-a".into(), "b".into())],
+            payload: bytes::Bytes::from(format!("{{\"order\":\"{vid}\"}}")),
+        }
+    }
+
+    /// Sealed log files whose events are all purged or kept are deleted; a kept (still
+    /// pending) event moves into sled whole, purged ones keep their metadata, and every one
+    /// is still a duplicate for a late re-delivery, also after a restart.
+    #[tokio::test]
+    async fn drops_log_files_and_keeps_what_is_unfinished() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            Store::open_with(
+                dir.path(),
+                Durability::Fsync,
+                Duration::from_millis(50),
+                200,
+                None,
+            )
+            .unwrap()
+        };
+        let s = open();
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            ids.push(
+                s.append(vec![ev(&format!("v{i}"))]).await.unwrap()[0]
+                    .id
+                    .clone(),
+            );
+        }
+        s.flush_index();
+        let files_before = crate::wal::files(s.log.dir()).unwrap().len();
+        assert!(files_before > 3);
+        // The first 10 are processed; the last two stay pending.
+        let batch = s.pending_events_except(10, &Default::default()).unwrap();
+        let done: Vec<_> = batch.events.iter().map(|e| (e, vec![], vec![])).collect();
+        s.complete(&done, &[], batch.through).unwrap();
+        assert_eq!(s.pending_len(), 2);
+        let mut recheck = Default::default();
+        let p = s.purge(2_000, 5_000, 0, &mut recheck).unwrap();
+        assert_eq!((p.events, p.kept), (10, 2));
+        let files_after = crate::wal::files(s.log.dir()).unwrap().len();
+        assert!(
+            files_after < files_before,
+            "{files_after} files of {files_before}"
+        );
+        let check = |s: &Store| {
+            let all: Vec<_> = s.events().map(|e| e.unwrap()).collect();
+            assert_eq!(
+                all.iter().map(|e| e.meta.id.clone()).collect::<Vec<_>>(),
+                ids
+            );
+            for e in &all[..10] {
+                assert_eq!(e.meta.purged_at_ms, Some(5_000));
+                assert!(e.payload.is_empty() && e.meta.headers.is_empty());
+            }
+            for e in &all[10..] {
+                assert_eq!(e.meta.purged_at_ms, None);
+                assert_eq!(
+                    &e.payload[..],
+                    format!("{{\"order\":\"{}\"}}", e.meta.vendor_id).as_bytes()
+                );
+            }
+            assert_eq!(s.pending_len(), 2);
+        };
+        check(&s);
+        assert!(s.append(vec![ev("v0")]).await.unwrap()[0].duplicate);
+        assert!(s.append(vec![ev("v11")]).await.unwrap()[0].duplicate);
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = open();
+        check(&s);
+        assert!(s.append(vec![ev("v3")]).await.unwrap()[0].duplicate);
+        let left = s.pending_events(10).unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[1].meta.id, ids[11]);
     }
 }

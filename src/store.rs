@@ -1,13 +1,18 @@
 //! sled and the inbox log: open, recover, checkpoint, close. Imported only by `inbox` (and
-//! later the outbox); everything else sees the narrow `inbox::Inbox` interface.
+//! the outbox, ledger, retention); ingest sees the narrow `inbox::Inbox` interface.
 //!
-//! Durability comes from the write-ahead log (`wal`): an event is acknowledged once its log
-//! record is synced. sled holds the indexed state; a checkpoint (every few seconds while
-//! there are writes, and at shutdown) makes sled's files durable and drops the log files it
-//! covers. Opening the store replays any log left by a crash.
+//! The inbox log (`wal`) is the event store: an event is acknowledged once its record is
+//! synced, and read back from the log through its index (`eventlog`). sled holds the rest:
+//! one de-duplication entry per event, written by the indexer thread off the
+//! acknowledgement path (until then the entry is kept in memory), one index value per
+//! sealed log file, the processed watermark, and all outbox, ledger and code state. A
+//! checkpoint (every few seconds while there are writes, and at shutdown) makes sled's files
+//! durable and records how far the de-duplication entries are; opening the store re-indexes
+//! what a crash left behind from the log.
 
 use crate::config::Durability;
-use crate::wal::{self, Wal};
+use crate::eventlog::{Entry, EventLog};
+use crate::wal::{self, News, Wal};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -16,6 +21,8 @@ use std::time::Duration;
 
 const WAL_DIR: &str = "inbox-wal";
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// A log file is sealed past this size.
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,13 +46,43 @@ impl From<sled::Error> for StoreError {
 /// The checkpoint thread: dropping the sender stops it.
 type Checkpointer = (mpsc::Sender<()>, JoinHandle<()>);
 
-/// The sled database, its trees and the inbox log.
+/// Dedup keys of events decided new whose sled entry is not written yet.
+pub(crate) type Reserved =
+    Arc<Mutex<std::collections::HashMap<Vec<u8>, crate::inbox::Reservation>>>;
+
+/// What the indexer thread is told, in log order.
+enum Indexing {
+    News(News),
+    /// Answered once everything sent before is done.
+    Flush(mpsc::Sender<()>),
+}
+
+/// A position in the log: (file, offset).
+type Position = (u64, u64);
+
+/// The sled database, its trees and the inbox log. Cloning shares it (one reference
+/// count: a clone per request is cheap).
 #[derive(Clone)]
-pub struct Store {
+pub struct Store(Arc<Shared>);
+
+impl std::ops::Deref for Store {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What a [`Store`] shares.
+pub struct Shared {
     pub(crate) db: sled::Db,
+    /// Events kept in sled rather than the log: purged (metadata only), or moved out of a
+    /// log file that retention dropped.
     pub(crate) events: sled::Tree,
+    /// Set once `events` holds anything: until then no read looks there.
+    has_kept: AtomicBool,
     pub(crate) dedup: sled::Tree,
-    pub(crate) pending: sled::Tree,
+    /// Events whose runs were deferred (a lookup failed for now), below the watermark.
+    pub(crate) deferred: sled::Tree,
     /// Sink actions to deliver, keyed by their idempotency key (`outbox`).
     pub(crate) outbox: sled::Tree,
     /// Pipeline runs per event id (`outbox`).
@@ -58,7 +95,7 @@ pub struct Store {
     pub(crate) event_jobs: sled::Tree,
     /// Keys of jobs in flight (`outbox`): after a restart, their outcome is unknown.
     pub(crate) leases: sled::Tree,
-    meta: sled::Tree,
+    pub(crate) meta: sled::Tree,
     /// Loyalty members by external id (`ledger`).
     pub(crate) members: sled::Tree,
     /// Ledger entries by (member, sequence) (`ledger`).
@@ -82,27 +119,54 @@ pub struct Store {
     /// Sinks whose jobs of an event are cancelled, even those not created yet (`outbox`).
     pub(crate) cancels: sled::Tree,
     pub(crate) wal: Wal,
+    pub(crate) log: EventLog,
     pub(crate) durability: Durability,
-    /// Dedup keys of events decided new but not yet written to sled; its lock serialises the
-    /// de-duplication decision and the log append.
-    pub(crate) reserved: Arc<Mutex<std::collections::HashMap<Vec<u8>, crate::inbox::Reservation>>>,
-    /// Appends hold it shared from queuing a log record until their sled write is done; a
-    /// checkpoint holds it exclusively while it rotates the log.
-    pub(crate) checkpoint_gate: Arc<std::sync::RwLock<()>>,
+    /// Dedup keys of events decided new whose sled entry is not written yet; its lock
+    /// serialises the de-duplication decision, the id and the log append.
+    pub(crate) reserved: Reserved,
     next_id: Arc<AtomicU64>,
+    /// Every event below it is processed, but those in `deferred` (`outbox`).
+    pub(crate) processed_to: Arc<AtomicU64>,
     /// Bumped by every outbox write: the checkpointer makes them durable too.
     pub(crate) job_writes: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     dir: PathBuf,
     checkpointer: Arc<Mutex<Option<Checkpointer>>>,
+    indexer: mpsc::Sender<Indexing>,
+    /// How far the de-duplication entries are written to sled.
+    dedup_through: Arc<Mutex<Position>>,
+}
+
+fn decode_position(v: &[u8]) -> Option<Position> {
+    Some((
+        u64::from_be_bytes(v.get(..8)?.try_into().ok()?),
+        u64::from_be_bytes(v.get(8..16)?.try_into().ok()?),
+    ))
+}
+
+fn encode_position(p: Position) -> Vec<u8> {
+    let mut v = p.0.to_be_bytes().to_vec();
+    v.extend_from_slice(&p.1.to_be_bytes());
+    v
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, replaying the inbox log a crash left behind.
+    /// Opens (or creates) the store in `dir`, indexing what a crash left in the inbox log.
     pub fn open(
         dir: &Path,
         durability: Durability,
         flush_interval: Duration,
+    ) -> Result<Store, StoreError> {
+        Self::open_with(dir, durability, flush_interval, SEGMENT_BYTES, None)
+    }
+
+    /// `open` with a log file size, and a switch that makes log writes fail (tests).
+    pub(crate) fn open_with(
+        dir: &Path,
+        durability: Durability,
+        flush_interval: Duration,
+        segment_bytes: u64,
+        fault: Option<Arc<AtomicBool>>,
     ) -> Result<Store, StoreError> {
         let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what}: {e}"));
         std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
@@ -111,32 +175,52 @@ impl Store {
             Durability::Fsync => None,
             Durability::Batch => Some(flush_interval),
         };
-        let events = db.open_tree("events")?;
-        let next = match events.last()? {
-            Some((k, _)) => {
-                u64::from_be_bytes(
-                    k.as_ref()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("event key".into()))?,
-                ) + 1
-            }
-            None => 0,
-        };
         let wal_dir = dir.join(WAL_DIR);
         std::fs::create_dir_all(&wal_dir).map_err(|e| io("log dir", e))?;
+        let log = EventLog::load(&wal_dir, db.open_tree("segments")?)?;
+        let meta = db.open_tree("meta")?;
         let leftover = wal::files(&wal_dir).map_err(|e| io("log dir", e))?;
         let healthy = Arc::new(AtomicBool::new(true));
         let last_seq = leftover.last().map(|(s, _)| *s).unwrap_or(0);
-        let store = Store {
-            dedup: db.open_tree("dedup")?,
-            pending: db.open_tree("pending")?,
+        let reserved: Reserved = Default::default();
+        let dedup = db.open_tree("dedup")?;
+        let dedup_through = Arc::new(Mutex::new((last_seq + 1, 0)));
+        let (index_tx, index_rx) = mpsc::channel::<Indexing>();
+        let on_news: wal::OnNews = {
+            let (log, tx) = (log.clone(), Mutex::new(index_tx.clone()));
+            Arc::new(move |news: News| {
+                if let News::Durable { seq, records } = &news {
+                    log.add(
+                        *seq,
+                        records.iter().map(|r| Entry {
+                            id: r.id,
+                            off: r.off,
+                            len: r.len,
+                        }),
+                    );
+                }
+                let _ = tx
+                    .lock()
+                    .expect("indexer sender")
+                    .send(Indexing::News(news));
+            })
+        };
+        let processed_to = meta
+            .get("processed_to")?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let events = db.open_tree("events")?;
+        let store = Store(Arc::new(Shared {
+            has_kept: AtomicBool::new(!events.is_empty()),
+            events,
+            deferred: db.open_tree("deferred")?,
             outbox: db.open_tree("outbox")?,
             traces: db.open_tree("traces")?,
             due: db.open_tree("due")?,
             dlq: db.open_tree("dlq")?,
             event_jobs: db.open_tree("event_jobs")?,
             leases: db.open_tree("leases")?,
-            meta: db.open_tree("meta")?,
             members: db.open_tree("members")?,
             ledger: db.open_tree("ledger")?,
             ledger_keys: db.open_tree("ledger_keys")?,
@@ -148,58 +232,204 @@ impl Store {
             aliases: db.open_tree("aliases")?,
             schedules: db.open_tree("schedules")?,
             cancels: db.open_tree("cancels")?,
-            events,
-            wal: Wal::start(&wal_dir, last_seq + 1, lazy_sync, healthy.clone())
-                .map_err(|e| io("log", e))?,
+            dedup,
+            meta,
+            wal: Wal::start(
+                &wal_dir,
+                last_seq + 1,
+                wal::Options {
+                    lazy_sync,
+                    segment_bytes,
+                    healthy: healthy.clone(),
+                    on_news: Some(on_news),
+                    fault,
+                },
+            )
+            .map_err(|e| io("log", e))?,
+            log,
             db,
             durability,
-            reserved: Arc::new(Mutex::new(std::collections::HashMap::new())),
-            checkpoint_gate: Arc::new(std::sync::RwLock::new(())),
-            next_id: Arc::new(AtomicU64::new(next)),
+            reserved,
+            next_id: Arc::new(AtomicU64::new(0)),
+            processed_to: Arc::new(AtomicU64::new(processed_to)),
             job_writes: Arc::new(AtomicU64::new(0)),
             healthy,
             dir: dir.to_path_buf(),
             checkpointer: Arc::new(Mutex::new(None)),
-        };
-        let mut replayed = 0usize;
-        for (_, file) in &leftover {
-            for record in wal::read_records(file).map_err(|e| io("reading the log", e))? {
-                match store.apply_logged(&record) {
-                    Ok(true) => replayed += 1,
-                    Ok(false) => {}
-                    // A record that passed its checksum but does not decode was never
-                    // acknowledged as anything usable: stop this file there, keep starting.
-                    Err(StoreError::Corrupt(what)) => {
-                        tracing::warn!(file = %file.display(), %what, "undecodable inbox log record; the rest of this file is skipped");
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        if !leftover.is_empty() {
-            store.make_sled_durable()?;
-            for (_, f) in &leftover {
-                std::fs::remove_file(f).map_err(|e| io("removing a replayed log", e))?;
-            }
-            wal::sync_dir(&wal_dir).map_err(|e| io("log dir", e))?;
-            tracing::info!(
-                files = leftover.len(),
-                events = replayed,
-                "recovered the inbox log"
-            );
-        }
+            indexer: index_tx,
+            dedup_through,
+        }));
+        store.recover(&leftover)?;
+        store
+            .start_indexer(index_rx)
+            .map_err(|e| io("indexer thread", e))?;
         store
             .start_checkpointer()
             .map_err(|e| io("checkpoint thread", e))?;
         Ok(store)
     }
 
+    /// Indexes the log files a crash left without a stored index, completes the
+    /// de-duplication entries written after the last checkpoint, and sets the next id.
+    fn recover(&self, files: &[(u64, PathBuf)]) -> Result<(), StoreError> {
+        let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what}: {e}"));
+        let through = self
+            .meta
+            .get("dedup_through")?
+            .and_then(|v| decode_position(&v))
+            .unwrap_or((0, 0));
+        let (mut indexed, mut repaired) = (0usize, 0usize);
+        for (seq, path) in files {
+            let sealed = self.log.is_sealed(*seq)?;
+            if sealed && *seq < through.0 {
+                continue;
+            }
+            let mut records = Vec::new();
+            for (off, raw) in wal::scan(path).map_err(|e| io("reading the log", e))? {
+                match crate::inbox::decode(&raw) {
+                    Ok(ev) => match crate::inbox::parse_id(&ev.meta.id) {
+                        Some(id) => records.push((id, off, raw.len() as u32, ev.meta)),
+                        None => break,
+                    },
+                    // A record that passed its checksum but does not decode was never
+                    // acknowledged as anything usable: the rest of the file is skipped.
+                    Err(_) => {
+                        tracing::warn!(file = %path.display(), "undecodable inbox log record; the rest of this file is skipped");
+                        break;
+                    }
+                }
+            }
+            if !sealed {
+                if records.is_empty() {
+                    std::fs::remove_file(path).map_err(|e| io("removing an empty log", e))?;
+                    continue;
+                }
+                records.sort_by_key(|r| r.0);
+                self.log.add(
+                    *seq,
+                    records.iter().map(|(id, off, len, _)| Entry {
+                        id: *id,
+                        off: *off,
+                        len: *len,
+                    }),
+                );
+                indexed += records.len();
+            }
+            for (id, off, _, meta) in &records {
+                if (*seq, *off) < through {
+                    continue;
+                }
+                if self.repair_dedup(*id, meta)? {
+                    repaired += 1;
+                }
+            }
+            if !sealed {
+                self.log.seal(*seq)?;
+            }
+        }
+        let last = self.log.last_id().into_iter().chain(
+            self.events
+                .last()?
+                .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes)),
+        );
+        self.next_id
+            .store(last.max().map(|l| l + 1).unwrap_or(0), Ordering::Relaxed);
+        if indexed + repaired > 0 || !files.is_empty() {
+            let through = *self.dedup_through.lock().expect("dedup position");
+            self.meta
+                .insert("dedup_through", encode_position(through))?;
+            self.make_sled_durable()?;
+        }
+        if indexed + repaired > 0 {
+            tracing::info!(
+                events = indexed,
+                dedup_entries = repaired,
+                "recovered the inbox log"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether any event is kept in sled (`events`).
+    pub(crate) fn kept_in_sled(&self) -> bool {
+        self.has_kept.load(Ordering::Acquire)
+    }
+
+    /// Called before an event is first written to `events`.
+    pub(crate) fn mark_kept(&self) {
+        self.has_kept.store(true, Ordering::Release);
+    }
+
     pub(crate) fn allocate_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Keeps new ids above one that already exists (log replay).
+    /// Writes the de-duplication entries of records now durable, then lets go of their
+    /// reservations; stores the index of each sealed file.
+    fn start_indexer(&self, rx: mpsc::Receiver<Indexing>) -> std::io::Result<()> {
+        // Not the store itself: the thread ends when the store and the log writer are gone.
+        let (dedup, reserved, through, log) = (
+            self.dedup.clone(),
+            self.reserved.clone(),
+            self.dedup_through.clone(),
+            self.log.clone(),
+        );
+        std::thread::Builder::new()
+            .name("perkflow-index".into())
+            .spawn(move || {
+                // After a failed write, the position stops moving (the next start repairs
+                // from there); the entries stay reserved in memory meanwhile.
+                let mut failed = false;
+                for msg in rx {
+                    match msg {
+                        Indexing::News(News::Durable { seq, records }) => {
+                            let mut done = Vec::with_capacity(records.len());
+                            for r in &records {
+                                match dedup.insert(&r.key, &r.id.to_be_bytes()) {
+                                    Ok(_) => done.push((r.key.as_slice(), r.id)),
+                                    Err(e) => {
+                                        if !failed {
+                                            tracing::error!(error = %e, "writing de-duplication entries failed; they are kept in memory");
+                                        }
+                                        failed = true;
+                                    }
+                                }
+                            }
+                            if let Ok(mut reserved) = reserved.lock() {
+                                for (key, id) in done {
+                                    if reserved.get(key).is_some_and(|(r, _)| *r == id) {
+                                        reserved.remove(key);
+                                    }
+                                }
+                            }
+                            if let (false, Some(last)) = (failed, records.last()) {
+                                *through.lock().expect("dedup position") =
+                                    (seq, last.off + 8 + u64::from(last.len));
+                            }
+                        }
+                        Indexing::News(News::Sealed { seq }) => {
+                            if let Err(e) = log.seal(seq) {
+                                tracing::error!(error = %e, seq, "storing a log file's index failed; the next start indexes it again");
+                            }
+                        }
+                        Indexing::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Waits until the indexer has handled everything the log reported so far.
+    pub(crate) fn flush_index(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.indexer.send(Indexing::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        }
+    }
+
+    /// Keeps new ids above one that already exists.
     pub(crate) fn observe_id(&self, id: u64) {
         self.next_id.fetch_max(id + 1, Ordering::Relaxed);
     }
@@ -253,29 +483,19 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0) + log
     }
 
-    /// sled's buffers written, then every file of the store fsynced.
-    fn make_sled_durable(&self) -> Result<(), StoreError> {
+    /// sled's buffers written, then every file of sled fsynced.
+    pub(crate) fn make_sled_durable(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         sync_tree(&self.dir, &self.dir.join(WAL_DIR))
             .map_err(|e| StoreError::Io(format!("syncing the store: {e}")))
     }
 
-    /// Seals the current log file, makes sled durable, drops the log files it covers.
+    /// Makes sled durable and records how far its de-duplication entries are.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let sealed = {
-            let _no_append_in_between = self
-                .checkpoint_gate
-                .write()
-                .map_err(|_| StoreError::Io("checkpoint gate poisoned".into()))?;
-            self.wal.rotate_blocking().map_err(StoreError::Io)?
-        };
-        self.make_sled_durable()?;
-        let files = wal::files(self.wal.dir()).map_err(|e| StoreError::Io(e.to_string()))?;
-        for (seq, f) in files.iter().filter(|(s, _)| *s <= sealed) {
-            std::fs::remove_file(f)
-                .map_err(|e| StoreError::Io(format!("removing log {seq}: {e}")))?;
-        }
-        wal::sync_dir(self.wal.dir()).map_err(|e| StoreError::Io(e.to_string()))
+        let through = *self.dedup_through.lock().expect("dedup position");
+        self.meta
+            .insert("dedup_through", encode_position(through))?;
+        self.make_sled_durable()
     }
 
     fn start_checkpointer(&self) -> std::io::Result<()> {
@@ -299,12 +519,15 @@ impl Store {
         Ok(())
     }
 
-    /// Stops the checkpoint thread and writes a final checkpoint (graceful shutdown).
+    /// Stops the checkpoint thread, seals the log file being written (its index goes to
+    /// sled) and writes a final checkpoint (graceful shutdown).
     pub fn close(&self) -> Result<(), StoreError> {
         if let Some((stop, handle)) = self.checkpointer.lock().expect("checkpointer lock").take() {
             drop(stop);
             let _ = handle.join();
         }
+        self.wal.rotate_blocking().map_err(StoreError::Io)?;
+        self.flush_index();
         self.checkpoint()
     }
 }
@@ -363,20 +586,108 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inbox::{Inbox, NewEvent};
 
-    /// A checkpoint waits for an append that has queued its log record but not yet written
-    /// sled: otherwise it could drop the only durable copy of that event.
-    #[test]
-    fn a_checkpoint_waits_for_appends_between_log_and_sled() {
+    fn ev(vid: &str) -> NewEvent {
+        NewEvent {
+            source: "shop".into(),
+            connector: "shopify".into(),
+            vendor_id: vid.into(),
+            event_type: "orders/paid".into(),
+            event_time: None,
+            received_at_ms: 1,
+            headers: vec![],
+            payload: bytes::Bytes::from(format!("{{\"order\":\"{vid}\"}}")),
+        }
+    }
+
+    /// Files fill up and are sealed; each keeps its events readable, in order, across a
+    /// clean restart and across one where nothing was sealed or checkpointed.
+    #[tokio::test]
+    async fn sealed_and_unsealed_files_survive_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
-        let in_flight = s.checkpoint_gate.read().unwrap();
-        let s2 = s.clone();
-        let cp = std::thread::spawn(move || s2.checkpoint());
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(!cp.is_finished(), "the checkpoint did not wait");
-        drop(in_flight);
-        cp.join().unwrap().unwrap();
-        s.close().unwrap();
+        let mut ids = Vec::new();
+        {
+            let s = Store::open_with(
+                dir.path(),
+                Durability::Fsync,
+                Duration::from_millis(50),
+                300,
+                None,
+            )
+            .unwrap();
+            for i in 0..20 {
+                ids.push(
+                    s.append(vec![ev(&format!("v{i}"))]).await.unwrap()[0]
+                        .id
+                        .clone(),
+                );
+            }
+            s.flush_index();
+            assert!(
+                wal::files(s.wal.dir()).unwrap().len() > 3,
+                "files were sealed by size"
+            );
+            tokio::task::spawn_blocking(move || s.close())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        {
+            let s = Store::open_with(
+                dir.path(),
+                Durability::Fsync,
+                Duration::from_millis(50),
+                300,
+                None,
+            )
+            .unwrap();
+            let got: Vec<String> = s.events().map(|e| e.unwrap().meta.id).collect();
+            assert_eq!(got, ids);
+            assert!(s.append(vec![ev("v3")]).await.unwrap()[0].duplicate);
+            tokio::task::spawn_blocking(move || s.close())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // A crash: a file the writer never sealed, with no stored index and no
+        // de-duplication entries, as `kill -9` leaves it.
+        let wal_dir = dir.path().join(WAL_DIR);
+        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
+        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
+        for i in 20..25u64 {
+            let id = 1000 + i;
+            let meta = crate::inbox::EventMeta {
+                id: crate::inbox::format_id(id),
+                source: "shop".into(),
+                connector: "shopify".into(),
+                vendor_id: format!("v{i}"),
+                event_type: "orders/paid".into(),
+                event_time: None,
+                received_at_ms: 1,
+                headers: vec![],
+                purged_at_ms: None,
+            };
+            w.append(crate::inbox::encode(&meta, b"{}").into())
+                .await
+                .unwrap()
+                .unwrap();
+            ids.push(meta.id);
+        }
+        drop(w);
+        let s = Store::open_with(
+            dir.path(),
+            Durability::Fsync,
+            Duration::from_millis(50),
+            300,
+            None,
+        )
+        .unwrap();
+        let got: Vec<String> = s.events().map(|e| e.unwrap().meta.id).collect();
+        assert_eq!(got, ids);
+        assert_eq!(s.pending_len(), 25);
+        assert!(s.append(vec![ev("v22")]).await.unwrap()[0].duplicate);
+        let new = s.append(vec![ev("v99")]).await.unwrap()[0].id.clone();
+        assert!(crate::inbox::parse_id(&new).unwrap() > 1024, "{new}");
     }
 }

@@ -1,20 +1,18 @@
-//! The inbox's write-ahead log: what makes an acknowledged webhook survive `kill -9` and
-//! power loss.
+//! The inbox log: where every accepted event is stored, and what makes an acknowledged
+//! webhook survive `kill -9` and power loss.
 //!
-//! sled is the inbox's index and state store, but its `flush` is not a durability barrier
-//! for every write (it syncs log ranges with `sync_file_range`, writes large values to blob
-//! files without fsync) and a multi-tree transaction seals and writes a log buffer per
-//! request. So each accepted event is also appended here, and the answer waits for the
-//! `fdatasync` that covers it. One writer thread drains every waiting append, writes them in
-//! one `write`, syncs once and wakes them all (group commit). A checkpoint rotates the log,
-//! makes sled's files durable, then deletes the older log files; opening the store replays
-//! whatever log is left into sled.
+//! One writer thread drains every waiting append, writes them in one `write`, syncs once and
+//! wakes them all (group commit). The log is the event store itself (`eventlog` indexes it):
+//! once a group is durable, the writer reports where each tagged record lies *before* it
+//! answers the waiters, so an acknowledged event can be read at once. A file is sealed once
+//! it passes the segment size; sealed files stay until retention drops them.
 //!
 //! File format: `wal-<seq:016x>.log`, records `[u32 LE length][u32 LE crc32][payload]`. A
-//! torn or corrupt record ends a file's replay (it was never acknowledged).
+//! torn or corrupt record ends a file (it was never acknowledged).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -36,9 +34,39 @@ enum Until {
     Written,
 }
 
+/// What a record is, for the index: its event id and de-duplication key.
+#[derive(Debug, Clone)]
+pub struct Tag {
+    pub id: u64,
+    pub key: Vec<u8>,
+}
+
+/// A tagged record now durable (per the durability setting): where it lies.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub id: u64,
+    pub key: Vec<u8>,
+    /// Offset of the record's header in its file.
+    pub off: u64,
+    /// Payload length.
+    pub len: u32,
+}
+
+/// What the writer reports, in log order.
+#[derive(Debug)]
+pub enum News {
+    /// Records of file `seq` now durable.
+    Durable { seq: u64, records: Vec<Logged> },
+    /// File `seq` is complete: nothing more is written to it.
+    Sealed { seq: u64 },
+}
+
+/// Called by the writer thread, in log order, before it answers the waiters.
+pub type OnNews = Arc<dyn Fn(News) + Send + Sync>;
+
 enum Msg {
     /// Append `bytes` (may be empty: a barrier) and answer per `Until`.
-    Append(bytes::Bytes, Reply, Until),
+    Append(bytes::Bytes, Option<Tag>, Reply, Until),
     /// Seal the current file and start the next; answers the sealed file's sequence number.
     Rotate(oneshot::Sender<Result<u64, String>>),
 }
@@ -78,6 +106,11 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 
 /// Every intact record of one log file, in order.
 pub fn read_records(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
+    Ok(scan(path)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Every intact record of one log file, in order, with its offset.
+pub fn scan(path: &Path) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
     let mut out = Vec::new();
@@ -95,10 +128,32 @@ pub fn read_records(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
         if crc32fast::hash(payload) != crc {
             break;
         }
-        out.push(payload.to_vec());
+        out.push((at as u64, payload.to_vec()));
         at += 8 + len;
     }
     Ok(out)
+}
+
+/// The payload of the record at `off` (of `len` bytes), checked against its header.
+pub fn read_at(file: &File, off: u64, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 8 + len as usize];
+    file.read_exact_at(&mut buf, off)?;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let stored = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+    if stored != len {
+        return Err(bad("log record length differs from its index entry"));
+    }
+    buf.drain(..8);
+    if crc32fast::hash(&buf) != crc {
+        return Err(bad("log record checksum mismatch"));
+    }
+    Ok(buf)
+}
+
+/// The path of log file `seq` in `dir`.
+pub fn path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(file_name(seq))
 }
 
 /// fsyncs a directory, so created and deleted files are durable.
@@ -106,23 +161,43 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// How the writer runs.
+#[derive(Clone)]
+pub struct Options {
+    /// `Some(d)`: batch durability, synced at most `d` after a write.
+    pub lazy_sync: Option<Duration>,
+    /// A file is sealed once it holds this many bytes.
+    pub segment_bytes: u64,
+    pub healthy: Arc<AtomicBool>,
+    pub on_news: Option<OnNews>,
+    /// While set, every write fails (tests of the failure paths).
+    pub fault: Option<Arc<AtomicBool>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            lazy_sync: None,
+            segment_bytes: 64 << 20,
+            healthy: Arc::new(AtomicBool::new(true)),
+            on_news: None,
+            fault: None,
+        }
+    }
+}
+
 impl Wal {
     /// Starts a writer appending to a new file numbered `seq` in `dir`. Appends someone waits
     /// for are synced at once; with `lazy_sync: Some(d)` the others (batch durability) are
     /// synced at most `d` later. `healthy` follows whether the last write succeeded.
-    pub fn start(
-        dir: &Path,
-        seq: u64,
-        lazy_sync: Option<Duration>,
-        healthy: Arc<AtomicBool>,
-    ) -> std::io::Result<Wal> {
+    pub fn start(dir: &Path, seq: u64, options: Options) -> std::io::Result<Wal> {
         std::fs::create_dir_all(dir)?;
         let file = open_new(dir, seq)?;
         let (tx, rx) = mpsc::channel();
         let d = dir.to_path_buf();
         std::thread::Builder::new()
             .name("perkflow-wal".into())
-            .spawn(move || writer(d, seq, file, rx, lazy_sync, healthy))?;
+            .spawn(move || writer(d, seq, file, rx, options))?;
         Ok(Wal {
             tx,
             dir: dir.to_path_buf(),
@@ -136,30 +211,24 @@ impl Wal {
     /// Queues `payload`; the receiver resolves once it is synced to disk. Queue order is log
     /// order.
     pub fn append(&self, payload: bytes::Bytes) -> Pending {
-        self.send(payload, Until::Synced)
+        self.send(payload, None, Until::Synced)
     }
 
-    /// Queues `payload`; the receiver resolves once it is written to the OS (it survives a
-    /// crash of this process; the sync follows within the lazy-sync interval).
-    pub fn append_written(&self, payload: bytes::Bytes) -> Pending {
-        self.send(payload, Until::Written)
+    /// Queues a record to index (reported in `News::Durable` before its waiter is answered);
+    /// `synced`: answered after the sync, else once written to the OS (batch durability: it
+    /// survives a crash of this process; the sync follows within the lazy-sync interval).
+    pub fn append_tagged(&self, payload: bytes::Bytes, tag: Tag, synced: bool) -> Pending {
+        let until = if synced {
+            Until::Synced
+        } else {
+            Until::Written
+        };
+        self.send(payload, Some(tag), until)
     }
 
-    /// Resolves once everything queued before it is synced (`synced`) or written.
-    pub fn barrier(&self, synced: bool) -> Pending {
-        self.send(
-            bytes::Bytes::new(),
-            if synced {
-                Until::Synced
-            } else {
-                Until::Written
-            },
-        )
-    }
-
-    fn send(&self, payload: bytes::Bytes, until: Until) -> Pending {
+    fn send(&self, payload: bytes::Bytes, tag: Option<Tag>, until: Until) -> Pending {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Append(payload, tx, until));
+        let _ = self.tx.send(Msg::Append(payload, tag, tx, until));
         rx
     }
 
@@ -200,15 +269,24 @@ struct Writer {
     good_len: u64,
     /// Bytes of the current file known to be synced.
     synced_len: u64,
-    lazy_sync: Option<Duration>,
-    healthy: Arc<AtomicBool>,
+    options: Options,
 }
 
 impl Writer {
+    fn news(&self, n: News) {
+        if let Some(f) = &self.options.on_news {
+            f(n);
+        }
+    }
+
     /// Appends `buf`; on failure cuts the file back to its last whole record (or, if that
-    /// fails, moves on to a new file) so that no torn record hides later ones from replay.
+    /// fails, moves on to a new file) so that no torn record hides later ones.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self.file.write_all(buf) {
+        let written = match &self.options.fault {
+            Some(f) if f.load(Ordering::Relaxed) => Err(std::io::Error::other("injected fault")),
+            _ => self.file.write_all(buf),
+        };
+        match written {
             Ok(()) => {
                 self.good_len += buf.len() as u64;
                 Ok(())
@@ -221,8 +299,8 @@ impl Writer {
     }
 
     /// Syncs. On failure with fsync durability, the unsynced tail (whose waiters are told
-    /// it failed, and whose events are rolled back) is discarded so replay cannot resurrect
-    /// it; with batch durability it was already acknowledged and stays.
+    /// it failed, and whose events are rolled back) is discarded so that it is never read as
+    /// an event; with batch durability it was already acknowledged and stays.
     fn sync(&mut self) -> std::io::Result<()> {
         match self.file.sync_data() {
             Ok(()) => {
@@ -230,7 +308,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                if self.lazy_sync.is_none() {
+                if self.options.lazy_sync.is_none() {
                     self.good_len = self.synced_len;
                     self.discard_tail();
                 }
@@ -245,14 +323,8 @@ impl Writer {
             .set_len(self.good_len)
             .and_then(|_| self.file.sync_data());
         if cut.is_err() {
-            match open_new(&self.dir, self.seq + 1) {
-                Ok(f) => {
-                    self.file = f;
-                    self.seq += 1;
-                    self.good_len = 0;
-                    self.synced_len = 0;
-                }
-                Err(e) => tracing::error!(error = %e, "cannot start a new inbox log file"),
+            if let Err(e) = self.rotate() {
+                tracing::error!(error = %e, "cannot start a new inbox log file");
             }
         }
     }
@@ -265,35 +337,31 @@ impl Writer {
         self.seq += 1;
         self.good_len = 0;
         self.synced_len = 0;
+        self.news(News::Sealed { seq: sealed });
         Ok(sealed)
     }
 }
 
-fn writer(
-    dir: PathBuf,
-    seq: u64,
-    file: File,
-    rx: mpsc::Receiver<Msg>,
-    lazy_sync: Option<Duration>,
-    healthy: Arc<AtomicBool>,
-) {
+fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: Options) {
     let mut w = Writer {
         dir,
         seq,
         file,
         good_len: 0,
         synced_len: 0,
-        lazy_sync,
-        healthy,
+        options,
     };
+    let lazy_sync = w.options.lazy_sync;
     let mut buf = Vec::with_capacity(1 << 20);
     let mut written_waiters: Vec<Reply> = Vec::new();
     let mut synced_waiters: Vec<Reply> = Vec::new();
     let mut rotations = Vec::new();
+    // Tagged records written but not yet reported (fsync durability reports after the sync).
+    let mut unreported: Vec<Logged> = Vec::new();
     // Written but not yet synced (batch durability), and since when.
     let mut unsynced_since: Option<Instant> = None;
     loop {
-        let first = match (unsynced_since, w.lazy_sync) {
+        let first = match (unsynced_since, lazy_sync) {
             (Some(since), Some(every)) => {
                 match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
                     Ok(m) => Some(m),
@@ -310,11 +378,20 @@ fn writer(
             },
         };
         buf.clear();
+        let mut tagged = Vec::new();
         let mut next = first;
         while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
             match msg {
-                Msg::Append(payload, reply, until) => {
+                Msg::Append(payload, tag, reply, until) => {
                     if !payload.is_empty() {
+                        if let Some(t) = tag {
+                            tagged.push(Logged {
+                                id: t.id,
+                                key: t.key,
+                                off: w.good_len + buf.len() as u64,
+                                len: payload.len() as u32,
+                            });
+                        }
                         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                         buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
                         buf.extend_from_slice(&payload);
@@ -338,14 +415,29 @@ fn writer(
             result = w.write(&buf);
             unsynced_since.get_or_insert_with(Instant::now);
         }
+        if result.is_ok() {
+            unreported.append(&mut tagged);
+        }
         let reply_all = |waiters: &mut Vec<Reply>, r: &Result<(), String>| {
             for tx in waiters.drain(..) {
                 let _ = tx.send(r.clone());
             }
         };
+        let report = |w: &Writer, unreported: &mut Vec<Logged>| {
+            if !unreported.is_empty() {
+                w.news(News::Durable {
+                    seq: w.seq,
+                    records: std::mem::take(unreported),
+                });
+            }
+        };
+        // Batch durability: a record written is acknowledged, so it is readable now.
+        if lazy_sync.is_some() && result.is_ok() {
+            report(&w, &mut unreported);
+        }
         let written = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
         reply_all(&mut written_waiters, &written);
-        let due = match (unsynced_since, w.lazy_sync) {
+        let due = match (unsynced_since, lazy_sync) {
             (None, _) => false,
             (Some(_), None) => true,
             (Some(since), Some(every)) => {
@@ -356,8 +448,14 @@ fn writer(
             result = w.sync();
             unsynced_since = None;
         }
+        if result.is_ok() {
+            report(&w, &mut unreported);
+        } else {
+            // Cut off with the tail (fsync durability): never acknowledged, never indexed.
+            unreported.clear();
+        }
         let result = result.map_err(|e| e.to_string());
-        w.healthy.store(result.is_ok(), Ordering::Relaxed);
+        w.options.healthy.store(result.is_ok(), Ordering::Relaxed);
         if let Err(e) = &result {
             unsynced_since = None;
             tracing::error!(error = %e, "writing the inbox log failed; webhooks are answered 503 until it works");
@@ -365,6 +463,11 @@ fn writer(
         reply_all(&mut synced_waiters, &result);
         for r in rotations.drain(..) {
             let _ = r.send(w.rotate());
+        }
+        if w.good_len >= w.options.segment_bytes && unsynced_since.is_none() {
+            if let Err(e) = w.rotate() {
+                tracing::error!(error = %e, "cannot seal the inbox log file; it keeps growing");
+            }
         }
     }
 }
@@ -376,7 +479,7 @@ mod tests {
     #[tokio::test]
     async fn appends_are_synced_readable_and_rotated() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::start(dir.path(), 7, None, Arc::new(AtomicBool::new(true))).unwrap();
+        let wal = Wal::start(dir.path(), 7, Options::default()).unwrap();
         let waits: Vec<_> = (0..100u32)
             .map(|i| wal.append(format!("record {i}").into_bytes().into()))
             .collect();
@@ -396,25 +499,97 @@ mod tests {
         assert_eq!(read_records(&f[1].1).unwrap(), [b"next".to_vec()]);
     }
 
+    /// Tagged records are reported where they lie, before their waiters are answered, and a
+    /// file past the segment size is sealed; a failed write is never reported.
+    #[tokio::test]
+    async fn reports_durable_records_and_seals_full_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let news = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let fault = Arc::new(AtomicBool::new(false));
+        let sink = news.clone();
+        let wal = Wal::start(
+            dir.path(),
+            1,
+            Options {
+                segment_bytes: 40,
+                on_news: Some(Arc::new(move |n| sink.lock().unwrap().push(n))),
+                fault: Some(fault.clone()),
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        for i in 0..4u64 {
+            let tag = Tag {
+                id: i,
+                key: vec![i as u8],
+            };
+            wal.append_tagged(format!("record-{i}").into_bytes().into(), tag, true)
+                .await
+                .unwrap()
+                .unwrap();
+            // Reported before the answer.
+            assert!(news.lock().unwrap().iter().any(
+                |n| matches!(n, News::Durable { records, .. } if records.iter().any(|r| r.id == i))
+            ));
+        }
+        fault.store(true, Ordering::Relaxed);
+        let tag = Tag {
+            id: 9,
+            key: vec![9],
+        };
+        assert!(wal
+            .append_tagged(bytes::Bytes::from_static(b"lost"), tag, true)
+            .await
+            .unwrap()
+            .is_err());
+        let news = news.lock().unwrap();
+        let mut sealed = Vec::new();
+        for n in news.iter() {
+            match n {
+                News::Durable { seq, records } => {
+                    for r in records {
+                        assert_ne!(r.id, 9, "a failed write was reported");
+                        let f = File::open(path(dir.path(), *seq)).unwrap();
+                        assert_eq!(
+                            read_at(&f, r.off, r.len).unwrap(),
+                            format!("record-{}", r.id).into_bytes()
+                        );
+                    }
+                }
+                News::Sealed { seq } => sealed.push(*seq),
+            }
+        }
+        // 16 bytes a record (8 header + 8 payload), sealed past 40: after the third.
+        assert_eq!(sealed, [1]);
+        let f = File::open(path(dir.path(), 1)).unwrap();
+        assert!(read_at(&f, 0, 9).is_err(), "a wrong length is refused");
+    }
+
     #[tokio::test]
     async fn lazy_sync_still_reaches_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::start(
             dir.path(),
             1,
-            Some(Duration::from_millis(20)),
-            Arc::new(AtomicBool::new(true)),
+            Options {
+                lazy_sync: Some(Duration::from_millis(20)),
+                ..Options::default()
+            },
         )
         .unwrap();
         // Answered once written, before any sync.
-        wal.append_written(bytes::Bytes::from_static(b"lazy"))
+        let tag = Tag {
+            id: 1,
+            key: b"k".to_vec(),
+        };
+        wal.append_tagged(bytes::Bytes::from_static(b"lazy"), tag, false)
             .await
             .unwrap()
             .unwrap();
         let path = dir.path().join(file_name(1));
         assert_eq!(read_records(&path).unwrap(), [b"lazy".to_vec()]);
         // A synced waiter forces a sync at once.
-        wal.barrier(true).await.unwrap().unwrap();
+        wal.append(bytes::Bytes::new()).await.unwrap().unwrap();
     }
 
     /// A failed write (here: a full device) never leaves later records behind a torn one:
@@ -431,8 +606,7 @@ mod tests {
             file: full,
             good_len: 0,
             synced_len: 0,
-            lazy_sync: None,
-            healthy: Arc::new(AtomicBool::new(true)),
+            options: Options::default(),
         };
         assert!(w.write(b"record").is_err());
         assert_eq!(w.seq, 5);

@@ -63,6 +63,7 @@ pub fn process(
     engine: &Engine,
     lookups: &crate::lookups::Clients,
     batch: &[StoredEvent],
+    through: Option<u64>,
     last_try: &HashSet<u64>,
 ) -> Result<Processed, crate::store::StoreError> {
     let now_ms = SystemTime::now()
@@ -143,7 +144,8 @@ pub fn process(
             }
         }
     }
-    store.complete(&done)?;
+    let deferred: Vec<u64> = out.deferred.iter().map(|(id, _)| *id).collect();
+    store.complete(&done, &deferred, through)?;
     Ok(out)
 }
 
@@ -213,23 +215,24 @@ pub async fn run_worker(
         let (s, e, c) = (store.clone(), engine.clone(), clients.clone());
         let (waiting, last_try) = deferrals.split();
         let done = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<u64>, Processed), crate::store::StoreError> {
+            move || -> Result<(Vec<u64>, bool, Processed), crate::store::StoreError> {
                 let batch = s.pending_events_except(BATCH, &waiting)?;
                 let ids = batch
+                    .events
                     .iter()
                     .filter_map(|ev| crate::inbox::parse_id(&ev.meta.id))
                     .collect();
-                let done = if batch.is_empty() {
+                let done = if batch.events.is_empty() && batch.through.is_none() {
                     Processed::default()
                 } else {
-                    process(&s, &rt, &e, &c, &batch, &last_try)?
+                    process(&s, &rt, &e, &c, &batch.events, batch.through, &last_try)?
                 };
-                Ok((ids, done))
+                Ok((ids, batch.through.is_some(), done))
             },
         )
         .await;
         let busy = match done {
-            Ok(Ok((ids, done))) => {
+            Ok(Ok((ids, read_new, done))) => {
                 if done.jobs > 0 {
                     jobs_ready.notify_one();
                 }
@@ -242,7 +245,8 @@ pub async fn run_worker(
                     let wait = deferrals.defer(*id);
                     tracing::debug!(event = %crate::inbox::format_id(*id), %reason, wait_ms = wait.as_millis() as u64, "run deferred");
                 }
-                ids.len() == BATCH
+                // New events read: there may be more.
+                ids.len() == BATCH || read_new
             }
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "processing stored events failed; retrying shortly");

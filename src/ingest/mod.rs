@@ -182,13 +182,16 @@ pub async fn hook(
                 "none",
             );
             tracing::debug!(source = %name, id = %done[0].id, duplicate, "webhook stored");
-            let mut body = json!({ "id": done[0].id, "duplicate": duplicate });
-            if done.len() > 1 {
-                body["events"] = json!(done
-                    .iter()
-                    .map(|a| json!({"id": a.id, "duplicate": a.duplicate}))
-                    .collect::<Vec<_>>());
+            if done.len() == 1 {
+                // The common answer, without building a JSON tree (ids are `ev_` + hex).
+                let body = format!(r#"{{"id":"{}","duplicate":{duplicate}}}"#, done[0].id);
+                return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
             }
+            let mut body = json!({ "id": done[0].id, "duplicate": duplicate });
+            body["events"] = json!(done
+                .iter()
+                .map(|a| json!({"id": a.id, "duplicate": a.duplicate}))
+                .collect::<Vec<_>>());
             (StatusCode::OK, Json(body)).into_response()
         }
         Err(e) => {

@@ -1,0 +1,463 @@
+//! Where each stored event lies in the inbox log (`wal`): the log is the event store, and
+//! this is its index. Event ids grow in log order (they are allocated under the inbox's
+//! de-duplication lock, in the order records are queued), so every log file covers an
+//! ascending run of ids.
+//!
+//! - The file being written (and a sealed one until its index is stored) is indexed in
+//!   memory, from what the log writer reports once records are durable.
+//! - A sealed file's index is one sled value (`segments`: seq -> packed entries), written
+//!   once when the file is sealed: no per-event sled write on the acknowledgement path.
+//! - A file without a stored index (the daemon was killed while writing it) is indexed
+//!   again from its records when the store opens (`Store::open`).
+
+use crate::store::StoreError;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// One record of a log file: event id, header offset, payload length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub id: u64,
+    pub off: u64,
+    pub len: u32,
+}
+
+const PACKED: usize = 20;
+
+fn pack(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * PACKED);
+    for e in entries {
+        out.extend_from_slice(&e.id.to_be_bytes());
+        out.extend_from_slice(&e.off.to_be_bytes());
+        out.extend_from_slice(&e.len.to_be_bytes());
+    }
+    out
+}
+
+fn unpack_at(raw: &[u8], i: usize) -> Entry {
+    let r = &raw[i * PACKED..(i + 1) * PACKED];
+    Entry {
+        id: u64::from_be_bytes(r[..8].try_into().expect("8 bytes")),
+        off: u64::from_be_bytes(r[8..16].try_into().expect("8 bytes")),
+        len: u32::from_be_bytes(r[16..20].try_into().expect("4 bytes")),
+    }
+}
+
+fn unpack(raw: &[u8]) -> Vec<Entry> {
+    (0..raw.len() / PACKED).map(|i| unpack_at(raw, i)).collect()
+}
+
+/// A sealed file with a stored index.
+#[derive(Debug, Clone, Copy)]
+struct Sealed {
+    seq: u64,
+    last: u64,
+    count: usize,
+}
+
+/// The index of the inbox log. Cloning shares it.
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    /// Files without a stored index yet: their entries, ascending.
+    open: RwLock<BTreeMap<u64, Vec<Entry>>>,
+    /// Files with a stored index, by first id.
+    sealed: RwLock<BTreeMap<u64, Sealed>>,
+    segments: sled::Tree,
+    handles: Mutex<HashMap<u64, Arc<File>>>,
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl EventLog {
+    /// The index of the log files in `dir`, from the indexes stored in `segments`.
+    pub fn load(dir: &Path, segments: sled::Tree) -> Result<EventLog, StoreError> {
+        let mut sealed = BTreeMap::new();
+        for item in segments.iter() {
+            let (k, v) = item?;
+            let seq =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("segment key"))?);
+            if v.is_empty() || v.len() % PACKED != 0 {
+                return Err(corrupt("segment index"));
+            }
+            let count = v.len() / PACKED;
+            let (first, last) = (unpack_at(&v, 0).id, unpack_at(&v, count - 1).id);
+            sealed.insert(first, Sealed { seq, last, count });
+        }
+        Ok(EventLog {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                open: RwLock::new(BTreeMap::new()),
+                sealed: RwLock::new(sealed),
+                segments,
+                handles: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Whether file `seq` has a stored index.
+    pub fn is_sealed(&self, seq: u64) -> Result<bool, StoreError> {
+        Ok(self.inner.segments.contains_key(seq.to_be_bytes())?)
+    }
+
+    /// Records of file `seq`, now durable (ascending ids, after those already added).
+    pub fn add(&self, seq: u64, entries: impl IntoIterator<Item = Entry>) {
+        let mut open = self.inner.open.write().expect("log index lock");
+        open.entry(seq).or_default().extend(entries);
+    }
+
+    /// Stores the index of file `seq` (complete: nothing more is written to it) in sled and
+    /// drops it from memory. A file without records gets no index.
+    pub fn seal(&self, seq: u64) -> Result<(), StoreError> {
+        let entries = {
+            let open = self.inner.open.read().expect("log index lock");
+            match open.get(&seq) {
+                Some(e) if !e.is_empty() => e.clone(),
+                _ => {
+                    drop(open);
+                    self.inner
+                        .open
+                        .write()
+                        .expect("log index lock")
+                        .remove(&seq);
+                    return Ok(());
+                }
+            }
+        };
+        self.inner
+            .segments
+            .insert(seq.to_be_bytes(), pack(&entries))?;
+        let first = entries[0].id;
+        let s = Sealed {
+            seq,
+            last: entries[entries.len() - 1].id,
+            count: entries.len(),
+        };
+        // Stored before it leaves memory: a reader finds it in one place or the other.
+        self.inner
+            .sealed
+            .write()
+            .expect("log index lock")
+            .insert(first, s);
+        self.inner
+            .open
+            .write()
+            .expect("log index lock")
+            .remove(&seq);
+        Ok(())
+    }
+
+    /// Files whose index is only in memory.
+    pub fn unsealed(&self) -> Vec<u64> {
+        let open = self.inner.open.read().expect("log index lock");
+        open.keys().copied().collect()
+    }
+
+    /// The file and entry of event `id`, if it is in the log.
+    pub fn locate(&self, id: u64) -> Result<Option<(u64, Entry)>, StoreError> {
+        {
+            let open = self.inner.open.read().expect("log index lock");
+            for (seq, entries) in open.iter() {
+                if entries.first().is_some_and(|e| e.id <= id)
+                    && entries.last().is_some_and(|e| e.id >= id)
+                {
+                    if let Ok(i) = entries.binary_search_by_key(&id, |e| e.id) {
+                        return Ok(Some((*seq, entries[i])));
+                    }
+                }
+            }
+        }
+        let seg = {
+            let sealed = self.inner.sealed.read().expect("log index lock");
+            match sealed.range(..=id).next_back() {
+                Some((_, s)) if s.last >= id => *s,
+                _ => return Ok(None),
+            }
+        };
+        let Some(raw) = self.inner.segments.get(seg.seq.to_be_bytes())? else {
+            return Ok(None); // dropped by retention meanwhile
+        };
+        let (mut lo, mut hi) = (0usize, raw.len() / PACKED);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let e = unpack_at(&raw, mid);
+            match e.id.cmp(&id) {
+                std::cmp::Ordering::Equal => return Ok(Some((seg.seq, e))),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        Ok(None)
+    }
+
+    /// The payload of a record.
+    pub fn read(&self, seq: u64, e: Entry) -> Result<Vec<u8>, StoreError> {
+        let file = self.handle(seq)?;
+        crate::wal::read_at(&file, e.off, e.len).map_err(|err| match err.kind() {
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                StoreError::Corrupt(format!("inbox log file {seq}: {err}"))
+            }
+            _ => StoreError::Io(format!("reading inbox log file {seq}: {err}")),
+        })
+    }
+
+    fn handle(&self, seq: u64) -> Result<Arc<File>, StoreError> {
+        let mut handles = self.inner.handles.lock().expect("log handles lock");
+        if let Some(f) = handles.get(&seq) {
+            return Ok(f.clone());
+        }
+        if handles.len() >= 64 {
+            handles.clear();
+        }
+        let f = Arc::new(
+            File::open(crate::wal::path(&self.inner.dir, seq))
+                .map_err(|e| StoreError::Io(format!("opening inbox log file {seq}: {e}")))?,
+        );
+        handles.insert(seq, f.clone());
+        Ok(f)
+    }
+
+    /// The entries of file `seq`.
+    pub fn entries(&self, seq: u64) -> Result<Vec<Entry>, StoreError> {
+        if let Some(e) = self.inner.open.read().expect("log index lock").get(&seq) {
+            return Ok(e.clone());
+        }
+        Ok(self
+            .inner
+            .segments
+            .get(seq.to_be_bytes())?
+            .map(|raw| unpack(&raw))
+            .unwrap_or_default())
+    }
+
+    /// The ids of file `seq` in `lo..hi`, ascending (only those are copied).
+    fn ids_of(&self, seq: u64, lo: u64, hi: u64) -> Result<Vec<u64>, StoreError> {
+        fn slice(entries: &[Entry], lo: u64, hi: u64) -> Vec<u64> {
+            let a = entries.partition_point(|e| e.id < lo);
+            let b = entries.partition_point(|e| e.id < hi);
+            entries[a..b.max(a)].iter().map(|e| e.id).collect()
+        }
+        if let Some(e) = self.inner.open.read().expect("log index lock").get(&seq) {
+            return Ok(slice(e, lo, hi));
+        }
+        Ok(self
+            .inner
+            .segments
+            .get(seq.to_be_bytes())?
+            .map(|raw| {
+                let n = raw.len() / PACKED;
+                let at = |i: usize| unpack_at(&raw, i).id;
+                let (mut a, mut b) = (0, n);
+                while a < b {
+                    let mid = (a + b) / 2;
+                    if at(mid) < lo {
+                        a = mid + 1;
+                    } else {
+                        b = mid;
+                    }
+                }
+                (a..n).map(at).take_while(|id| *id < hi).collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Every indexed file, oldest first, with its first and last id.
+    fn files(&self) -> Vec<(u64, u64, u64)> {
+        let mut out: Vec<(u64, u64, u64)> = self
+            .inner
+            .sealed
+            .read()
+            .expect("log index lock")
+            .iter()
+            .map(|(first, s)| (s.seq, *first, s.last))
+            .collect();
+        let open = self.inner.open.read().expect("log index lock");
+        for (seq, e) in open.iter() {
+            if let (Some(f), Some(l)) = (e.first(), e.last()) {
+                if !out.iter().any(|(s, _, _)| s == seq) {
+                    out.push((*seq, f.id, l.id));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Ids in `lo..hi`, ascending (or descending with `rev`), read a file at a time.
+    pub fn ids(&self, lo: u64, hi: u64, rev: bool) -> Ids {
+        let mut files: std::collections::VecDeque<u64> = self
+            .files()
+            .into_iter()
+            .filter(|(_, first, last)| *last >= lo && *first < hi)
+            .map(|(seq, _, _)| seq)
+            .collect();
+        if rev {
+            files.make_contiguous().reverse();
+        }
+        Ids {
+            log: self.clone(),
+            files,
+            current: Vec::new().into_iter(),
+            lo,
+            hi,
+            rev,
+        }
+    }
+
+    /// How many indexed events have an id of at least `lo`.
+    pub fn count_from(&self, lo: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (seq, first, last) in self.files() {
+            if last < lo {
+                continue;
+            }
+            if first >= lo {
+                n += self.count(seq)?;
+            } else {
+                n += self.ids_of(seq, lo, u64::MAX)?.len();
+            }
+        }
+        Ok(n)
+    }
+
+    fn count(&self, seq: u64) -> Result<usize, StoreError> {
+        if let Some(e) = self.inner.open.read().expect("log index lock").get(&seq) {
+            return Ok(e.len());
+        }
+        let sealed = self.inner.sealed.read().expect("log index lock");
+        Ok(sealed
+            .values()
+            .find(|s| s.seq == seq)
+            .map(|s| s.count)
+            .unwrap_or(0))
+    }
+
+    /// The highest indexed id.
+    pub fn last_id(&self) -> Option<u64> {
+        self.files().last().map(|(_, _, last)| *last)
+    }
+
+    /// Sealed files (with a stored index) whose ids are all below `id`.
+    pub fn sealed_below(&self, id: u64) -> Vec<u64> {
+        let sealed = self.inner.sealed.read().expect("log index lock");
+        sealed
+            .values()
+            .filter(|s| s.last < id)
+            .map(|s| s.seq)
+            .collect()
+    }
+
+    /// Forgets file `seq` (its index leaves sled). The caller makes that durable before it
+    /// deletes the file (`delete`).
+    pub fn forget(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner.segments.remove(seq.to_be_bytes())?;
+        self.inner
+            .sealed
+            .write()
+            .expect("log index lock")
+            .retain(|_, s| s.seq != seq);
+        self.inner
+            .handles
+            .lock()
+            .expect("log handles lock")
+            .remove(&seq);
+        Ok(())
+    }
+
+    /// Deletes a forgotten file.
+    pub fn delete(&self, seq: u64) -> Result<(), StoreError> {
+        let path = crate::wal::path(&self.inner.dir, seq);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io(format!("removing {}: {e}", path.display()))),
+        }
+        crate::wal::sync_dir(&self.inner.dir).map_err(|e| StoreError::Io(e.to_string()))
+    }
+}
+
+/// Ids of the log in a range, a file at a time.
+pub struct Ids {
+    log: EventLog,
+    files: std::collections::VecDeque<u64>,
+    current: std::vec::IntoIter<u64>,
+    lo: u64,
+    hi: u64,
+    rev: bool,
+}
+
+impl Iterator for Ids {
+    type Item = Result<u64, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(id) = self.current.next() {
+                return Some(Ok(id));
+            }
+            let seq = self.files.pop_front()?;
+            let mut ids = match self.log.ids_of(seq, self.lo, self.hi) {
+                Ok(ids) => ids,
+                Err(e) => return Some(Err(e)),
+            };
+            if self.rev {
+                ids.reverse();
+            }
+            self.current = ids.into_iter();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(id: u64) -> Entry {
+        Entry {
+            id,
+            off: id * 100,
+            len: 10,
+        }
+    }
+
+    #[test]
+    fn locates_lists_and_counts_across_open_and_sealed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let log = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
+        log.add(1, [e(1), e(2), e(4)]);
+        log.add(2, [e(5), e(9)]);
+        log.seal(1).unwrap();
+        assert!(log.is_sealed(1).unwrap() && !log.is_sealed(2).unwrap());
+        assert_eq!(log.locate(4).unwrap(), Some((1, e(4))));
+        assert_eq!(log.locate(9).unwrap(), Some((2, e(9))));
+        assert_eq!(log.locate(3).unwrap(), None);
+        let all: Vec<u64> = log.ids(0, u64::MAX, false).map(|r| r.unwrap()).collect();
+        assert_eq!(all, [1, 2, 4, 5, 9]);
+        let down: Vec<u64> = log.ids(2, 9, true).map(|r| r.unwrap()).collect();
+        assert_eq!(down, [5, 4, 2]);
+        assert_eq!(log.count_from(4).unwrap(), 3);
+        assert_eq!(log.last_id(), Some(9));
+        assert_eq!(log.sealed_below(5), [1]);
+        // Reloaded from sled: the sealed file is still known.
+        let again = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
+        assert_eq!(again.locate(2).unwrap(), Some((1, e(2))));
+        log.forget(1).unwrap();
+        assert_eq!(log.locate(2).unwrap(), None);
+        // A file without records gets no index.
+        log.add(3, []);
+        log.seal(3).unwrap();
+        assert!(!log.is_sealed(3).unwrap());
+    }
+}
