@@ -71,7 +71,14 @@ struct Inner {
     sealed: RwLock<BTreeMap<u64, Sealed>>,
     segments: sled::Tree,
     handles: Mutex<HashMap<u64, Arc<File>>>,
+    /// The latest records, so that the worker reads what was just acknowledged without a
+    /// trip to the file: (id, record), oldest first, with their total size.
+    recent: Mutex<(std::collections::VecDeque<(u64, bytes::Bytes)>, usize)>,
 }
+
+/// Bounds of the recent-records window.
+const RECENT_RECORDS: usize = 4096;
+const RECENT_BYTES: usize = 4 << 20;
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -99,6 +106,7 @@ impl EventLog {
                 sealed: RwLock::new(sealed),
                 segments,
                 handles: Mutex::new(HashMap::new()),
+                recent: Mutex::new(Default::default()),
             }),
         })
     }
@@ -116,6 +124,40 @@ impl EventLog {
     pub fn add(&self, seq: u64, entries: impl IntoIterator<Item = Entry>) {
         let mut open = self.inner.open.write().expect("log index lock");
         open.entry(seq).or_default().extend(entries);
+    }
+
+    /// Keeps the latest durable records at hand (bounded: the oldest go first).
+    pub fn remember(&self, records: impl IntoIterator<Item = (u64, bytes::Bytes)>) {
+        let mut recent = self.inner.recent.lock().expect("recent records lock");
+        let (queue, bytes) = &mut *recent;
+        for (id, r) in records {
+            *bytes += r.len();
+            queue.push_back((id, r));
+            while queue.len() > RECENT_RECORDS || *bytes > RECENT_BYTES {
+                match queue.pop_front() {
+                    Some((_, old)) => *bytes -= old.len(),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// A recent record, if it is still at hand.
+    pub fn recent(&self, id: u64) -> Option<bytes::Bytes> {
+        let recent = self.inner.recent.lock().expect("recent records lock");
+        let queue = &recent.0;
+        let first = queue.front()?.0;
+        // Ids ascend in the window; gaps are rare, so look near the expected slot first.
+        let guess = id.checked_sub(first)? as usize;
+        if let Some((i, r)) = queue.get(guess).filter(|(i, _)| *i == id) {
+            debug_assert_eq!(*i, id);
+            return Some(r.clone());
+        }
+        let at = queue.partition_point(|(i, _)| *i < id);
+        queue
+            .get(at)
+            .filter(|(i, _)| *i == id)
+            .map(|(_, r)| r.clone())
     }
 
     /// Stores the index of file `seq` (complete: nothing more is written to it) in sled and
@@ -275,14 +317,24 @@ impl EventLog {
 
     /// Every indexed file, oldest first, with its first and last id.
     fn files(&self) -> Vec<(u64, u64, u64)> {
-        let mut out: Vec<(u64, u64, u64)> = self
-            .inner
-            .sealed
-            .read()
-            .expect("log index lock")
-            .iter()
+        self.files_from(0)
+    }
+
+    /// The indexed files that hold ids of at least `lo`, oldest first.
+    fn files_from(&self, lo: u64) -> Vec<(u64, u64, u64)> {
+        let sealed = self.inner.sealed.read().expect("log index lock");
+        // Files cover ascending runs of ids: start at the one that may hold `lo`.
+        let start = sealed
+            .range(..=lo)
+            .next_back()
+            .map(|(f, _)| *f)
+            .unwrap_or(0);
+        let mut out: Vec<(u64, u64, u64)> = sealed
+            .range(start..)
+            .filter(|(_, s)| s.last >= lo)
             .map(|(first, s)| (s.seq, *first, s.last))
             .collect();
+        drop(sealed);
         let open = self.inner.open.read().expect("log index lock");
         for (seq, e) in open.iter() {
             if let (Some(f), Some(l)) = (e.first(), e.last()) {
@@ -298,7 +350,7 @@ impl EventLog {
     /// Ids in `lo..hi`, ascending (or descending with `rev`), read a file at a time.
     pub fn ids(&self, lo: u64, hi: u64, rev: bool) -> Ids {
         let mut files: std::collections::VecDeque<u64> = self
-            .files()
+            .files_from(lo)
             .into_iter()
             .filter(|(_, first, last)| *last >= lo && *first < hi)
             .map(|(seq, _, _)| seq)
@@ -319,7 +371,7 @@ impl EventLog {
     /// How many indexed events have an id of at least `lo`.
     pub fn count_from(&self, lo: u64) -> Result<usize, StoreError> {
         let mut n = 0;
-        for (seq, first, last) in self.files() {
+        for (seq, first, last) in self.files_from(lo) {
             if last < lo {
                 continue;
             }
@@ -455,6 +507,20 @@ mod tests {
         assert_eq!(again.locate(2).unwrap(), Some((1, e(2))));
         log.forget(1).unwrap();
         assert_eq!(log.locate(2).unwrap(), None);
+        // The recent-records window: found by id, bounded, oldest dropped first.
+        log.remember((0..5000u64).map(|i| (i, bytes::Bytes::from(vec![1u8; 10]))));
+        assert_eq!(log.recent(4999).as_deref(), Some(&[1u8; 10][..]));
+        assert_eq!(
+            log.recent(5000 - RECENT_RECORDS as u64),
+            Some(vec![1u8; 10].into())
+        );
+        assert_eq!(log.recent(5000 - RECENT_RECORDS as u64 - 1), None);
+        log.remember([(7000, bytes::Bytes::from(vec![2u8; RECENT_BYTES]))]);
+        assert_eq!(log.recent(4999), None);
+        assert!(log.recent(7000).is_some());
+        log.remember([(7002, bytes::Bytes::from_static(b"x"))]);
+        assert_eq!(log.recent(7001), None);
+        assert_eq!(log.recent(7002).as_deref(), Some(&b"x"[..]));
         // A file without records gets no index.
         log.add(3, []);
         log.seal(3).unwrap();

@@ -177,6 +177,24 @@ fn set_id(record: &mut [u8], id: u64) {
 }
 
 pub(crate) fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
+    let (meta, at) = decode_meta(raw)?;
+    Ok(StoredEvent {
+        meta,
+        payload: Bytes::copy_from_slice(&raw[at..]),
+    })
+}
+
+/// `decode` of a shared record: the payload is a slice of it, not a copy.
+fn decode_shared(raw: &Bytes) -> Result<StoredEvent, StoreError> {
+    let (meta, at) = decode_meta(raw)?;
+    Ok(StoredEvent {
+        meta,
+        payload: raw.slice(at..),
+    })
+}
+
+/// A record's metadata, and where its payload starts.
+fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
     let bad = || StoreError::Corrupt("event record".into());
     let len = u32::from_be_bytes(
         raw.get(..4)
@@ -186,10 +204,7 @@ pub(crate) fn decode(raw: &[u8]) -> Result<StoredEvent, StoreError> {
     ) as usize;
     let meta_bytes = raw.get(4..4 + len).ok_or_else(bad)?;
     let meta: EventMeta = serde_json::from_slice(meta_bytes).map_err(|_| bad())?;
-    Ok(StoredEvent {
-        meta,
-        payload: Bytes::copy_from_slice(&raw[4 + len..]),
-    })
+    Ok((meta, 4 + len))
 }
 
 impl Store {
@@ -339,6 +354,9 @@ impl Store {
             if let Some(raw) = self.events.get(n.to_be_bytes())? {
                 return decode(&raw).map(Some);
             }
+        }
+        if let Some(record) = self.log.recent(n) {
+            return decode_shared(&record).map(Some);
         }
         match self.log.locate(n)? {
             Some((seq, e)) => decode(&self.log.read(seq, e)?).map(Some),

@@ -198,6 +198,7 @@ impl Store {
                             len: r.len,
                         }),
                     );
+                    log.remember(records.iter().map(|r| (r.id, r.record.clone())));
                 }
                 let _ = tx
                     .lock()

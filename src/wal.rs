@@ -50,6 +50,8 @@ pub struct Logged {
     pub off: u64,
     /// Payload length.
     pub len: u32,
+    /// The payload itself (shared, not copied).
+    pub record: bytes::Bytes,
 }
 
 /// What the writer reports, in log order.
@@ -390,6 +392,7 @@ fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: 
                                 key: t.key,
                                 off: w.good_len + buf.len() as u64,
                                 len: payload.len() as u32,
+                                record: payload.clone(),
                             });
                         }
                         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
