@@ -292,6 +292,12 @@ pub fn status(admin: AdminClient, json: bool) -> anyhow::Result<bool> {
         r["events_pending"].as_u64().unwrap_or(0),
         r["store_bytes"].as_u64().unwrap_or(0) / (1 << 20)
     );
+    if r["queue_counts_truncated"].as_bool() == Some(true) {
+        println!(
+            "the backlog is large: queue and dead-letter counts stop at {} index entries and are lower bounds",
+            crate::outbox::STATS_SCAN_LIMIT
+        );
+    }
     if let Some(e) = r["config_error"].as_str() {
         println!(
             "the last configuration reload was refused (the previous one keeps running):\n{e}"

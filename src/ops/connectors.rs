@@ -190,6 +190,8 @@ pub struct Report {
     pub now_ms: u64,
     pub connectors: Vec<Connector>,
     pub events_pending: usize,
+    /// The queue counts stopped at `outbox::STATS_SCAN_LIMIT` entries: they are lower bounds.
+    pub queue_counts_truncated: bool,
     pub store_bytes: u64,
     /// Payloads and finished jobs purged by retention, since the store was created.
     pub purged_events: u64,
@@ -326,6 +328,7 @@ pub fn report(app: &AppState, queues: &QueueStats, now_ms: u64) -> Report {
         now_ms,
         connectors,
         events_pending: queues.events_pending,
+        queue_counts_truncated: queues.truncated,
         store_bytes: queues.store_bytes,
         purged_events: queues.purged_events,
         purged_jobs: queues.purged_jobs,

@@ -270,6 +270,7 @@ async fn status_page(
             now => crate::sign::rfc3339((now / 1000) as i64),
             loaded => ago(now, Some(report.config_loaded_at_ms)),
             store_mib => format!("{:.1}", report.store_bytes as f64 / (1 << 20) as f64),
+            scan_limit => crate::outbox::STATS_SCAN_LIMIT,
             failed_events => minijinja::Value::from(minijinja::value::Serde(&failed)),
             dead => minijinja::Value::from(minijinja::value::Serde(&dead)),
             flash => flash,

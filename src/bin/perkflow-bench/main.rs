@@ -230,6 +230,56 @@ fn loadgen_with(
     })
 }
 
+/// A perkflow daemon started for a run.
+struct Daemon {
+    child: Child,
+    /// `http://127.0.0.1:<port>`
+    base: String,
+    port: u16,
+    /// When it was started, and how long it took to print its listening line.
+    started: Instant,
+    listening: Duration,
+}
+
+/// Starts `perkflow serve -c cfg` on a free loopback port (`PERKFLOW_LOG=log`) and waits for
+/// its listening line; stdout is drained after that.
+fn start_daemon(perkflow: &Path, cfg: &Path, log: &str) -> Result<Daemon, String> {
+    let started = Instant::now();
+    let mut child = Command::new(perkflow)
+        .args(["serve", "-c"])
+        .arg(cfg)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("PERKFLOW_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("perkflow: {e}"))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    let listening = started.elapsed();
+    std::thread::spawn(move || for _ in lines {});
+    let base = first
+        .strip_prefix("perkflow listening on ")
+        .map(|b| b.trim().to_string());
+    let port = base
+        .as_deref()
+        .and_then(|b| b.strip_prefix("http://127.0.0.1:"))
+        .and_then(|p| p.parse().ok());
+    match (base, port) {
+        (Some(base), Some(port)) => Ok(Daemon {
+            child,
+            base,
+            port,
+            started,
+            listening,
+        }),
+        _ => {
+            stop(child);
+            Err(format!("perkflow did not start: {first:?}"))
+        }
+    }
+}
+
 fn bench_baseline(tools: &Path, o: &Opts, durable: Option<&Path>) -> Result<Sample, String> {
     let port = free_port();
     let mut cmd = Command::new(tools.join("baseline"));
@@ -264,27 +314,15 @@ fn bench_perkflow(
         ),
     )
     .map_err(|e| e.to_string())?;
-    let t0 = Instant::now();
-    let mut child = Command::new(perkflow)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("PERKFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("perkflow: {e}"))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-    let startup = t0.elapsed();
-    std::thread::spawn(move || for _ in lines {});
-    let Some(base) = first.strip_prefix("perkflow listening on ") else {
-        stop(child);
-        return Err(format!("perkflow did not start: {first:?}"));
-    };
+    let Daemon {
+        child,
+        base,
+        listening: startup,
+        ..
+    } = start_daemon(perkflow, &cfg, "warn")?;
     std::thread::sleep(Duration::from_millis(200));
     let (idle, _) = rss_kb(child.id());
-    let r = loadgen(tools, &format!("{}/hooks/shop", base.trim()), o);
+    let r = loadgen(tools, &format!("{base}/hooks/shop"), o);
     let (_, peak) = rss_kb(child.id());
     stop(child);
     r.map(|mut s| {
@@ -393,36 +431,15 @@ fn e2e_perkflow(
         &format!("http://127.0.0.1:{sink}/ingest"),
         "{ id: \"{{ event.id }}\", sent_us: \"{{ event.sent_us }}\" }",
     )?;
-    let mut child = Command::new(perkflow)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("PERKFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("perkflow: {e}"))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-    std::thread::spawn(move || for _ in lines {});
-    let Some(base) = first.strip_prefix("perkflow listening on ") else {
-        stop(child);
-        return Err(format!("perkflow did not start: {first:?}"));
-    };
+    let Daemon { child, base, .. } = start_daemon(perkflow, &cfg, "warn")?;
     let run_id = format!("p{}", free_port());
-    let r = loadgen_with(
-        tools,
-        &format!("{}/hooks/shop", base.trim()),
-        o,
-        Some(rate),
-        &run_id,
-    )
-    .and_then(|s| {
-        sink_stats(sink, &run_id, s.ok).map(|e| E2e {
-            ack_p99: s.p99,
-            ..e
-        })
-    });
+    let r =
+        loadgen_with(tools, &format!("{base}/hooks/shop"), o, Some(rate), &run_id).and_then(|s| {
+            sink_stats(sink, &run_id, s.ok).map(|e| E2e {
+                ack_p99: s.p99,
+                ..e
+            })
+        });
     stop(child);
     r
 }

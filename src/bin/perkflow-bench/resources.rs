@@ -2,53 +2,13 @@
 //! after a restart with a large backlog of pending jobs (`--pending`, default 1,000,000),
 //! each beside the reference `baseline` where it has an equivalent.
 
-use super::{dir_bytes, forward_project, free_port, median, rss_kb, stop, wait_port, Opts};
+use super::{
+    dir_bytes, forward_project, free_port, median, rss_kb, start_daemon, stop, wait_port, Opts,
+};
 use perkflow::outbox::{Job, JobKind, JobState};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The daemon, its base URL and when it printed its listening line.
-struct Started {
-    child: Child,
-    port: u16,
-    listening: Duration,
-}
-
-fn start(perkflow: &Path, cfg: &Path) -> Result<(Started, Instant), String> {
-    let t0 = Instant::now();
-    let mut child = Command::new(perkflow)
-        .args(["serve", "-c"])
-        .arg(cfg)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("PERKFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("perkflow: {e}"))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-    let listening = t0.elapsed();
-    std::thread::spawn(move || for _ in lines {});
-    let port = first
-        .strip_prefix("perkflow listening on http://127.0.0.1:")
-        .and_then(|p| p.trim().parse().ok());
-    match port {
-        Some(port) => Ok((
-            Started {
-                child,
-                port,
-                listening,
-            },
-            t0,
-        )),
-        None => {
-            stop(child);
-            Err(format!("perkflow did not start: {first:?}"))
-        }
-    }
-}
 
 /// Polls `GET /readyz` until 200 (bounded): the time since `t0`.
 fn ready(port: u16, t0: Instant, limit: Duration) -> Result<Duration, String> {
@@ -146,8 +106,8 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
         let dir = scratch.join("resources");
         let _ = std::fs::remove_dir_all(&dir);
         let cfg = config(&dir, sink_port)?;
-        let (s, t0) = start(perkflow, &cfg)?;
-        let r = ready(s.port, t0, Duration::from_secs(30));
+        let s = start_daemon(perkflow, &cfg, "warn")?;
+        let r = ready(s.port, s.started, Duration::from_secs(30));
         listening.push(s.listening.as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_secs(2));
         idle.0.push(rss_kb(s.child.id()).0 as f64 / 1024.0);
@@ -211,8 +171,8 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
     );
     let mut restarts = Vec::new();
     for round in 1..=o.rounds {
-        let (s, t0) = start(perkflow, &cfg)?;
-        let r = ready(s.port, t0, Duration::from_secs(120));
+        let s = start_daemon(perkflow, &cfg, "warn")?;
+        let r = ready(s.port, s.started, Duration::from_secs(120));
         let after = rss_kb(s.child.id()).0 / 1024;
         std::thread::sleep(Duration::from_secs(3));
         let (now, peak) = rss_kb(s.child.id());

@@ -4,11 +4,10 @@
 //! daemon's resident memory, open files and data-dir size; at the end it waits for the
 //! backlog to drain and checks that every acknowledged webhook reached the sink.
 
-use super::{dir_bytes, forward_project, free_port, rss_kb, stop, Opts, SECRET};
+use super::{dir_bytes, forward_project, rss_kb, stop, Opts, SECRET};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,23 +86,8 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
         &format!("http://127.0.0.1:{sink_port}/sink"),
         "{ id: \"{{ event.id }}\" }",
     )?;
-    let mut child = Command::new(perkflow)
-        .args(["serve", "-c"])
-        .arg(&cfg)
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .env("PERKFLOW_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("perkflow: {e}"))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-    std::thread::spawn(move || for _ in lines {});
-    let Some(base) = first.strip_prefix("perkflow listening on ") else {
-        stop(child);
-        return Err(format!("perkflow did not start: {first:?}"));
-    };
-    let url = format!("{}/hooks/shop", base.trim());
+    let super::Daemon { child, base, .. } = super::start_daemon(perkflow, &cfg, "error")?;
+    let url = format!("{base}/hooks/shop");
     let pid = child.id();
     println!(
         "\nperkflow-bench soak: {} min at {}/s, faulty sink (20 % 503, 0.5 % 429 + Retry-After 1 s), retention 2 min",
