@@ -257,6 +257,7 @@ pub struct Boot {
     pub flush_interval: std::time::Duration,
     pub admin_token: Option<crate::config::secrets::Interpolated>,
     pub retention: Option<std::time::Duration>,
+    pub dedup_window: Option<std::time::Duration>,
     pub header_timeout: std::time::Duration,
     pub body_timeout: std::time::Duration,
 }
@@ -270,6 +271,7 @@ impl Boot {
             flush_interval: cfg.flush_interval,
             admin_token: cfg.admin_token.clone(),
             retention: cfg.retention,
+            dedup_window: cfg.dedup_window,
             header_timeout: cfg.header_timeout,
             body_timeout: cfg.body_timeout,
         }
@@ -322,6 +324,7 @@ impl AppState {
                 flush_interval: Default::default(),
                 admin_token: None,
                 retention: None,
+                dedup_window: None,
                 header_timeout: crate::http::HEADER_TIMEOUT,
                 body_timeout: crate::ingest::BODY_TIMEOUT,
             }),
@@ -506,6 +509,7 @@ impl Prepared {
             tokio::spawn(crate::retention::run(
                 self.store.clone(),
                 age,
+                cfg.dedup_window,
                 retention_stop.clone(),
             ))
         });

@@ -146,7 +146,7 @@ fn dedup_target(value: &[u8]) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
-fn dedup_key(source: &str, vendor_id: &str) -> Vec<u8> {
+pub(crate) fn dedup_key(source: &str, vendor_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(source.len() + vendor_id.len() + 1);
     k.extend_from_slice(source.as_bytes());
     k.push(0);

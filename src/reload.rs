@@ -65,6 +65,9 @@ pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
     if cfg.retention != boot.retention {
         need_restart.push("retention");
     }
+    if cfg.dedup_window != boot.dedup_window {
+        need_restart.push("dedup_window");
+    }
     if cfg.header_timeout != boot.header_timeout {
         need_restart.push("header_timeout");
     }

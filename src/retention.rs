@@ -82,6 +82,50 @@ impl Store {
         Ok(out)
     }
 
+    /// Drops what is left of purged events received before `before_ms` (their metadata and
+    /// de-duplication entry: a re-delivery is then stored as new), from event id `from` on,
+    /// at most `PASS` of them. Events kept whole (unfinished, dead letters) are left alone.
+    /// Returns how many were dropped and the id the next pass starts at.
+    pub fn forget(&self, before_ms: u64, from: u64) -> Result<(u64, u64), StoreError> {
+        let (mut dropped, mut next) = (0u64, from);
+        // A kept event is looked at again by later passes (it may be purged by then).
+        let mut first_kept = None;
+        for (examined, item) in self.events.range(from.to_be_bytes()..).enumerate() {
+            let (key, raw) = item?;
+            let id = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("event key".into()))?,
+            );
+            let ev = decode(&raw)?;
+            // Ids grow with time: nothing from here on is old enough yet.
+            if ev.meta.received_at_ms >= before_ms || examined == PASS {
+                break;
+            }
+            next = id + 1;
+            if ev.meta.purged_at_ms.is_none() {
+                first_kept.get_or_insert(id);
+                continue;
+            }
+            // The entry goes only if it still names this event; then the metadata.
+            let dedup_key = crate::inbox::dedup_key(&ev.meta.source, &ev.meta.vendor_id);
+            let _ = self.dedup.compare_and_swap(
+                &dedup_key,
+                Some(&id.to_be_bytes()[..]),
+                None as Option<&[u8]>,
+            )?;
+            if self
+                .events
+                .compare_and_swap(key, Some(raw), None as Option<&[u8]>)?
+                .is_ok()
+            {
+                dropped += 1;
+            }
+        }
+        self.add_total("forgotten_events", dropped)?;
+        Ok((dropped, first_kept.unwrap_or(next)))
+    }
+
     /// Deletes the sealed log files whose events are all below `below` (every one of them
     /// purged, or kept): a kept event's record is first moved into sled, durably.
     fn drop_log_files(&self, below: u64) -> Result<(), StoreError> {
@@ -175,21 +219,45 @@ impl Store {
     }
 }
 
-/// Purges every `every` (and once at start) what is older than `age`, until `stop`.
-pub async fn run(store: Store, age: Duration, stop: CancellationToken) {
+/// Purges every `every` (and once at start) what is older than `age`, and with a
+/// `dedup_window` drops what is left of purged events older than it, until `stop`.
+pub async fn run(
+    store: Store,
+    age: Duration,
+    dedup_window: Option<Duration>,
+    stop: CancellationToken,
+) {
     let every = (age / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
     let mut from = 0u64;
+    let mut forget_from = 0u64;
     let mut recheck = std::collections::BTreeSet::new();
     loop {
         let s = store.clone();
         let now = crate::delivery::now_ms();
         let cutoff = now.saturating_sub(age.as_millis() as u64);
+        let forget_before = dedup_window.map(|w| now.saturating_sub(w.as_millis() as u64));
         let mut kept = std::mem::take(&mut recheck);
         let pass = tokio::task::spawn_blocking(move || {
             let r = s.purge(cutoff, now, from, &mut kept);
-            (r, kept)
+            let f = forget_before.map(|before| s.forget(before, forget_from));
+            (r, kept, f)
         })
         .await;
+        let pass = pass.map(|(r, kept, f)| {
+            match f {
+                Some(Ok((n, next))) => {
+                    forget_from = next;
+                    metrics::counter!("perkflow_retention_purged_total", "what" => "dedup_entries")
+                        .increment(n);
+                    if n > 0 {
+                        tracing::info!(events = n, "retention: dropped what was left of events past the de-duplication window");
+                    }
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "dropping events past the de-duplication window failed; trying again later"),
+                None => {}
+            }
+            (r, kept)
+        });
         match pass {
             Ok((Ok(p), kept)) => {
                 recheck = kept;
@@ -314,5 +382,19 @@ mod tests {
         let left = s.pending_events(10).unwrap();
         assert_eq!(left.len(), 2);
         assert_eq!(left[1].meta.id, ids[11]);
+        // Past the de-duplication window, what was left of the purged events goes (the
+        // pending ones stay whole); a re-delivery is then stored as new.
+        let (dropped, next) = s.forget(2_000, 0).unwrap();
+        assert_eq!(dropped, 10);
+        assert_eq!(
+            next,
+            crate::inbox::parse_id(&ids[10]).unwrap(),
+            "the kept one is looked at again"
+        );
+        assert_eq!(s.events().count(), 2);
+        assert_eq!(s.dedup_lookup("shop", "v0").unwrap(), None);
+        assert!(!s.append(vec![ev("v0")]).await.unwrap()[0].duplicate);
+        assert!(s.append(vec![ev("v11")]).await.unwrap()[0].duplicate);
+        assert_eq!(s.forget(2_000, next).unwrap().0, 0);
     }
 }

@@ -62,6 +62,9 @@ struct TopSpec {
     pii_fields: Option<Vec<String>>,
     /// Stored payloads, traces and finished jobs older than this are purged (default: kept).
     retention: Option<DurationSpec>,
+    /// What retention leaves of an event (its metadata and de-duplication entry) is dropped
+    /// this long after it was received (default: kept).
+    dedup_window: Option<DurationSpec>,
     /// A request's headers must arrive within this (default 10 s).
     header_timeout: Option<DurationSpec>,
     /// A webhook's body must arrive within this (default 30 s).
@@ -172,6 +175,9 @@ pub struct Config {
     pub pii_fields: Vec<String>,
     /// Payloads, traces and finished jobs older than this are purged (`None`: kept).
     pub retention: Option<Duration>,
+    /// Purged events' metadata and de-duplication entries older than this are dropped
+    /// (`None`: kept): a re-delivery after it is stored as new.
+    pub dedup_window: Option<Duration>,
     /// Slow senders: headers and a webhook's body must arrive within these.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -279,6 +285,20 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
             diags.push(doc.at(key, "a timeout is at least 1s"));
         }
     }
+    match (&top.dedup_window, &top.retention) {
+        (Some(_), None) => diags.push(doc.at(
+            "dedup_window",
+            "applies to what retention leaves of an event: set `retention:` too",
+        )),
+        (Some(w), Some(r)) if w.0 < r.0 => diags.push(doc.at(
+            "dedup_window",
+            format!(
+                "is shorter than `retention` ({}): events are de-duplicated at least as long as their payload is kept",
+                humantime::format_duration(r.0)
+            ),
+        )),
+        _ => {}
+    }
     if let Some(u) = &top.public_url {
         if let Err(m) = check_url(u) {
             diags.push(doc.at("public_url", m));
@@ -373,6 +393,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         max_body: top.max_body.map(|b| b.0).unwrap_or(DEFAULT_MAX_BODY),
         pii_fields: top.pii_fields.unwrap_or_default(),
         retention: top.retention.map(|d| d.0),
+        dedup_window: top.dedup_window.map(|d| d.0),
         header_timeout: top
             .header_timeout
             .map_or(crate::http::HEADER_TIMEOUT, |d| d.0),
@@ -438,6 +459,7 @@ impl TopSpec {
             max_body,
             pii_fields,
             retention,
+            dedup_window,
             header_timeout,
             body_timeout,
             api_keys,
@@ -457,6 +479,7 @@ impl TopSpec {
         self.max_body = self.max_body.take().or(max_body);
         self.pii_fields = self.pii_fields.take().or(pii_fields);
         self.retention = self.retention.take().or(retention);
+        self.dedup_window = self.dedup_window.take().or(dedup_window);
         self.header_timeout = self.header_timeout.take().or(header_timeout);
         self.body_timeout = self.body_timeout.take().or(body_timeout);
         self.api_keys = self.api_keys.take().or(api_keys);
@@ -904,6 +927,20 @@ perkflow.yaml:7:5: sources.stripe.secert: unknown field `secert`, expected one o
 perkflow.yaml:9:5: sources.sq: connector `square` signs the notification URL: set `url:` here or `public_url:` at the top\n\
 perkflow.yaml:13:5: sources.pp.secret: `secret` does not apply to connector `paypal` (verify kind `paypal`)\n"
         );
+    }
+
+    #[test]
+    fn the_dedup_window_needs_retention_and_is_not_shorter() {
+        assert_eq!(
+            errors("dedup_window: 30d\n"),
+            "perkflow.yaml:1:15: dedup_window: applies to what retention leaves of an event: set `retention:` too\n"
+        );
+        assert_eq!(
+            errors("retention: 30d\ndedup_window: 7d\n"),
+            "perkflow.yaml:2:15: dedup_window: is shorter than `retention` (30days): events are de-duplicated at least as long as their payload is kept\n"
+        );
+        let c = load("retention: 30d\ndedup_window: 90d\n", false).unwrap();
+        assert_eq!(c.dedup_window, Some(Duration::from_secs(90 * 86_400)));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `--suite soak`: a bounded run (`--soak-minutes`, default 30) at a steady open-loop rate
 //! (`--rate`, default 50/s) through perkflow to a faulty sink (every 5th request 503, every
-//! 200th 429 with `Retry-After: 1`, which pauses the whole sink for a second), with retention at 2 minutes. Every 30 s it samples the
+//! 200th 429 with `Retry-After: 1`, which pauses the whole sink for a second), with retention at 2 minutes and a 4-minute de-duplication window. Every 30 s it samples the
 //! daemon's resident memory, open files and data-dir size; at the end it waits for the
 //! backlog to drain and checks that every acknowledged webhook reached the sink.
 
@@ -82,7 +82,7 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
     let dir = scratch.join("soak");
     let cfg = forward_project(
         &dir,
-        "data_dir: data\nretention: 2m\n",
+        "data_dir: data\nretention: 2m\ndedup_window: 4m\n",
         &format!("http://127.0.0.1:{sink_port}/sink"),
         "{ id: \"{{ event.id }}\" }",
     )?;
@@ -90,7 +90,7 @@ pub fn suite(perkflow: &Path, tools: &Path, o: &Opts, scratch: &Path) -> Result<
     let url = format!("{base}/hooks/shop");
     let pid = child.id();
     println!(
-        "\nperkflow-bench soak: {} min at {}/s, faulty sink (20 % 503, 0.5 % 429 + Retry-After 1 s), retention 2 min",
+        "\nperkflow-bench soak: {} min at {}/s, faulty sink (20 % 503, 0.5 % 429 + Retry-After 1 s), retention 2 min, de-duplication window 4 min",
         o.soak_minutes, o.rate
     );
     println!("  minute  RSS MB  files  data MB  acked  delivered  sink refusals");
