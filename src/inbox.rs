@@ -209,7 +209,8 @@ fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
 
 impl Store {
     /// Decides, under the dedup lock, which events are new; gives each new one the next id
-    /// and queues its log record, so that ids grow in log order. Duplicates of an event in
+    /// and queues their log records in one write, so that ids grow in log order and an
+    /// append is durable (or fails) as a whole. Duplicates of an event in
     /// flight wait for its outcome. The sled de-duplication entry is written after the record
     /// is durable, by the indexer (`store`); until then the reservation answers for it.
     fn append_now(&self, events: &[NewEvent]) -> Result<Staged, StoreError> {
@@ -239,50 +240,61 @@ impl Store {
             .reserved
             .lock()
             .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
-        for (key, mut record) in prepared {
-            if let Some((prior, outcome)) = reserved.get(&key) {
-                let own = staged.fresh.iter().any(|f| f.id == *prior);
-                staged.answers.push(Appended {
-                    id: format_id(*prior),
-                    duplicate: true,
-                });
-                if !own {
-                    staged.in_flight.push(outcome.clone());
+        // Every decision first (the only step that can fail), then ids and one log write
+        // for all the new records: an error leaves nothing queued.
+        enum Decided {
+            New,
+            /// A copy of the `n`th event of this batch.
+            Again(usize),
+            Prior(u64, Option<tokio::sync::watch::Receiver<Option<bool>>>),
+        }
+        let mut decided = Vec::with_capacity(prepared.len());
+        for (i, (key, _)) in prepared.iter().enumerate() {
+            if let Some(first) = prepared[..i].iter().position(|(k, _)| k == key) {
+                decided.push(Decided::Again(first));
+            } else if let Some((prior, outcome)) = reserved.get(key) {
+                decided.push(Decided::Prior(*prior, Some(outcome.clone())));
+            } else {
+                match self.live_dedup(key)? {
+                    Some(prior) => decided.push(Decided::Prior(prior, None)),
+                    None => decided.push(Decided::New),
                 }
-                continue;
             }
-            let prior = match self.live_dedup(&key) {
-                Ok(p) => p,
-                Err(err) => {
-                    Self::settle(&mut reserved, &staged.fresh, false);
-                    return Err(err);
+        }
+        let mut records = Vec::new();
+        let mut ids = Vec::with_capacity(prepared.len());
+        for ((key, mut record), d) in prepared.into_iter().zip(decided) {
+            let (id, duplicate) = match d {
+                Decided::Again(first) => (ids[first], true),
+                Decided::Prior(prior, outcome) => {
+                    staged.in_flight.extend(outcome);
+                    (prior, true)
+                }
+                Decided::New => {
+                    let id = self.allocate_id();
+                    set_id(&mut record, id);
+                    let tag = crate::wal::Tag {
+                        id,
+                        key: key.clone(),
+                    };
+                    records.push((Bytes::from(record), tag));
+                    let outcome = tokio::sync::watch::channel(None).0;
+                    reserved.insert(key.clone(), (id, outcome.subscribe()));
+                    staged.fresh.push(Fresh { id, key, outcome });
+                    (id, false)
                 }
             };
-            if let Some(prior) = prior {
-                staged.answers.push(Appended {
-                    id: format_id(prior),
-                    duplicate: true,
-                });
-                continue;
-            }
-            let id = self.allocate_id();
-            set_id(&mut record, id);
-            let tag = crate::wal::Tag {
-                id,
-                key: key.clone(),
-            };
-            staged.writes.push(self.wal.append_tagged(
-                Bytes::from(record),
-                tag,
-                self.durability == Durability::Fsync,
-            ));
-            let outcome = tokio::sync::watch::channel(None).0;
-            reserved.insert(key.clone(), (id, outcome.subscribe()));
-            staged.fresh.push(Fresh { id, key, outcome });
+            ids.push(id);
             staged.answers.push(Appended {
                 id: format_id(id),
-                duplicate: false,
+                duplicate,
             });
+        }
+        if !records.is_empty() {
+            staged.writes.push(
+                self.wal
+                    .append_tagged(records, self.durability == Durability::Fsync),
+            );
         }
         Ok(staged)
     }
@@ -358,10 +370,28 @@ impl Store {
         if let Some(record) = self.log.recent(n) {
             return decode_shared(&record).map(Some);
         }
-        match self.log.locate(n)? {
-            Some((seq, e)) => decode(&self.log.read(seq, e)?).map(Some),
+        match self.event_in_log(n)? {
+            Some(raw) => decode(&raw).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// An event's record read from the log; if retention moved it into sled meanwhile (the
+    /// file is gone), from there.
+    fn event_in_log(&self, n: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let found = match self.log.locate(n)? {
+            Some((seq, e)) => match self.log.read(seq, e) {
+                Ok(raw) => return Ok(Some(raw)),
+                Err(err) => Err(err),
+            },
+            None => Ok(None),
+        };
+        if self.kept_in_sled() {
+            if let Some(raw) = self.events.get(n.to_be_bytes())? {
+                return Ok(Some(raw.to_vec()));
+            }
+        }
+        found
     }
 
     /// An event's record as stored, and whether it is kept in sled (not in the log).
@@ -371,10 +401,7 @@ impl Store {
                 return Ok(Some((raw.to_vec(), true)));
             }
         }
-        match self.log.locate(n)? {
-            Some((seq, e)) => Ok(Some((self.log.read(seq, e)?, false))),
-            None => Ok(None),
-        }
+        Ok(self.event_in_log(n)?.map(|raw| (raw, false)))
     }
 
     /// Event ids in `lo..hi`, ascending (descending with `rev`): those of the log merged with
@@ -431,9 +458,19 @@ impl Store {
     /// How many events wait for processing.
     pub fn pending_len(&self) -> usize {
         let from = self.processed_to.load(std::sync::atomic::Ordering::Relaxed);
-        self.log.count_from(from).unwrap_or(0)
-            + self.events.range(from.to_be_bytes()..).count()
-            + self.deferred.len()
+        // Events kept in sled above the watermark (moved out of a dropped file) count unless
+        // the log still has them too, or they were purged.
+        let kept = self
+            .events
+            .range(from.to_be_bytes()..)
+            .filter_map(|r| r.ok())
+            .filter(|(k, v)| {
+                let id = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                decode_meta(v).is_ok_and(|(m, _)| m.purged_at_ms.is_none())
+                    && self.log.locate(id).ok().flatten().is_none()
+            })
+            .count();
+        self.log.count_from(from).unwrap_or(0) + kept + self.deferred.len()
     }
 
     /// The event id stored for (source, vendor id), if any.
@@ -846,6 +883,86 @@ mod tests {
         assert!(s.append(vec![ev("shop", "e1")]).await.unwrap()[0].duplicate);
         assert_eq!(s.events().count(), 1);
         assert_eq!(s.pending_len(), 1);
+    }
+
+    /// Regression (review): an append whose de-duplication check fails part-way leaves
+    /// nothing queued (it used to write the records decided before the failure), and an
+    /// append of several events is written whole or not at all.
+    #[tokio::test]
+    async fn a_failed_append_leaves_no_event_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Store::open_with(
+            dir.path(),
+            Durability::Fsync,
+            Duration::from_millis(50),
+            64 << 20,
+            Some(fault.clone()),
+        )
+        .unwrap();
+        // A de-duplication entry whose event cannot be read (its file is missing).
+        s.dedup
+            .insert(dedup_key("shop", "broken"), &999u64.to_be_bytes())
+            .unwrap();
+        s.log.add(
+            7_777,
+            [crate::eventlog::Entry {
+                id: 999,
+                off: 0,
+                len: 10,
+            }],
+        );
+        assert!(s
+            .append(vec![ev("shop", "fresh"), ev("shop", "broken")])
+            .await
+            .is_err());
+        fault.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(s
+            .append(vec![ev("shop", "a"), ev("shop", "b")])
+            .await
+            .is_err());
+        fault.store(false, std::sync::atomic::Ordering::Relaxed);
+        s.flush_index();
+        // (The broken entry itself reads as an error.)
+        let stored = || s.events().filter_map(Result::ok).count();
+        assert_eq!(stored(), 0, "nothing of the failed appends is stored");
+        let again = s
+            .append(vec![ev("shop", "fresh"), ev("shop", "a"), ev("shop", "b")])
+            .await
+            .unwrap();
+        assert!(again.iter().all(|a| !a.duplicate));
+        assert_eq!(stored(), 3);
+    }
+
+    /// Regression (review): an event whose file retention deletes between finding it in the
+    /// index and reading it is read from sled, where it was moved first.
+    #[tokio::test]
+    async fn an_event_moved_out_of_a_deleted_file_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with(
+            dir.path(),
+            Durability::Fsync,
+            Duration::from_millis(50),
+            64 << 20,
+            None,
+        )
+        .unwrap();
+        let id = s.append(vec![ev("shop", "moved")]).await.unwrap()[0]
+            .id
+            .clone();
+        let n = parse_id(&id).unwrap();
+        let (seq, entry) = s.log.locate(n).unwrap().unwrap();
+        let record = s.log.read(seq, entry).unwrap();
+        s.mark_kept();
+        s.events.insert(n.to_be_bytes(), record).unwrap();
+        // The file gone while the index still names it (read past the recent window).
+        std::fs::remove_file(crate::wal::path(s.log.dir(), seq)).unwrap();
+        assert_eq!(
+            s.event_in_log(n)
+                .unwrap()
+                .map(|r| decode(&r).unwrap().meta.vendor_id),
+            Some("moved".to_string())
+        );
     }
 
     /// Batch durability answers once the record is in the log file (it survives a crash of

@@ -129,6 +129,8 @@ impl Store {
     /// Deletes the sealed log files whose events are all below `below` (every one of them
     /// purged, or kept): a kept event's record is first moved into sled, durably.
     fn drop_log_files(&self, below: u64) -> Result<(), StoreError> {
+        // Never a file the worker has not passed yet: it reads new events from the log.
+        let below = below.min(self.processed_to.load(std::sync::atomic::Ordering::Relaxed));
         for seq in self.log.sealed_below(below) {
             for e in self.log.entries(seq)? {
                 let key = e.id.to_be_bytes();

@@ -188,8 +188,8 @@ impl Store {
         let (index_tx, index_rx) = mpsc::channel::<Indexing>();
         let on_news: wal::OnNews = {
             let (log, tx) = (log.clone(), Mutex::new(index_tx.clone()));
-            Arc::new(move |news: News| {
-                if let News::Durable { seq, records } = &news {
+            Arc::new(move |mut news: News| {
+                if let News::Durable { seq, records } = &mut news {
                     log.add(
                         *seq,
                         records.iter().map(|r| Entry {
@@ -198,7 +198,12 @@ impl Store {
                             len: r.len,
                         }),
                     );
-                    log.remember(records.iter().map(|r| (r.id, r.record.clone())));
+                    // The window takes the payloads; the indexer needs only keys and places.
+                    log.remember(
+                        records
+                            .iter_mut()
+                            .map(|r| (r.id, std::mem::take(&mut r.record))),
+                    );
                 }
                 let _ = tx
                     .lock()
@@ -260,6 +265,7 @@ impl Store {
             indexer: index_tx,
             dedup_through,
         }));
+        store.migrate()?;
         store.recover(&leftover)?;
         store
             .start_indexer(index_rx)
@@ -268,6 +274,41 @@ impl Store {
             .start_checkpointer()
             .map_err(|e| io("checkpoint thread", e))?;
         Ok(store)
+    }
+
+    /// A store written before the log became the event store kept every event in `events`
+    /// and a `pending` mark per unprocessed one: the watermark goes past all of them and the
+    /// marks become deferred entries, so nothing is processed twice or skipped.
+    fn migrate(&self) -> Result<(), StoreError> {
+        if !self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"pending")
+        {
+            return Ok(());
+        }
+        let pending = self.db.open_tree("pending")?;
+        if self.meta.get("processed_to")?.is_none() {
+            let to = self
+                .events
+                .last()?
+                .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .map(|l| l + 1)
+                .unwrap_or(0);
+            for k in pending.iter().keys() {
+                self.deferred.insert(k?, &[])?;
+            }
+            self.meta.insert("processed_to", &to.to_be_bytes())?;
+            self.processed_to.store(to, Ordering::Relaxed);
+        }
+        if !self.events.is_empty() {
+            self.mark_kept();
+        }
+        self.make_sled_durable()?;
+        self.db.drop_tree("pending")?;
+        tracing::info!("migrated the inbox to the log-as-store layout");
+        Ok(())
     }
 
     /// Indexes the log files a crash left without a stored index, completes the
@@ -281,7 +322,14 @@ impl Store {
             .unwrap_or((0, 0));
         let (mut indexed, mut repaired) = (0usize, 0usize);
         for (seq, path) in files {
-            let sealed = self.log.is_sealed(*seq)?;
+            let mut sealed = self.log.is_sealed(*seq)?;
+            if sealed && !self.log.fits(*seq, path)? {
+                // Its index names records the file does not hold (a power loss took an
+                // unsynced tail): indexed again from what is there.
+                tracing::warn!(file = %path.display(), "inbox log file shorter than its index; indexing it again");
+                self.log.forget(*seq)?;
+                sealed = false;
+            }
             if sealed && *seq < through.0 {
                 continue;
             }
@@ -333,8 +381,14 @@ impl Store {
                 .last()?
                 .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes)),
         );
-        self.next_id
-            .store(last.max().map(|l| l + 1).unwrap_or(0), Ordering::Relaxed);
+        // Never below the watermark: with batch durability a power loss can take log records
+        // the worker had already passed; a new event must not get one of their ids.
+        let next = last
+            .max()
+            .map(|l| l + 1)
+            .unwrap_or(0)
+            .max(self.processed_to.load(Ordering::Relaxed));
+        self.next_id.store(next, Ordering::Relaxed);
         if indexed + repaired > 0 || !files.is_empty() {
             let through = *self.dedup_through.lock().expect("dedup position");
             self.meta
@@ -690,5 +744,103 @@ mod tests {
         assert!(s.append(vec![ev("v22")]).await.unwrap()[0].duplicate);
         let new = s.append(vec![ev("v99")]).await.unwrap()[0].id.clone();
         assert!(crate::inbox::parse_id(&new).unwrap() > 1024, "{new}");
+    }
+
+    /// A store written before the log became the event store: events in sled, a pending
+    /// mark per unprocessed one. After the upgrade only those are processed.
+    #[tokio::test]
+    async fn an_old_store_is_migrated_without_reprocessing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let events = db.open_tree("events").unwrap();
+            let pending = db.open_tree("pending").unwrap();
+            for i in 0..5u64 {
+                let mut e = ev(&format!("old{i}"));
+                e.received_at_ms = 1;
+                let meta = crate::inbox::EventMeta {
+                    id: crate::inbox::format_id(i),
+                    source: e.source,
+                    connector: e.connector,
+                    vendor_id: e.vendor_id,
+                    event_type: e.event_type,
+                    event_time: None,
+                    received_at_ms: 1,
+                    headers: vec![],
+                    purged_at_ms: None,
+                };
+                events
+                    .insert(i.to_be_bytes(), crate::inbox::encode(&meta, b"{}"))
+                    .unwrap();
+            }
+            pending.insert(3u64.to_be_bytes(), &[]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), Durability::Fsync, Duration::from_millis(50)).unwrap();
+        let left = s.pending_events(10).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].meta.vendor_id, "old3");
+        assert_eq!(s.events().count(), 5);
+        let new = s.append(vec![ev("new")]).await.unwrap()[0].id.clone();
+        assert_eq!(new, crate::inbox::format_id(5));
+        assert_eq!(s.pending_len(), 2);
+    }
+
+    /// With batch durability a power loss can take log records the worker had passed: new
+    /// ids never go below the watermark.
+    #[tokio::test]
+    async fn new_ids_start_at_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), Durability::Batch, Duration::from_millis(50)).unwrap();
+            s.meta
+                .insert("processed_to", &100u64.to_be_bytes())
+                .unwrap();
+            tokio::task::spawn_blocking(move || s.close())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let s = Store::open(dir.path(), Durability::Batch, Duration::from_millis(50)).unwrap();
+        let id = s.append(vec![ev("after")]).await.unwrap()[0].id.clone();
+        assert_eq!(id, crate::inbox::format_id(100));
+        assert_eq!(s.pending_events(10).unwrap().len(), 1);
+    }
+
+    /// A sealed file shorter than its index (an unsynced tail lost) is indexed again from
+    /// what it holds.
+    #[tokio::test]
+    async fn a_file_shorter_than_its_index_is_indexed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            Store::open_with(
+                dir.path(),
+                Durability::Fsync,
+                Duration::from_millis(50),
+                1 << 20,
+                None,
+            )
+            .unwrap()
+        };
+        let s = open();
+        for i in 0..3 {
+            s.append(vec![ev(&format!("t{i}"))]).await.unwrap();
+        }
+        let seq = wal::files(s.wal.dir()).unwrap()[0].0;
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        let path = wal::path(&dir.path().join(WAL_DIR), seq);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let s = open();
+        let got: Vec<String> = s.events().map(|e| e.unwrap().meta.vendor_id).collect();
+        assert_eq!(got, ["t0", "t1"]);
     }
 }

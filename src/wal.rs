@@ -67,8 +67,8 @@ pub enum News {
 pub type OnNews = Arc<dyn Fn(News) + Send + Sync>;
 
 enum Msg {
-    /// Append `bytes` (may be empty: a barrier) and answer per `Until`.
-    Append(bytes::Bytes, Option<Tag>, Reply, Until),
+    /// Append the records (none: a barrier) in one write and answer per `Until`.
+    Append(Vec<(bytes::Bytes, Option<Tag>)>, Reply, Until),
     /// Seal the current file and start the next; answers the sealed file's sequence number.
     Rotate(oneshot::Sender<Result<u64, String>>),
 }
@@ -213,24 +213,35 @@ impl Wal {
     /// Queues `payload`; the receiver resolves once it is synced to disk. Queue order is log
     /// order.
     pub fn append(&self, payload: bytes::Bytes) -> Pending {
-        self.send(payload, None, Until::Synced)
+        let records = if payload.is_empty() {
+            vec![]
+        } else {
+            vec![(payload, None)]
+        };
+        self.send(records, Until::Synced)
     }
 
-    /// Queues a record to index (reported in `News::Durable` before its waiter is answered);
-    /// `synced`: answered after the sync, else once written to the OS (batch durability: it
-    /// survives a crash of this process; the sync follows within the lazy-sync interval).
-    pub fn append_tagged(&self, payload: bytes::Bytes, tag: Tag, synced: bool) -> Pending {
+    /// Queues records to index, written together in one write (never split across files
+    /// or writes), reported in `News::Durable` before the waiter is answered; `synced`:
+    /// answered after the sync, else once written to the OS (batch durability: it survives
+    /// a crash of this process; the sync follows within the lazy-sync interval).
+    pub fn append_tagged(&self, records: Vec<(bytes::Bytes, Tag)>, synced: bool) -> Pending {
         let until = if synced {
             Until::Synced
         } else {
             Until::Written
         };
-        self.send(payload, Some(tag), until)
+        let records = records
+            .into_iter()
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, t)| (p, Some(t)))
+            .collect();
+        self.send(records, until)
     }
 
-    fn send(&self, payload: bytes::Bytes, tag: Option<Tag>, until: Until) -> Pending {
+    fn send(&self, records: Vec<(bytes::Bytes, Option<Tag>)>, until: Until) -> Pending {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Append(payload, tag, tx, until));
+        let _ = self.tx.send(Msg::Append(records, tx, until));
         rx
     }
 
@@ -384,8 +395,8 @@ fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: 
         let mut next = first;
         while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
             match msg {
-                Msg::Append(payload, tag, reply, until) => {
-                    if !payload.is_empty() {
+                Msg::Append(records, reply, until) => {
+                    for (payload, tag) in records {
                         if let Some(t) = tag {
                             tagged.push(Logged {
                                 id: t.id,
@@ -467,7 +478,9 @@ fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: 
         for r in rotations.drain(..) {
             let _ = r.send(w.rotate());
         }
-        if w.good_len >= w.options.segment_bytes && unsynced_since.is_none() {
+        // Sealed only once everything in it is synced (its index must not name records a
+        // power loss could take).
+        if w.good_len >= w.options.segment_bytes && w.synced_len == w.good_len {
             if let Err(e) = w.rotate() {
                 tracing::error!(error = %e, "cannot seal the inbox log file; it keeps growing");
             }
@@ -526,7 +539,7 @@ mod tests {
                 id: i,
                 key: vec![i as u8],
             };
-            wal.append_tagged(format!("record-{i}").into_bytes().into(), tag, true)
+            wal.append_tagged(vec![(format!("record-{i}").into_bytes().into(), tag)], true)
                 .await
                 .unwrap()
                 .unwrap();
@@ -541,7 +554,7 @@ mod tests {
             key: vec![9],
         };
         assert!(wal
-            .append_tagged(bytes::Bytes::from_static(b"lost"), tag, true)
+            .append_tagged(vec![(bytes::Bytes::from_static(b"lost"), tag)], true)
             .await
             .unwrap()
             .is_err());
@@ -585,7 +598,7 @@ mod tests {
             id: 1,
             key: b"k".to_vec(),
         };
-        wal.append_tagged(bytes::Bytes::from_static(b"lazy"), tag, false)
+        wal.append_tagged(vec![(bytes::Bytes::from_static(b"lazy"), tag)], false)
             .await
             .unwrap()
             .unwrap();
