@@ -34,6 +34,7 @@ const CASES: &[&str] = &[
     "top_level_and_sources",
     "user_connectors",
     "api_key_scope",
+    "dedup_window",
 ];
 
 /// The valid config: its secrets reference a variable that is never set.
