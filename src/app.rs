@@ -483,6 +483,7 @@ impl Prepared {
                 move || state.runtime(),
                 self.state.wake.clone(),
                 self.state.jobs_ready.clone(),
+                self.state.lanes.clone(),
                 worker_stop.clone(),
             ))
         };

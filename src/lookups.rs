@@ -19,6 +19,19 @@ pub struct Clients {
     /// Sinks whose last lookup failed for now, until when they are not asked again (a
     /// vendor that times out costs one timeout per pause, not one per waiting event).
     resting: Mutex<HashMap<String, (std::time::Instant, String)>>,
+    /// The delivery engine's lanes: a lookup counts against its sink's rate and concurrency
+    /// like a delivery (none in dry runs and replay plans).
+    lanes: Option<crate::delivery::Lanes>,
+}
+
+impl Clients {
+    /// Clients whose lookups go through the delivery engine's limits.
+    pub fn limited_by(lanes: crate::delivery::Lanes) -> Clients {
+        Clients {
+            lanes: Some(lanes),
+            ..Default::default()
+        }
+    }
 }
 
 /// How long a sink whose lookup failed for now is not asked again.
@@ -226,6 +239,25 @@ impl Effects for Live<'_> {
             .get(self.runtime, call.sink)
             .map_err(LookupError::Fail)?;
         let key = format!("lookup:{}:{}:{}", call.event_id, call.pipeline, call.name);
+        let lane = self.clients.lanes.as_ref().and_then(|l| {
+            l.sinks
+                .lock()
+                .ok()
+                .and_then(|sinks| sinks.get(call.sink).cloned())
+        });
+        let _permit = match &lane {
+            Some(lane) => match self.handle.block_on(lane.admit(crate::delivery::now_ms())) {
+                Ok(p) => Some(p),
+                Err(until) => {
+                    return Err(LookupError::Retry(format!(
+                        "not asked: `{}` asked perkflow to wait until {}",
+                        call.sink,
+                        crate::sign::rfc3339((until / 1000) as i64)
+                    )))
+                }
+            },
+            None => None,
+        };
         let sent = self.handle.block_on(client.attempt(
             call.action,
             call.with,

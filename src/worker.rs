@@ -205,10 +205,12 @@ pub async fn run_worker(
     runtime: impl Fn() -> Arc<Runtime> + Send + 'static,
     wake: Arc<Notify>,
     jobs_ready: Arc<Notify>,
+    lanes: crate::delivery::Lanes,
     shutdown: CancellationToken,
 ) {
     let engine = Arc::new(Engine::new());
-    let clients = Arc::new(crate::lookups::Clients::default());
+    // Lookups count against their sink's rate and concurrency, like deliveries.
+    let clients = Arc::new(crate::lookups::Clients::limited_by(lanes));
     let mut deferrals = Deferrals::default();
     loop {
         let rt = runtime();

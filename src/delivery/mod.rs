@@ -144,6 +144,21 @@ impl Lane {
     pub fn in_flight(&self) -> usize {
         self.concurrency - self.permits.available_permits()
     }
+
+    /// Admits one request outside the dispatcher (a pipeline's lookup) under the same
+    /// limits as deliveries: the sink's rate, its concurrency, and a pause the vendor asked
+    /// for (`Err(until_ms)`). The permit is held until the request is done.
+    pub async fn admit(&self, now_ms: u64) -> Result<tokio::sync::OwnedSemaphorePermit, u64> {
+        if let Some(until) = self.paused_until(now_ms) {
+            return Err(until);
+        }
+        self.limiter.until_ready().await;
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| now_ms)
+    }
 }
 
 /// What the breaker learns from an attempt.

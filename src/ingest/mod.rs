@@ -48,7 +48,10 @@ fn count(source: &str, result: &'static str, reason: &'static str) {
         "ping" => {}
         _ => {
             let why = match reason {
-                "bad_signature" => "signature does not verify (a wrong secret, or requests not sent by the vendor)".to_string(),
+                "bad_signature" => {
+                    "signature does not verify (a wrong secret, or requests not sent by the vendor)"
+                        .to_string()
+                }
                 "missing_header" => "signature header missing".to_string(),
                 "stale" => "timestamp outside the tolerance".to_string(),
                 other => format!("{result}: {other}"),

@@ -132,3 +132,52 @@ async fn lookups_read_the_entities_a_failing_one_defers_the_run_and_a_missing_on
         "the token is never logged"
     );
 }
+
+/// Lookups count against their sink's rate like deliveries: six payments (eighteen reads)
+/// through a QuickBooks sink limited to 4 requests a second take at least two seconds (the
+/// connector's burst of ten, then four a second), where unlimited they take milliseconds.
+#[tokio::test]
+async fn lookups_go_through_the_sinks_rate_limit() {
+    let (sb, url, _stop) = sandbox().await;
+    let (dir, config) = project(&url);
+    let config = config.replace(
+        "accounting: { connector: quickbooks,",
+        "accounting: { connector: quickbooks, rate: 4/s,",
+    );
+    assert!(config.contains("rate: 4/s"));
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let t0 = Instant::now();
+    for i in 0..6 {
+        let a = post(
+            &c,
+            &d.url("/hooks/qbo"),
+            &payment(&format!("rl-{i}"), "118743"),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reads = sb
+            .received()
+            .iter()
+            .filter(|r| r.vendor == "quickbooks")
+            .count();
+        if reads >= 18 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{reads} reads\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "eighteen reads at 4/s after a burst of ten took only {took:?}"
+    );
+    assert!(sb
+        .received()
+        .iter()
+        .filter(|r| r.vendor == "quickbooks")
+        .all(|r| r.status == 200));
+}

@@ -75,7 +75,10 @@ async fn connector_health_tells_what_is_wrong_and_where() {
     assert_eq!(shop["ok_5m"], 6);
     let woo = connector(&report, "woo");
     assert_eq!(woo["state"], "credentials_failing", "{woo:#}");
-    assert_eq!(woo["why"], "signature does not verify (a wrong secret, or requests not sent by the vendor)");
+    assert_eq!(
+        woo["why"],
+        "signature does not verify (a wrong secret, or requests not sent by the vendor)"
+    );
     assert_eq!(woo["failed_5m"], 3);
     let sms = connector(&report, "sms");
     assert_eq!(sms["kind"], "sink");
