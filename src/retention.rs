@@ -103,7 +103,10 @@ impl Store {
                 break;
             }
             next = id + 1;
-            if ev.meta.purged_at_ms.is_none() {
+            // Kept whole, or purged but still in a log file that retention has not dropped
+            // yet: that drop tells purged events (metadata here) from kept ones (moved
+            // here) by this entry, so it stays until the file is gone.
+            if ev.meta.purged_at_ms.is_none() || self.log.locate(id)?.is_some() {
                 first_kept.get_or_insert(id);
                 continue;
             }
@@ -127,7 +130,9 @@ impl Store {
     }
 
     /// Deletes the sealed log files whose events are all below `below` (every one of them
-    /// purged, or kept): a kept event's record is first moved into sled, durably.
+    /// purged, or kept): a kept event's record is first moved into sled, durably. An event
+    /// with no entry in sled is a kept one: a purged one has its metadata there, which
+    /// `forget` leaves until the file is gone.
     fn drop_log_files(&self, below: u64) -> Result<(), StoreError> {
         // Never a file the worker has not passed yet: it reads new events from the log.
         let below = below.min(self.processed_to.load(std::sync::atomic::Ordering::Relaxed));
@@ -198,6 +203,12 @@ impl Store {
             // Changed meanwhile: looked at again next pass.
             Ok(Verdict::Kept)
         }
+    }
+
+    /// `purge_one` of one event at `now_ms` 5,000 (tests).
+    #[cfg(test)]
+    fn purge_one_for_test(&self, id: u64) {
+        self.purge_one(id, 5_000, &mut Purged::default()).unwrap();
     }
 
     /// Removes a finished job if it is still the one read (an operator's replay would have
@@ -386,6 +397,7 @@ mod tests {
         assert_eq!(left[1].meta.id, ids[11]);
         // Past the de-duplication window, what was left of the purged events goes (the
         // pending ones stay whole); a re-delivery is then stored as new.
+        // (The window passing before the file is dropped is covered below.)
         let (dropped, next) = s.forget(2_000, 0).unwrap();
         assert_eq!(dropped, 10);
         assert_eq!(
@@ -398,5 +410,54 @@ mod tests {
         assert!(!s.append(vec![ev("v0")]).await.unwrap()[0].duplicate);
         assert!(s.append(vec![ev("v11")]).await.unwrap()[0].duplicate);
         assert_eq!(s.forget(2_000, next).unwrap().0, 0);
+    }
+
+    /// Regression (soak): the window passing while the purged events' log file is still
+    /// there left them with nothing in sled, and dropping the file then took them for kept
+    /// ones and copied their whole records (payloads retention had purged) into sled.
+    #[tokio::test]
+    async fn the_window_waits_for_the_log_file_and_purged_payloads_stay_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with(
+            dir.path(),
+            Durability::Fsync,
+            Duration::from_millis(50),
+            200,
+            None,
+        )
+        .unwrap();
+        for i in 0..12 {
+            s.append(vec![ev(&format!("w{i}"))]).await.unwrap();
+        }
+        s.flush_index();
+        let batch = s.pending_events_except(12, &Default::default()).unwrap();
+        let done: Vec<_> = batch.events.iter().map(|e| (e, vec![], vec![])).collect();
+        s.complete(&done, &[], batch.through).unwrap();
+        // Purged, then the window passes before any file is dropped.
+        let mut recheck = Default::default();
+        for i in 0..12u64 {
+            s.purge_one_for_test(i);
+        }
+        assert_eq!(s.events.len(), 12);
+        let (dropped, next) = s.forget(2_000, 0).unwrap();
+        assert_eq!(
+            (dropped, next),
+            (0, 0),
+            "still in the log: kept until the file goes"
+        );
+        // Now the files go: nothing is moved (all purged), and then the metadata can go.
+        let p = s.purge(2_000, 5_000, 0, &mut recheck).unwrap();
+        assert_eq!(p.kept, 0);
+        for e in s.events.iter().values() {
+            let e = crate::inbox::decode(&e.unwrap()).unwrap();
+            assert!(e.payload.is_empty(), "a purged payload came back");
+        }
+        let (dropped, _) = s.forget(2_000, 0).unwrap();
+        // Those of the file still being written stay until it is sealed and dropped.
+        assert!(dropped > 0 && dropped < 12, "{dropped}");
+        for e in s.events.iter().values() {
+            let e = crate::inbox::decode(&e.unwrap()).unwrap();
+            assert!(e.payload.is_empty(), "a purged payload came back");
+        }
     }
 }
