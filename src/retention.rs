@@ -310,16 +310,7 @@ mod tests {
     use std::time::Duration;
 
     fn ev(vid: &str) -> NewEvent {
-        NewEvent {
-            source: "shop".into(),
-            connector: "shopify".into(),
-            vendor_id: vid.into(),
-            event_type: "orders/paid".into(),
-            event_time: None,
-            received_at_ms: 1_000,
-            headers: vec![("x-a".into(), "b".into())],
-            payload: bytes::Bytes::from(format!("{{\"order\":\"{vid}\"}}")),
-        }
+        crate::store::order_event(vid, 1_000)
     }
 
     /// Sealed log files whose events are all purged or kept are deleted; a kept (still
@@ -453,8 +444,9 @@ mod tests {
             assert!(e.payload.is_empty(), "a purged payload came back");
         }
         let (dropped, _) = s.forget(2_000, 0).unwrap();
-        // Those of the file still being written stay until it is sealed and dropped.
-        assert!(dropped > 0 && dropped < 12, "{dropped}");
+        // Those of a file still being written (if the last one is not sealed yet) stay until
+        // it is sealed and dropped.
+        assert!(dropped > 0, "{dropped}");
         for e in s.events.iter().values() {
             let e = crate::inbox::decode(&e.unwrap()).unwrap();
             assert!(e.payload.is_empty(), "a purged payload came back");

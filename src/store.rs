@@ -638,22 +638,29 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
+/// A Shopify order event `vid` received at `received_at_ms`, payload `{"order":"<vid>"}`
+/// (tests).
+#[cfg(test)]
+pub(crate) fn order_event(vid: &str, received_at_ms: u64) -> crate::inbox::NewEvent {
+    crate::inbox::NewEvent {
+        source: "shop".into(),
+        connector: "shopify".into(),
+        vendor_id: vid.into(),
+        event_type: "orders/paid".into(),
+        event_time: None,
+        received_at_ms,
+        headers: vec![("x-a".into(), "b".into())],
+        payload: bytes::Bytes::from(format!("{{\"order\":\"{vid}\"}}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbox::{Inbox, NewEvent};
+    use crate::inbox::Inbox;
 
-    fn ev(vid: &str) -> NewEvent {
-        NewEvent {
-            source: "shop".into(),
-            connector: "shopify".into(),
-            vendor_id: vid.into(),
-            event_type: "orders/paid".into(),
-            event_time: None,
-            received_at_ms: 1,
-            headers: vec![],
-            payload: bytes::Bytes::from(format!("{{\"order\":\"{vid}\"}}")),
-        }
+    fn ev(vid: &str) -> crate::inbox::NewEvent {
+        order_event(vid, 1)
     }
 
     /// Files fill up and are sealed; each keeps its events readable, in order, across a
@@ -661,16 +668,19 @@ mod tests {
     #[tokio::test]
     async fn sealed_and_unsealed_files_survive_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ids = Vec::new();
-        {
-            let s = Store::open_with(
+        let open = || {
+            Store::open_with(
                 dir.path(),
                 Durability::Fsync,
                 Duration::from_millis(50),
                 300,
                 None,
             )
-            .unwrap();
+            .unwrap()
+        };
+        let mut ids = Vec::new();
+        {
+            let s = open();
             for i in 0..20 {
                 ids.push(
                     s.append(vec![ev(&format!("v{i}"))]).await.unwrap()[0]
@@ -689,14 +699,7 @@ mod tests {
                 .unwrap();
         }
         {
-            let s = Store::open_with(
-                dir.path(),
-                Durability::Fsync,
-                Duration::from_millis(50),
-                300,
-                None,
-            )
-            .unwrap();
+            let s = open();
             let got: Vec<String> = s.events().map(|e| e.unwrap().meta.id).collect();
             assert_eq!(got, ids);
             assert!(s.append(vec![ev("v3")]).await.unwrap()[0].duplicate);
@@ -730,14 +733,7 @@ mod tests {
             ids.push(meta.id);
         }
         drop(w);
-        let s = Store::open_with(
-            dir.path(),
-            Durability::Fsync,
-            Duration::from_millis(50),
-            300,
-            None,
-        )
-        .unwrap();
+        let s = open();
         let got: Vec<String> = s.events().map(|e| e.unwrap().meta.id).collect();
         assert_eq!(got, ids);
         assert_eq!(s.pending_len(), 25);
