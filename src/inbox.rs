@@ -851,14 +851,7 @@ mod tests {
     async fn a_duplicate_shares_the_fate_of_its_in_flight_original() {
         let dir = tempfile::tempdir().unwrap();
         let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let s = Store::open_with(
-            dir.path(),
-            Durability::Fsync,
-            Duration::from_millis(50),
-            64 << 20,
-            Some(fault.clone()),
-        )
-        .unwrap();
+        let s = crate::store::test_store(dir.path(), 64 << 20, Some(fault.clone()));
         let mut original = s.append_now(&[ev("shop", "e1")]).unwrap();
         assert!(!original.answers[0].duplicate);
         let s2 = s.clone();
@@ -892,14 +885,7 @@ mod tests {
     async fn a_failed_append_leaves_no_event_behind() {
         let dir = tempfile::tempdir().unwrap();
         let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = Store::open_with(
-            dir.path(),
-            Durability::Fsync,
-            Duration::from_millis(50),
-            64 << 20,
-            Some(fault.clone()),
-        )
-        .unwrap();
+        let s = crate::store::test_store(dir.path(), 64 << 20, Some(fault.clone()));
         // A de-duplication entry whose event cannot be read (its file is missing).
         s.dedup
             .insert(dedup_key("shop", "broken"), &999u64.to_be_bytes())
@@ -939,14 +925,7 @@ mod tests {
     #[tokio::test]
     async fn an_event_moved_out_of_a_deleted_file_is_still_read() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open_with(
-            dir.path(),
-            Durability::Fsync,
-            Duration::from_millis(50),
-            64 << 20,
-            None,
-        )
-        .unwrap();
+        let s = crate::store::test_store(dir.path(), 64 << 20, None);
         let id = s.append(vec![ev("shop", "moved")]).await.unwrap()[0]
             .id
             .clone();

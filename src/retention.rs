@@ -304,10 +304,8 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Durability;
     use crate::inbox::{Inbox, NewEvent};
     use crate::store::Store;
-    use std::time::Duration;
 
     fn ev(vid: &str) -> NewEvent {
         crate::store::order_event(vid, 1_000)
@@ -319,16 +317,7 @@ mod tests {
     #[tokio::test]
     async fn drops_log_files_and_keeps_what_is_unfinished() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            Store::open_with(
-                dir.path(),
-                Durability::Fsync,
-                Duration::from_millis(50),
-                200,
-                None,
-            )
-            .unwrap()
-        };
+        let open = || crate::store::test_store(dir.path(), 200, None);
         let s = open();
         let mut ids = Vec::new();
         for i in 0..12 {
@@ -409,14 +398,7 @@ mod tests {
     #[tokio::test]
     async fn the_window_waits_for_the_log_file_and_purged_payloads_stay_purged() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open_with(
-            dir.path(),
-            Durability::Fsync,
-            Duration::from_millis(50),
-            200,
-            None,
-        )
-        .unwrap();
+        let s = crate::store::test_store(dir.path(), 200, None);
         for i in 0..12 {
             s.append(vec![ev(&format!("w{i}"))]).await.unwrap();
         }

@@ -638,6 +638,20 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     (dir, s)
 }
 
+/// A store in `dir` (fsync durability) with log files of `segment_bytes` and a switch that
+/// makes log writes fail (tests).
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path, segment_bytes: u64, fault: Option<Arc<AtomicBool>>) -> Store {
+    Store::open_with(
+        dir,
+        Durability::Fsync,
+        Duration::from_millis(50),
+        segment_bytes,
+        fault,
+    )
+    .expect("store opens")
+}
+
 /// A Shopify order event `vid` received at `received_at_ms`, payload `{"order":"<vid>"}`
 /// (tests).
 #[cfg(test)]
@@ -668,16 +682,7 @@ mod tests {
     #[tokio::test]
     async fn sealed_and_unsealed_files_survive_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            Store::open_with(
-                dir.path(),
-                Durability::Fsync,
-                Duration::from_millis(50),
-                300,
-                None,
-            )
-            .unwrap()
-        };
+        let open = || crate::store::test_store(dir.path(), 300, None);
         let mut ids = Vec::new();
         {
             let s = open();
@@ -808,16 +813,7 @@ mod tests {
     #[tokio::test]
     async fn a_file_shorter_than_its_index_is_indexed_again() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || {
-            Store::open_with(
-                dir.path(),
-                Durability::Fsync,
-                Duration::from_millis(50),
-                1 << 20,
-                None,
-            )
-            .unwrap()
-        };
+        let open = || crate::store::test_store(dir.path(), 1 << 20, None);
         let s = open();
         for i in 0..3 {
             s.append(vec![ev(&format!("t{i}"))]).await.unwrap();
