@@ -187,6 +187,7 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    perkflow::alloc::init();
     small_pages();
     let cli = Cli::parse();
     init_logs(cli.log_format);

@@ -243,9 +243,23 @@ struct Daemon {
 
 /// Starts `perkflow serve -c cfg` on a free loopback port (`PERKFLOW_LOG=log`) and waits for
 /// its listening line; stdout is drained after that.
+///
+/// `PERKFLOW_BENCH_WRAP` (words split on spaces, e.g. `heaptrack -o /tmp/soak`) runs the
+/// daemon under a profiler; the memory figures are then the wrapper's process, not the
+/// daemon's, so use it to find causes, not to take figures.
 fn start_daemon(perkflow: &Path, cfg: &Path, log: &str) -> Result<Daemon, String> {
     let started = Instant::now();
-    let mut child = Command::new(perkflow)
+    let wrap = std::env::var("PERKFLOW_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(perkflow);
+            c
+        }
+        None => Command::new(perkflow),
+    };
+    let mut child = cmd
         .args(["serve", "-c"])
         .arg(cfg)
         .args(["--listen", "127.0.0.1:0"])
@@ -255,7 +269,13 @@ fn start_daemon(perkflow: &Path, cfg: &Path, log: &str) -> Result<Daemon, String
         .spawn()
         .map_err(|e| format!("perkflow: {e}"))?;
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+    // A wrapper may print lines of its own first.
+    let first = lines
+        .by_ref()
+        .take(20)
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("perkflow listening on "))
+        .unwrap_or_default();
     let listening = started.elapsed();
     std::thread::spawn(move || for _ in lines {});
     let base = first
