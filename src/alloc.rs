@@ -118,7 +118,10 @@ mod tests {
             // ... and this would then come from a heap that keeps its pages.
             let big = Layout::from_size_align(LARGE * 2, 8).unwrap();
             let q = a.alloc(big);
-            assert!(mapped(q), "a large block was not mapped: the threshold moved");
+            assert!(
+                mapped(q),
+                "a large block was not mapped: the threshold moved"
+            );
             a.dealloc(q, big);
         }
     }

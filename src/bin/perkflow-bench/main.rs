@@ -154,9 +154,16 @@ fn wait_port(port: u16, limit: Duration) -> Result<(), String> {
 }
 
 fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The daemon runs in a process group of its own (`start_daemon`): a wrapper and the
+    // daemon under it are stopped together. Other children are stopped alone.
+    let pid = child.id().to_string();
+    let group = Command::new("kill")
+        .args(["-INT", "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
         .status();
+    if !group.is_ok_and(|s| s.success()) {
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+    }
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(15) {
         if let Ok(Some(_)) = child.try_wait() {
@@ -259,7 +266,9 @@ fn start_daemon(perkflow: &Path, cfg: &Path, log: &str) -> Result<Daemon, String
         }
         None => Command::new(perkflow),
     };
+    use std::os::unix::process::CommandExt;
     let mut child = cmd
+        .process_group(0)
         .args(["serve", "-c"])
         .arg(cfg)
         .args(["--listen", "127.0.0.1:0"])
