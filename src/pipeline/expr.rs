@@ -73,6 +73,49 @@ fn fits(v: &Value, budget: &mut usize, depth: usize) -> bool {
     }
 }
 
+/// A filter or test, in [`Engine::unknown_filters_and_tests`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    Filter,
+    Test,
+}
+
+impl std::fmt::Display for NameKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            NameKind::Filter => "filter",
+            NameKind::Test => "test",
+        })
+    }
+}
+
+/// A filter or test the engine does not have, with the closest one it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownName {
+    pub kind: NameKind,
+    pub name: String,
+    pub suggestion: Option<String>,
+}
+
+/// Filter names offered as did-you-mean suggestions (minijinja's and perkflow's own; a unit
+/// test checks that the engine has each).
+const FILTER_NAMES: &[&str] = &[
+    "abs", "attr", "batch", "bool", "capitalize", "count", "default", "dictsort", "escape",
+    "first", "float", "groupby", "indent", "int", "items", "join", "last", "length", "lines",
+    "list", "lower", "map", "max", "min", "pprint", "reject", "rejectattr", "replace",
+    "reverse", "round", "select", "selectattr", "slice", "sort", "split", "string", "sum",
+    "title", "tojson", "trim", "unique", "upper", "urlencode", "money", "round_to", "sha256",
+    "b64encode", "stringify_values", "email", "e164", "datetime", "add_days", "add_hours",
+    "strftime", "unix",
+];
+
+/// Test names offered as suggestions (minijinja's).
+const TEST_NAMES: &[&str] = &[
+    "defined", "undefined", "none", "odd", "even", "number", "integer", "float", "string",
+    "sequence", "mapping", "iterable", "startingwith", "endingwith", "in", "true", "false",
+    "boolean", "divisibleby", "eq", "ne", "lt", "le", "gt", "ge", "lower", "upper", "sameas",
+];
+
 /// The environments (strict for values, lenient for conditions). They are process-wide, so
 /// compiled expressions and templates can be cached across runs (`compiled`).
 pub struct Engine {
@@ -289,6 +332,75 @@ impl Engine {
         out
     }
 
+    /// Filters and tests `src` names that the engine does not have: minijinja finds out
+    /// only when it applies one, so without this a typo (`| lowr`) passes `check` and fails
+    /// every run. The names are read off minijinja's own tokens (`| name`, `is [not] name`,
+    /// `{% filter name %}`); whether one exists is asked of the engine.
+    pub fn unknown_filters_and_tests(&self, src: &str, condition: bool) -> Vec<UnknownName> {
+        use minijinja::machinery::{tokenize, Token};
+        let (text, in_expr) = if condition {
+            (strip_braces(src), true)
+        } else {
+            match self.field(src) {
+                Ok(Field::Expr(_) | Field::Template(_)) => (src, false),
+                _ => return Vec::new(),
+            }
+        };
+        let tokens: Vec<Token> = match tokenize(text, in_expr, Default::default())
+            .map(|t| t.map(|(tok, _)| tok))
+            .collect()
+        {
+            Ok(t) => t,
+            Err(_) => return Vec::new(),
+        };
+        let ident = |i: usize| match tokens.get(i) {
+            Some(Token::Ident(n)) => Some(*n),
+            _ => None,
+        };
+        let mut out: Vec<UnknownName> = Vec::new();
+        for i in 0..tokens.len() {
+            let found = match &tokens[i] {
+                Token::Pipe => ident(i + 1).map(|n| (NameKind::Filter, n)),
+                Token::Ident("filter") if matches!(tokens.get(i.wrapping_sub(1)), Some(Token::BlockStart)) => {
+                    ident(i + 1).map(|n| (NameKind::Filter, n))
+                }
+                Token::Ident("is") => match ident(i + 1) {
+                    Some("not") => ident(i + 2).map(|n| (NameKind::Test, n)),
+                    other => other.map(|n| (NameKind::Test, n)),
+                },
+                _ => None,
+            };
+            let Some((kind, name)) = found else { continue };
+            if self.has(kind, name) || out.iter().any(|u| u.kind == kind && u.name == name) {
+                continue;
+            }
+            let known = match kind {
+                NameKind::Filter => FILTER_NAMES,
+                NameKind::Test => TEST_NAMES,
+            };
+            out.push(UnknownName {
+                kind,
+                name: name.to_string(),
+                suggestion: crate::config::diagnostic::did_you_mean(name, known.iter().copied())
+                    .map(str::to_string),
+            });
+        }
+        out
+    }
+
+    /// Whether the engine has a filter or test of that name (applying an unknown one is the
+    /// only error of its kind).
+    fn has(&self, kind: NameKind, name: &str) -> bool {
+        let (probe, unknown) = match kind {
+            NameKind::Filter => (format!("none | {name}"), minijinja::ErrorKind::UnknownFilter),
+            NameKind::Test => (format!("none is {name}"), minijinja::ErrorKind::UnknownTest),
+        };
+        match self.strict.compile_expression(&probe) {
+            Ok(e) => !matches!(e.eval(()), Err(err) if err.kind() == unknown),
+            Err(_) => true,
+        }
+    }
+
     /// Variables a value field reads, with their attribute paths (`params.account_sid`).
     pub fn variable_paths(&self, src: &str) -> Vec<String> {
         let mut out: Vec<String> = match self.field(src) {
@@ -358,6 +470,59 @@ fn describe(e: &minijinja::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_filters_and_tests_the_engine_does_not_have() {
+        let e = Engine::new();
+        let names = |src: &str, cond: bool| -> Vec<(NameKind, String, Option<String>)> {
+            e.unknown_filters_and_tests(src, cond)
+                .into_iter()
+                .map(|u| (u.kind, u.name, u.suggestion))
+                .collect()
+        };
+        assert_eq!(
+            names("{{ event.email | lowr }}", false),
+            [(NameKind::Filter, "lowr".into(), Some("lower".into()))]
+        );
+        assert_eq!(
+            names("Hi {{ name | tittle }}, {{ n | money('USD') | nope(1) }}", false),
+            [
+                (NameKind::Filter, "tittle".into(), Some("title".into())),
+                (NameKind::Filter, "nope".into(), None)
+            ]
+        );
+        assert_eq!(
+            names("event.x is not definedd and event.y is nosuchtest", true),
+            [
+                (NameKind::Test, "definedd".into(), Some("defined".into())),
+                (NameKind::Test, "nosuchtest".into(), None)
+            ]
+        );
+        assert_eq!(
+            names("{% filter uper %}x{% endfilter %}", false),
+            [(NameKind::Filter, "uper".into(), Some("upper".into()))]
+        );
+        // Known names, `|` inside strings, `or` (not a pipe), literals: nothing.
+        assert!(names("{{ event.email | email | lower | sha256 }}", false).is_empty());
+        assert!(names("{{ 'a | b' ~ x | default('is nope') }}", false).is_empty());
+        assert!(names("x is defined and y is not none or z", true).is_empty());
+        assert!(names("plain text", false).is_empty());
+        assert!(names("{{ broken | }}", false).is_empty());
+    }
+
+    #[test]
+    fn every_suggested_name_exists() {
+        let e = Engine::new();
+        for f in FILTER_NAMES {
+            assert!(e.has(NameKind::Filter, f), "filter {f}");
+        }
+        for t in TEST_NAMES {
+            assert!(e.has(NameKind::Test, t), "test {t}");
+        }
+        assert!(!e.has(NameKind::Filter, "lowr"));
+        assert!(!e.has(NameKind::Test, "nosuchtest"));
+    }
+
     use serde_json::json;
 
     fn ctx() -> Json {

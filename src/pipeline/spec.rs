@@ -403,6 +403,13 @@ impl Scope<'_> {
                 ),
             ));
         }
+        for u in self.engine.unknown_filters_and_tests(src, condition) {
+            let hint = u
+                .suggestion
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            diags.push(doc.at(path, format!("unknown {} `{}`{hint}", u.kind, u.name)));
+        }
     }
 }
 

@@ -112,6 +112,23 @@ fn check_reports_pipeline_problems_at_their_place() {
 }
 
 #[test]
+fn check_reports_unknown_filters_and_tests() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - when: \"event.email is definedd\"\n  - set: { mail: \"{{ event.email | lowr }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"Hi {{ mail | nosuch }}\" } }\n",
+    );
+    let (code, _out, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let expected = [
+        "pipelines/p.yaml:4:11: steps[0].when: unknown test `definedd` (did you mean `defined`?)",
+        "pipelines/p.yaml:5:18: steps[1].set.mail: unknown filter `lowr` (did you mean `lower`?)",
+        "pipelines/p.yaml:6:68: steps[2].deliver.with.body: unknown filter `nosuch`",
+        "3 problems found",
+    ];
+    assert_eq!(lines, expected, "{err}");
+}
+
+#[test]
 fn check_reports_loyalty_and_schedule_problems_at_their_place() {
     let dir = project(
         "pipeline: p\non:\n  schedule: { cron: \"0 25 * * *\", tz: Mars/Base, members: birthday, where: \"member.x ==\" }\nsteps:\n  - loyalty.accrue: { member: x, points: 1, hold: forever }\n  - loyalty.redeem: { member: x, points: 1, hold: 1d }\n  - loyalty.reverse: { key: k, cancel: [smss] }\n  - deliver: { to: sms.send_sms, with: { to: a }, keep: { member: x, as: \"bad name\", from: promo } }\n",
