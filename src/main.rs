@@ -23,6 +23,19 @@ fn small_pages() {
     }
 }
 
+/// The local commands that only print (`check`, `test`, `run`, `sign`) end quietly when
+/// their output is closed (`perkflow run … | head`), as Unix tools do, instead of panicking
+/// on a failed print. Not for commands that talk over sockets: a closed connection must
+/// stay an error there, not end the process.
+fn quiet_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread exists; it
+    // takes no pointers.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "perkflow",
@@ -64,9 +77,10 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Validate config and connectors without secrets or network; print every problem as
-    /// file:line:col; exit 1 on any.
+    /// Validate the config, connectors and pipelines without secrets or network; print every
+    /// problem as file:line:col; exit 1 on any.
     Check {
+        /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
@@ -75,12 +89,16 @@ enum Command {
     Test {
         /// Pipeline names (default: every pipeline).
         pipelines: Vec<String>,
+        /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
     /// Dry-run a pipeline on a fixture: every step's values and decisions, and the sink
     /// actions it would ask for. Sends nothing.
+    ///
+    /// Exits 1 when the run fails or a request cannot be built.
     Run {
+        /// The pipeline's name (`pipeline:` in its file).
         pipeline: String,
         /// The event body (its headers from the sibling `<name>.headers.yaml`).
         #[arg(long)]
@@ -89,12 +107,14 @@ enum Command {
         /// make no calls: they print the request each lookup would send.
         #[arg(long = "lookup", value_name = "NAME=FILE")]
         lookups: Vec<String>,
+        /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
     /// The embedded default: the vendor sandbox, the daemon with the shipped pipelines (sled
     /// in a temp dir), signed sample webhooks for every source, and what every sink received.
     Demo {
+        /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// Daemon address (default: the config's listen).
@@ -112,6 +132,7 @@ enum Command {
     /// vendor; they accept the shipped config's development credentials. `GET /_sandbox/received` lists
     /// what they got; `POST /_sandbox/faults` injects failures.
     Sandbox {
+        /// Address to listen on (loopback by default).
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: String,
     },
@@ -155,6 +176,7 @@ enum Command {
         source: String,
         /// The body to sign (byte-exact).
         file: PathBuf,
+        /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// Signing secret; repeat for Stripe's one-v1-per-secret rotation.
@@ -190,6 +212,12 @@ fn main() -> ExitCode {
     perkflow::alloc::init();
     small_pages();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Check { .. } | Command::Test { .. } | Command::Run { .. } | Command::Sign { .. }
+    ) {
+        quiet_broken_pipe();
+    }
     init_logs(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => return check(config),
@@ -391,6 +419,18 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// "no pipeline `x`", with the closest name or else every name.
+fn no_pipeline(cfg: &config::Config, name: &str) -> String {
+    let known = cfg.pipelines.keys().map(String::as_str);
+    match config::diagnostic::did_you_mean(name, known.clone()) {
+        Some(s) => format!("no pipeline `{name}` (did you mean `{s}`?)"),
+        None => format!(
+            "no pipeline `{name}`; known: {}",
+            known.collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 fn test_pipelines(path: Option<PathBuf>, names: Vec<String>) -> ExitCode {
     use perkflow::pipeline::{expr::Engine, test_case::run_case};
     let cfg = match config::load(path.as_deref()) {
@@ -402,8 +442,7 @@ fn test_pipelines(path: Option<PathBuf>, names: Vec<String>) -> ExitCode {
     };
     for n in &names {
         if !cfg.pipelines.contains_key(n) {
-            let known: Vec<&str> = cfg.pipelines.keys().map(String::as_str).collect();
-            eprintln!("error: no pipeline `{n}`; known: {}", known.join(", "));
+            eprintln!("error: {}", no_pipeline(&cfg, n));
             return ExitCode::from(2);
         }
     }
@@ -470,10 +509,10 @@ fn dry_run(
     };
     let cfg = config::load(path.as_deref())
         .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
-    let p = cfg.pipelines.get(&name).with_context(|| {
-        let known: Vec<&str> = cfg.pipelines.keys().map(String::as_str).collect();
-        format!("no pipeline `{name}`; known: {}", known.join(", "))
-    })?;
+    let p = cfg
+        .pipelines
+        .get(&name)
+        .with_context(|| no_pipeline(&cfg, &name))?;
     let input = input_from_fixture(&cfg, p, &fixture, &[]).map_err(anyhow::Error::msg)?;
     println!(
         "event: {} {} (vendor id {})",
@@ -498,6 +537,7 @@ fn dry_run(
         stubs,
         asked: Default::default(),
     };
+    let mut unbuildable = 0;
     let r = run(p, &Engine::new(), &input, &dry);
     // Personal data (`pii_fields`) is masked in everything printed; the requests shown are
     // otherwise exact.
@@ -515,7 +555,10 @@ fn dry_run(
         println!("lookup {n} = {sink}.{action} ({given})");
         match render_request(&cfg, sink, action, with, "dry-run") {
             Ok(req) => println!("  {} {}", req.method, personal.text(&req.url)),
-            Err(e) => println!("  cannot build the request: {e}"),
+            Err(e) => {
+                println!("  cannot build the request: {e}");
+                unbuildable += 1;
+            }
         }
     }
     println!("outcome: {}", serde_json::to_string(&shown.outcome)?);
@@ -536,10 +579,19 @@ fn dry_run(
                     println!("  {}", personal.text(b));
                 }
             }
-            Err(e) => println!("  cannot build the request: {e}"),
+            Err(e) => {
+                println!("  cannot build the request: {e}");
+                unbuildable += 1;
+            }
         }
     }
     println!("(dry run: nothing was sent; credentials are shown as [redacted])");
+    if let perkflow::pipeline::run::Outcome::Failed { step, error } = &shown.outcome {
+        anyhow::bail!("the run failed at {step}: {error}");
+    }
+    if unbuildable > 0 {
+        anyhow::bail!("{unbuildable} request(s) cannot be built (above)");
+    }
     Ok(())
 }
 

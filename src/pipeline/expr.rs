@@ -100,20 +100,93 @@ pub struct UnknownName {
 /// Filter names offered as did-you-mean suggestions (minijinja's and perkflow's own; a unit
 /// test checks that the engine has each).
 const FILTER_NAMES: &[&str] = &[
-    "abs", "attr", "batch", "bool", "capitalize", "count", "default", "dictsort", "escape",
-    "first", "float", "groupby", "indent", "int", "items", "join", "last", "length", "lines",
-    "list", "lower", "map", "max", "min", "pprint", "reject", "rejectattr", "replace",
-    "reverse", "round", "select", "selectattr", "slice", "sort", "split", "string", "sum",
-    "title", "tojson", "trim", "unique", "upper", "urlencode", "money", "round_to", "sha256",
-    "b64encode", "stringify_values", "email", "e164", "datetime", "add_days", "add_hours",
-    "strftime", "unix",
+    "abs",
+    "attr",
+    "batch",
+    "bool",
+    "capitalize",
+    "count",
+    "default",
+    "dictsort",
+    "escape",
+    "first",
+    "float",
+    "groupby",
+    "indent",
+    "int",
+    "items",
+    "join",
+    "last",
+    "length",
+    "lines",
+    "list",
+    "lower",
+    "map",
+    "max",
+    "min",
+    "pprint",
+    "reject",
+    "rejectattr",
+    "replace",
+    "reverse",
+    "round",
+    "select",
+    "selectattr",
+    "slice",
+    "sort",
+    "split",
+    "string",
+    "sum",
+    "title",
+    "tojson",
+    "trim",
+    "unique",
+    "upper",
+    "urlencode",
+    "money",
+    "round_to",
+    "sha256",
+    "b64encode",
+    "stringify_values",
+    "email",
+    "e164",
+    "datetime",
+    "add_days",
+    "add_hours",
+    "strftime",
+    "unix",
 ];
 
 /// Test names offered as suggestions (minijinja's).
 const TEST_NAMES: &[&str] = &[
-    "defined", "undefined", "none", "odd", "even", "number", "integer", "float", "string",
-    "sequence", "mapping", "iterable", "startingwith", "endingwith", "in", "true", "false",
-    "boolean", "divisibleby", "eq", "ne", "lt", "le", "gt", "ge", "lower", "upper", "sameas",
+    "defined",
+    "undefined",
+    "none",
+    "odd",
+    "even",
+    "number",
+    "integer",
+    "float",
+    "string",
+    "sequence",
+    "mapping",
+    "iterable",
+    "startingwith",
+    "endingwith",
+    "in",
+    "true",
+    "false",
+    "boolean",
+    "divisibleby",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "lower",
+    "upper",
+    "sameas",
 ];
 
 /// The environments (strict for values, lenient for conditions). They are process-wide, so
@@ -361,7 +434,9 @@ impl Engine {
         for i in 0..tokens.len() {
             let found = match &tokens[i] {
                 Token::Pipe => ident(i + 1).map(|n| (NameKind::Filter, n)),
-                Token::Ident("filter") if matches!(tokens.get(i.wrapping_sub(1)), Some(Token::BlockStart)) => {
+                Token::Ident("filter")
+                    if matches!(tokens.get(i.wrapping_sub(1)), Some(Token::BlockStart)) =>
+                {
                     ident(i + 1).map(|n| (NameKind::Filter, n))
                 }
                 Token::Ident("is") => match ident(i + 1) {
@@ -392,7 +467,10 @@ impl Engine {
     /// only error of its kind).
     fn has(&self, kind: NameKind, name: &str) -> bool {
         let (probe, unknown) = match kind {
-            NameKind::Filter => (format!("none | {name}"), minijinja::ErrorKind::UnknownFilter),
+            NameKind::Filter => (
+                format!("none | {name}"),
+                minijinja::ErrorKind::UnknownFilter,
+            ),
             NameKind::Test => (format!("none is {name}"), minijinja::ErrorKind::UnknownTest),
         };
         match self.strict.compile_expression(&probe) {
@@ -485,7 +563,10 @@ mod tests {
             [(NameKind::Filter, "lowr".into(), Some("lower".into()))]
         );
         assert_eq!(
-            names("Hi {{ name | tittle }}, {{ n | money('USD') | nope(1) }}", false),
+            names(
+                "Hi {{ name | tittle }}, {{ n | money('USD') | nope(1) }}",
+                false
+            ),
             [
                 (NameKind::Filter, "tittle".into(), Some("title".into())),
                 (NameKind::Filter, "nope".into(), None)

@@ -430,7 +430,9 @@ pub fn load_dirs(
                 p.name,
                 prev.file.display()
             );
-            diags.push(Diagnostic::new(&f, 1, 1, "pipeline", msg));
+            // At the name, as every other problem is at its place.
+            let at = Document::index(&f, &text).map(|doc| doc.at("pipeline", msg.clone()));
+            diags.push(at.unwrap_or_else(|_| Diagnostic::new(&f, 1, 1, "pipeline", msg)));
             continue;
         }
         out.insert(p.name.clone(), p);

@@ -112,6 +112,76 @@ fn check_reports_pipeline_problems_at_their_place() {
 }
 
 #[test]
+fn a_failed_dry_run_exits_1_and_names_the_step() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - set: { x: \"{{ event.email * 'a' }}\" }\n",
+    );
+    let (code, out, err) = perkflow(
+        dir.path(),
+        &["run", "p", "--fixture", "fixtures/orders-paid.json"],
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("\"outcome\":\"failed\""), "{out}");
+    assert!(
+        err.starts_with("error: the run failed at steps[0].set.x: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_pipeline_names_get_a_did_you_mean() {
+    let dir = project("pipeline: points\non: { source: shop, events: [orders/paid] }\nsteps: []\n");
+    let (code, _, err) = perkflow(dir.path(), &["test", "pints"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err.trim(),
+        "error: no pipeline `pints` (did you mean `points`?)"
+    );
+    let (code, _, err) = perkflow(
+        dir.path(),
+        &["run", "pointz", "--fixture", "fixtures/orders-paid.json"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        "error: no pipeline `pointz` (did you mean `points`?)"
+    );
+}
+
+#[test]
+fn a_duplicate_pipeline_is_reported_at_its_name() {
+    let dir = project("pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps: []\n");
+    std::fs::write(
+        dir.path().join("pipelines/q.yaml"),
+        "# a copy\n\npipeline: p\non: { source: shop, events: [orders/paid] }\nsteps: []\n",
+    )
+    .unwrap();
+    let (code, _, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("pipelines/q.yaml:3:11: pipeline: pipeline `p` is also defined in "),
+        "{err}"
+    );
+}
+
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    // A pipe whose reading end is closed before the command starts, as `| head -0` leaves it.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(["test"])
+        .current_dir(repo(""))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let (status, err) = (out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(13), "{status:?} {err}");
+}
+
+#[test]
 fn check_reports_unknown_filters_and_tests() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - when: \"event.email is definedd\"\n  - set: { mail: \"{{ event.email | lowr }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"Hi {{ mail | nosuch }}\" } }\n",
@@ -198,7 +268,7 @@ fn dry_run_prints_each_lookup_request_and_uses_the_given_answers() {
         "{out}"
     );
 
-    // Without an answer the run fails, saying how to give one; nothing is called.
+    // Without an answer the run fails (exit 1), saying how to give one; nothing is called.
     let (code, out, err) = perkflow(
         &repo(""),
         &[
@@ -208,7 +278,7 @@ fn dry_run_prints_each_lookup_request_and_uses_the_given_answers() {
             "fixtures/quickbooks/cloudevents-payment-created.json",
         ],
     );
-    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         out.contains("lookup payment = accounting.payment (no answer given)"),
         "{out}"
