@@ -41,10 +41,11 @@ pub(crate) mod humantime_serde_opt {
             None => s.serialize_none(),
         }
     }
+    /// As every duration of the config (`DurationSpec`): an error names the expected form
+    /// and is reported at the value.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
+        let s: Option<crate::config::scalar::DurationSpec> = Option::deserialize(d)?;
+        Ok(s.map(|s| s.0))
     }
 }
 
