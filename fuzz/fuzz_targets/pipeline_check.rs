@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
         connectors: &cfg.connectors,
         pools: &cfg.promo_codes,
         engine: &ENGINE,
+        invalid: Default::default(),
         deliver_count: Default::default(),
         deliver_ids: Default::default(),
         known: Default::default(),

@@ -356,12 +356,27 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
 
     let engine = crate::pipeline::expr::Engine::new();
     let no_pools = IndexMap::new();
+    let pools = top.promo_codes.as_ref().unwrap_or(&no_pools);
+    let mut invalid = std::collections::HashSet::new();
+    let accepted: [(&str, Vec<&String>); 3] = [
+        ("sources", sources.keys().collect()),
+        ("sinks", sinks.keys().collect()),
+        ("promo_codes", pools.keys().collect()),
+    ];
+    for (section, names) in accepted {
+        for name in doc.keys_of(section) {
+            if !names.contains(&&name) {
+                invalid.insert(join(section, &name));
+            }
+        }
+    }
     let scope = crate::pipeline::spec::Scope {
         sources: &sources,
         sinks: &sinks,
         connectors: &connectors,
-        pools: top.promo_codes.as_ref().unwrap_or(&no_pools),
+        pools,
         engine: &engine,
+        invalid,
         deliver_count: Default::default(),
         deliver_ids: Default::default(),
         known: Default::default(),

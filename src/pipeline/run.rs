@@ -938,6 +938,7 @@ mod tests {
             connectors: &cfg.connectors,
             pools: &cfg.promo_codes,
             engine: &engine,
+            invalid: Default::default(),
             deliver_count: Default::default(),
             deliver_ids: Default::default(),
             known: Default::default(),

@@ -362,6 +362,10 @@ pub struct Scope<'a> {
     /// Promo code pools (`loyalty.issue_code`).
     pub pools: &'a IndexMap<String, crate::codes::PoolSpec>,
     pub engine: &'a Engine,
+    /// Sources, sinks and pools the config names but could not accept (`sources.x`,
+    /// `sinks.x`, `promo_codes.x`): their own problems are reported there, so a reference to
+    /// one is not reported again as unknown.
+    pub invalid: std::collections::HashSet<String>,
     /// Per pipeline file: deliver steps seen so far, and their ids.
     pub deliver_count: std::cell::Cell<usize>,
     pub deliver_ids: std::cell::RefCell<std::collections::HashSet<String>>,
@@ -370,6 +374,11 @@ pub struct Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// Whether `section.name` is in the config but was refused there.
+    fn invalid(&self, section: &str, name: &str) -> bool {
+        self.invalid.contains(&format!("{section}.{name}"))
+    }
+
     /// The definition of `action` on the sink named `sink`, if both exist.
     fn action(&self, sink: &str, action: &str) -> Option<&crate::connector::sink::ActionDef> {
         let k = self.sinks.get(sink)?;
@@ -563,6 +572,9 @@ fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics)
         }
     }
     let Some(src) = scope.sources.get(&on.source) else {
+        if scope.invalid("sources", &on.source) {
+            return;
+        }
         let hint = did_you_mean(&on.source, scope.sources.keys().map(String::as_str))
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_default();
@@ -807,7 +819,7 @@ fn check_step(
         }
         StepSpec::LoyaltyIssueCode(c) => {
             let cpath = join(path, "loyalty.issue_code");
-            if !scope.pools.contains_key(&c.pool) {
+            if !scope.pools.contains_key(&c.pool) && !scope.invalid("promo_codes", &c.pool) {
                 let hint = did_you_mean(&c.pool, scope.pools.keys().map(String::as_str))
                     .map(|s| format!(" (did you mean `{s}`?)"))
                     .unwrap_or_default();
@@ -858,7 +870,7 @@ fn check_step(
                 ));
             }
             for (i, sink) in r.cancel.iter().enumerate() {
-                if !scope.sinks.contains_key(sink) {
+                if !scope.sinks.contains_key(sink) && !scope.invalid("sinks", sink) {
                     let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
                         .map(|s| format!(" (did you mean `{s}`?)"))
                         .unwrap_or_default();
@@ -960,6 +972,9 @@ fn check_target(
         ));
         return None;
     };
+    if scope.invalid("sinks", sink) {
+        return None;
+    }
     if !scope.sinks.contains_key(sink) {
         let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
             .map(|s| format!(" (did you mean `{s}`?)"))

@@ -182,6 +182,26 @@ fn printing_into_a_closed_pipe_ends_quietly() {
 }
 
 #[test]
+fn a_refused_source_sink_or_pool_is_reported_once_not_at_every_use() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - loyalty.issue_code: { pool: thanks, member: \"{{ event.email }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"{{ code }}\" } }\n",
+    );
+    std::fs::write(
+        dir.path().join("perkflow.yaml"),
+        "sources:\n  shop: { connector: shopify, secret: s, tolerance: [300] }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b, bogus: 1 }\npromo_codes:\n  thanks: { prefix: THANKS-, expires_after: soon }\n",
+    )
+    .unwrap();
+    let (code, _out, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines[0].starts_with("perkflow.yaml:2:"), "{err}");
+    assert!(lines[1].starts_with("perkflow.yaml:4:"), "{err}");
+    assert!(lines[2].starts_with("perkflow.yaml:6:"), "{err}");
+    assert_eq!(lines[3], "3 problems found", "{err}");
+}
+
+#[test]
 fn check_reports_unknown_filters_and_tests() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - when: \"event.email is definedd\"\n  - set: { mail: \"{{ event.email | lowr }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"Hi {{ mail | nosuch }}\" } }\n",
