@@ -280,6 +280,9 @@ impl Registry {
                 if let Some(sink) = &def.sink {
                     check_sink_def(&doc, sink, diags);
                 }
+                if let Some(sink) = &mut def.sink {
+                    note_with_reads(text, sink);
+                }
                 self.defs.insert(def.id.clone(), def);
             }
             Err(d) => diags.push(d),
@@ -313,6 +316,21 @@ impl Registry {
 
 /// Templates compile and name only `params`, `with` and `job`; the lease outlives the
 /// timeout; the rate parses.
+/// Records on each action what it reads of a deliver step's `with:` (for `check`).
+fn note_with_reads(text: &str, sink: &mut SinkDef) {
+    let Ok(raw) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
+        return;
+    };
+    let part = &raw["sink"];
+    let shared = [&part["base_url"], &part["auth"], &part["headers"]];
+    for (name, action) in sink.actions.iter_mut() {
+        action.reads = Some(sink::WithReads::of(
+            &part["actions"][name.as_str()],
+            &shared,
+        ));
+    }
+}
+
 fn check_sink_def(doc: &Document, sink: &SinkDef, diags: &mut Diagnostics) {
     let engine = crate::pipeline::expr::Engine::new();
     let known = ["params", "with", "job"];
@@ -402,6 +420,40 @@ fn check_source_def(doc: &Document, src: &SourceDef, diags: &mut Diagnostics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_action_knows_what_it_reads_of_with() {
+        let mut diags = Diagnostics::default();
+        let reg = Registry::load(&[], &mut diags);
+        let reads = |connector: &str, action: &str| {
+            reg.get(connector).unwrap().sink.as_ref().unwrap().actions[action]
+                .reads
+                .clone()
+                .unwrap()
+        };
+        let sms = reads("twilio_sms", "send_sms");
+        assert!(!sms.whole);
+        assert_eq!(
+            sms.keys.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["body", "media_url", "to"]
+        );
+        // Whole-object use, shared parts and other variables that start with `with`.
+        let action: serde_yaml::Value = serde_yaml::from_str(
+            "path: \"/x/{{ with.id }}\"\nbody: { a: \"{{ with.deep.er }}\", b: [\"{{ without }}\"] }",
+        )
+        .unwrap();
+        let header: serde_yaml::Value =
+            serde_yaml::from_str("{ X-Key: \"{{ with.key | default('') }}\" }").unwrap();
+        let r = sink::WithReads::of(&action, &[&header]);
+        assert!(!r.whole);
+        assert_eq!(
+            r.keys.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["deep", "id", "key"]
+        );
+        let whole: serde_yaml::Value =
+            serde_yaml::from_str("body: \"{{ with | tojson }}\"").unwrap();
+        assert!(sink::WithReads::of(&whole, &[]).whole);
+    }
 
     #[test]
     fn builtin_connectors_load_without_problems() {

@@ -304,6 +304,60 @@ pub struct ActionDef {
     /// step. Default: true for GET, false otherwise.
     #[serde(default)]
     pub read_only: Option<bool>,
+    /// The `with.<key>`s the action's templates read, found by the loader
+    /// ([`WithReads::of`]); `None` until then.
+    #[serde(skip)]
+    pub reads: Option<WithReads>,
+}
+
+/// What a sink action reads of a deliver step's `with:`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WithReads {
+    /// The keys read as `with.<key>` (or `with['<key>']`).
+    pub keys: std::collections::BTreeSet<String>,
+    /// `with` is also read as a whole (`{{ with | tojson }}`, `with[name]`): any key may
+    /// matter.
+    pub whole: bool,
+}
+
+impl WithReads {
+    /// Collected from every template of `action` (a YAML subtree of the connector) and of
+    /// the sink's shared parts (`shared`: base URL, auth, headers).
+    pub fn of(action: &serde_yaml::Value, shared: &[&serde_yaml::Value]) -> WithReads {
+        fn strings<'v>(v: &'v serde_yaml::Value, out: &mut Vec<&'v str>) {
+            match v {
+                serde_yaml::Value::String(s) => out.push(s),
+                serde_yaml::Value::Sequence(items) => items.iter().for_each(|i| strings(i, out)),
+                serde_yaml::Value::Mapping(m) => m.values().for_each(|i| strings(i, out)),
+                serde_yaml::Value::Tagged(t) => strings(&t.value, out),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        strings(action, &mut all);
+        for s in shared {
+            strings(s, &mut all);
+        }
+        let engine = crate::pipeline::expr::Engine::new();
+        let mut reads = WithReads::default();
+        for src in all {
+            for path in engine.variable_paths(src) {
+                match path.strip_prefix("with") {
+                    Some("") => reads.whole = true,
+                    Some(rest) => match rest.strip_prefix('.') {
+                        Some(key) => {
+                            let key = key.split('.').next().unwrap_or(key);
+                            reads.keys.insert(key.to_string());
+                        }
+                        // `without`, `within`: another variable.
+                        None => {}
+                    },
+                    None => {}
+                }
+            }
+        }
+        reads
+    }
 }
 
 impl ActionDef {

@@ -390,6 +390,45 @@ impl Scope<'_> {
             .get(action)
     }
 
+    /// Reports `with:` keys the action never reads (a typo there would leave the vendor
+    /// request without the value, found only when an event comes).
+    fn check_with_keys<'k>(
+        &self,
+        doc: &Document,
+        path: &str,
+        sink: &str,
+        action: &str,
+        keys: impl Iterator<Item = &'k String>,
+        diags: &mut Diagnostics,
+    ) {
+        let Some(reads) = self.action(sink, action).and_then(|a| a.reads.as_ref()) else {
+            return;
+        };
+        if reads.whole {
+            return;
+        }
+        for key in keys {
+            if reads.keys.contains(key) {
+                continue;
+            }
+            let hint = did_you_mean(key, reads.keys.iter().map(String::as_str))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            let known: Vec<&str> = reads.keys.iter().map(String::as_str).collect();
+            diags.push(doc.at_key(
+                &join(&join(path, "with"), key),
+                format!(
+                    "`{sink}.{action}` does not read `{key}`{hint}; it reads: {}",
+                    if known.is_empty() {
+                        "nothing".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+
     /// Reports names `src` reads that nothing provides (with a did-you-mean).
     fn check_names(
         &self,
@@ -703,6 +742,7 @@ fn check_step(
                 }
             }
             let when = check_when(doc, &lpath, l.when, scope, diags);
+            scope.check_with_keys(doc, &lpath, &sink, &action, l.with.keys(), diags);
             let with = compile_with(doc, &lpath, l.with, scope, diags);
             let name_path = join(&lpath, "as");
             if super::run::RESERVED.contains(&l.name.as_str()) {
@@ -901,6 +941,7 @@ fn check_step(
             let dpath = join(path, "deliver");
             let (sink, action) = check_target(doc, &join(&dpath, "to"), &d.to, scope, diags)?;
             let when = check_when(doc, &dpath, d.when, scope, diags);
+            scope.check_with_keys(doc, &dpath, &sink, &action, d.with.keys(), diags);
             let with = compile_with(doc, &dpath, d.with, scope, diags);
             let n = scope.deliver_count.get();
             scope.deliver_count.set(n + 1);

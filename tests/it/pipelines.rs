@@ -202,6 +202,21 @@ fn a_refused_source_sink_or_pool_is_reported_once_not_at_every_use() {
 }
 
 #[test]
+fn check_reports_with_keys_the_action_does_not_read() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver:\n      to: sms.send_sms\n      with: { too: \"+15555550123\", body: hi }\n",
+    );
+    let (code, _out, err) = perkflow(dir.path(), &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let expected = [
+        "pipelines/p.yaml:6:15: steps[0].deliver.with.too: `sms.send_sms` does not read `too` (did you mean `to`?); it reads: body, media_url, to",
+        "1 problem found",
+    ];
+    assert_eq!(lines, expected, "{err}");
+}
+
+#[test]
 fn check_reports_unknown_filters_and_tests() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - when: \"event.email is definedd\"\n  - set: { mail: \"{{ event.email | lowr }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"Hi {{ mail | nosuch }}\" } }\n",
