@@ -342,17 +342,12 @@ impl WithReads {
         let mut reads = WithReads::default();
         for src in all {
             for path in engine.variable_paths(src) {
-                match path.strip_prefix("with") {
-                    Some("") => reads.whole = true,
-                    Some(rest) => match rest.strip_prefix('.') {
-                        Some(key) => {
-                            let key = key.split('.').next().unwrap_or(key);
-                            reads.keys.insert(key.to_string());
-                        }
-                        // `without`, `within`: another variable.
-                        None => {}
-                    },
-                    None => {}
+                if path == "with" {
+                    reads.whole = true;
+                } else if let Some(key) = path.strip_prefix("with.") {
+                    // `with.a.b` reads `a`; `without` is another variable.
+                    let key = key.split('.').next().unwrap_or(key);
+                    reads.keys.insert(key.to_string());
                 }
             }
         }
