@@ -221,6 +221,23 @@ pub enum Selector {
     Compose(Vec<Selector>),
 }
 
+/// Where a selector looks, for messages: "header `x-a` or `x-b`", "body field `/id`".
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Selector::Header(names) => {
+                let quoted: Vec<String> = names.0.iter().map(|n| format!("`{n}`")).collect();
+                write!(f, "header {}", quoted.join(" or "))
+            }
+            Selector::Json(pointer) => write!(f, "body field `{pointer}`"),
+            Selector::Compose(parts) => {
+                let all: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
+                f.write_str(&all.join(", "))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PingDef {

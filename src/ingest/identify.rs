@@ -29,8 +29,8 @@ pub fn identify(
 fn fields(f: &FieldsDef, req: &RawRequest<Verified>) -> Result<Identified, String> {
     let mut json: Option<Value> = None;
     let mut get = |sel: &Selector| select(sel, req, &mut json);
-    let vendor_id = get(&f.id)?.ok_or("no event id")?;
-    let event_type = get(&f.r#type)?.ok_or("no event type")?;
+    let vendor_id = get(&f.id)?.ok_or_else(|| format!("no event id ({})", f.id))?;
+    let event_type = get(&f.r#type)?.ok_or_else(|| format!("no event type ({})", f.r#type))?;
     let time = match &f.time {
         Some(t) => get(t)?,
         None => None,

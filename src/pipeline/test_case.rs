@@ -66,8 +66,18 @@ pub fn input_from_fixture(
         map.insert(name, value);
     }
     let req = RawRequest::trusted_fixture(map, body.into());
-    let found =
-        identify(&src.def.identify, &req).map_err(|e| format!("{}: {e}", path.display()))?;
+    let found = identify(&src.def.identify, &req).map_err(|e| {
+        let hf = crate::sign::headers_file(&path);
+        let hint = if hf.exists() {
+            String::new()
+        } else {
+            format!(
+                " (a fixture's request headers are read from {}, which does not exist)",
+                hf.display()
+            )
+        };
+        format!("{}: {e}{hint}", path.display())
+    })?;
     let first = found
         .iter()
         .find(|f| pipeline.on.events.contains(&f.event_type))

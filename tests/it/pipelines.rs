@@ -129,6 +129,26 @@ fn a_failed_dry_run_exits_1_and_names_the_step() {
 }
 
 #[test]
+fn a_fixture_without_its_headers_file_says_what_is_missing() {
+    let dir = project("pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps: []\n");
+    std::fs::copy(
+        dir.path().join("fixtures/orders-paid.json"),
+        dir.path().join("fixtures/copy.json"),
+    )
+    .unwrap();
+    let (code, _, err) = perkflow(dir.path(), &["run", "p", "--fixture", "fixtures/copy.json"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no event id (header `X-Shopify-Event-Id` or `shopify-event-id` or `X-Shopify-Webhook-Id` or `shopify-webhook-id`)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("copy.headers.yaml, which does not exist)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_pipeline_names_get_a_did_you_mean() {
     let dir = project("pipeline: points\non: { source: shop, events: [orders/paid] }\nsteps: []\n");
     let (code, _, err) = perkflow(dir.path(), &["test", "pints"]);
