@@ -110,7 +110,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         "  daemon         {base}  ({} sources, {pipelines} pipelines, sled in a temp dir)",
         sources.len()
     );
-    println!("  vendor sandbox {sb_url}  (Twilio, SendGrid, Klaviyo, Slack, Zendesk, HubSpot, Square, gift cards)");
+    println!("  vendor sandbox {sb_url}  (Twilio, SendGrid, Klaviyo, Slack, Zendesk, HubSpot, Square, gift cards, bookings, QuickBooks)");
     println!();
     println!("sending signed sample webhooks:");
     let http = reqwest::Client::builder()
@@ -210,15 +210,16 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         vendors.iter().cloned().collect::<Vec<_>>().join(", ")
     );
     let token = admin_token.as_deref().unwrap_or("<admin_token>");
-    println!();
-    println!("look around (admin token `{token}`):");
-    println!("  {base}/                 the status page (sign in with the token): connectors, failed runs, dead letters");
-    println!("  perkflow status --url {base} --token {token}      connector health as a table");
-    println!("  perkflow events list --url {base} --token {token}");
-    println!("  perkflow events show <id> --url {base} --token {token}     every step and delivery attempt");
-    println!("  perkflow dlq list --url {base} --token {token}");
-    println!("  curl -s {base}/metrics        curl -s {sb_url}/_sandbox/received");
+    // With --exit the daemon stops now: the addresses below would answer nothing.
     if !opts.exit {
+        println!();
+        println!("look around (admin token `{token}`):");
+        println!("  {base}/                 the status page (sign in with the token): connectors, failed runs, dead letters");
+        println!("  perkflow status --url {base} --token {token}      connector health as a table");
+        println!("  perkflow events list --url {base} --token {token}");
+        println!("  perkflow events show <id> --url {base} --token {token}     every step and delivery attempt");
+        println!("  perkflow dlq list --url {base} --token {token}");
+        println!("  curl -s {base}/metrics        curl -s {sb_url}/_sandbox/received");
         println!();
         println!("running until Ctrl-C; send more with: perkflow sign shop-main fixtures/shopify/orders-paid.json --url {base} | sh");
         loop {
@@ -236,14 +237,37 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     Ok(())
 }
 
+/// `path` in at most `max` characters: the end is kept (ids are at the end) and the cut is
+/// marked.
+fn shorten(path: &str, max: usize) -> String {
+    let n = path.chars().count();
+    if n <= max {
+        return path.to_string();
+    }
+    let tail: String = path.chars().skip(n - (max - 1)).collect();
+    format!("…{tail}")
+}
+
 fn print_arrival(r: &Received) {
     let mark = if r.status < 300 { "✓" } else { "✗" };
     println!(
-        "  {mark} {:<10} {} {:<40} {} {}",
+        "  {mark} {:<10} {:<5} {:<40} {} {}",
         r.vendor,
         r.method,
-        r.path.chars().take(40).collect::<String>(),
+        shorten(&r.path, 40),
         r.status,
         r.summary
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_paths_keep_their_end() {
+        assert_eq!(super::shorten("/v1/x", 40), "/v1/x");
+        let p = "/quickbooks/v3/company/9341453172471531/payment/118743";
+        let s = super::shorten(p, 40);
+        assert_eq!(s.chars().count(), 40);
+        assert!(s.starts_with('…') && s.ends_with("/payment/118743"), "{s}");
+    }
 }
