@@ -10,6 +10,7 @@
 //!   value, and what the built-ins that multiply sizes by a number would make; see
 //!   `filters::register_bounded`).
 
+use super::numeric_mul;
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use serde_json::Value as Json;
@@ -234,7 +235,7 @@ fn expression(lenient: bool, src: &str) -> Result<std::sync::Arc<Expr>, minijinj
         return Ok(e.clone());
     }
     let env = if lenient { lenient_env() } else { strict_env() };
-    let e = std::sync::Arc::new(env.compile_expression_owned(src.to_string())?);
+    let e = std::sync::Arc::new(env.compile_expression_owned(guarded(src, true)?)?);
     let mut c = compiled().lock().expect("cache lock");
     if c.exprs.len() < CACHE_LIMIT {
         c.exprs.insert(key, e.clone());
@@ -259,16 +260,18 @@ fn render_template(src: &str, ctx: Value) -> Result<String, String> {
     let mut c = compiled().lock().expect("cache lock");
     if c.tmpls.len() >= CACHE_LIMIT {
         drop(c);
+        let source = guarded(src, false).map_err(|e| describe(&e))?;
         let t = strict_env()
-            .template_from_str(src)
+            .template_from_str(&source)
             .map_err(|e| describe(&e))?;
         return render(&t);
     }
     // Compiled before it is leaked: a source that does not compile is not kept.
+    let source = guarded(src, false).map_err(|e| describe(&e))?;
     strict_env()
-        .template_from_str(src)
+        .template_from_str(&source)
         .map_err(|e| describe(&e))?;
-    let leaked: &'static str = Box::leak(src.to_string().into_boxed_str());
+    let leaked: &'static str = Box::leak(source.into_boxed_str());
     let t = std::sync::Arc::new(
         strict_env()
             .template_from_str(leaked)
@@ -308,7 +311,15 @@ fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
     env.set_auto_escape_callback(|_| AutoEscape::None);
     crate::pipeline::filters::register(&mut env);
     crate::pipeline::filters::register_bounded(&mut env);
+    env.add_function(numeric_mul::GUARD, numeric_mul::guard);
     env
+}
+
+/// `src` with `*` restricted to numbers (`numeric_mul`), as the engine compiles it.
+fn guarded(src: &str, expr: bool) -> Result<String, minijinja::Error> {
+    numeric_mul::guarded(src, expr)
+        .map(|s| s.into_owned())
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e))
 }
 
 /// `{{ x }}` alone (ignoring surrounding spaces) -> `Some("x")`.
@@ -338,14 +349,16 @@ impl Engine {
     /// Classifies and compiles a string field (compile errors are returned as text).
     pub fn field(&self, src: &str) -> Result<Field, String> {
         if let Some(expr) = single_expression(src) {
+            let source = guarded(expr, true).map_err(|e| describe(&e))?;
             self.strict
-                .compile_expression(expr)
+                .compile_expression(&source)
                 .map_err(|e| describe(&e))?;
             return Ok(Field::Expr(expr.to_string()));
         }
         if src.contains("{{") || src.contains("{%") {
+            let source = guarded(src, false).map_err(|e| describe(&e))?;
             self.strict
-                .template_from_str(src)
+                .template_from_str(&source)
                 .map_err(|e| describe(&e))?;
             return Ok(Field::Template(src.to_string()));
         }
@@ -502,8 +515,9 @@ impl Engine {
 
     /// Checks that a condition compiles.
     pub fn check_condition(&self, src: &str) -> Result<(), String> {
+        let source = guarded(strip_braces(src), true).map_err(|e| describe(&e))?;
         self.lenient
-            .compile_expression(strip_braces(src))
+            .compile_expression(&source)
             .map(|_| ())
             .map_err(|e| describe(&e))
     }
@@ -681,27 +695,84 @@ mod tests {
     }
 
     #[test]
+    fn guarded_multiplication_computes_what_minijinja_computes() {
+        // The same numbers, with and without the guards around `*`'s operands.
+        let plain = minijinja::Environment::new();
+        let e = Engine::new();
+        let c = ctx();
+        for src in [
+            "points * 2",
+            "points * 2 + 1 * 3",
+            "(points + 1) * (2 - 5)",
+            "2 * 3 ** 2 * 4",
+            "-points * -1.5",
+            "(event.total_price | float * 10) | round | int",
+            "(event.items | length) * (event.items | sum) * 7 // 2",
+            "event.items[1] * event.items[2] * 1.0",
+            "[1, 2][0] * 10 if points * 0 == 0 else 5 * 5",
+            "range(3) | map('abs') | list | length * 3",
+            "(points) | int * 2",
+            "9223372036854775807 * 2",
+            "0.1 * 3",
+        ] {
+            let want = plain
+                .compile_expression(src)
+                .unwrap()
+                .eval(Value::from(minijinja::value::Serde(&c)))
+                .map(|v| to_json(&v));
+            let got = e.eval(&e.field(&format!("{{{{ {src} }}}}")).unwrap(), &c);
+            assert_eq!(got.ok(), want.ok().map(|v| v.unwrap()), "{src}");
+        }
+    }
+
+    #[test]
     fn exploding_templates_and_values_are_refused() {
         let e = Engine::new();
         let cases: &[(&str, &str)] = &[
-            // Output past MAX_VALUE stops the rendering.
-            ("{{ 'x' * 2000000 }}!", "larger than 1024 KiB"),
+            // Output past MAX_VALUE stops the rendering (`range(100000) | join` is 489 KB).
             (
-                "{% for i in range(3000) %}{{ 'x' * 1000 }}{% endfor %}",
+                "{{ (range(100000) | join) ~ (range(100000) | join) ~ (range(100000) | join) }}!",
                 "larger than 1024 KiB",
             ),
             (
-                "{% set a = 'x' * 600000 %}{% set a = a ~ a %}{{ a }}!",
+                "{% for i in range(3000) %}{{ range(1000) | join }}{% endfor %}",
+                "larger than 1024 KiB",
+            ),
+            (
+                "{% set a = range(100000) | join %}{% set a = a ~ a ~ a %}{{ a }}!",
                 "larger than 1024 KiB",
             ),
             // A value past MAX_VALUE is refused before it is converted.
-            ("{{ [1] * 2000000 }}", "larger than 1024 KiB"),
-            ("{{ 'x' * 2000000 }}", "larger than 1024 KiB"),
+            (
+                "{{ (range(100000) | join) ~ (range(100000) | join) ~ (range(100000) | join) }}",
+                "larger than 1024 KiB",
+            ),
+            // `*` multiplies numbers only: no string or list repeated in one operation (the
+            // fuzzer's 1.7 GB unit was `99*items*50728 ~ …`), not even a constant one.
+            ("{{ [1] * 2000000 }}", "`*` multiplies numbers"),
+            ("{{ 'x' * 100000000 }}", "`*` multiplies numbers"),
+            (
+                "{{ 99 * event.items * 50728 ~ 'x' }}",
+                "`*` multiplies numbers",
+            ),
+            (
+                "{{ (event.items | length) * event.items }}",
+                "`*` multiplies numbers",
+            ),
+            (
+                "{% set n = 3 %}{{ n * event.currency }}",
+                "`*` multiplies numbers",
+            ),
+            ("{{ event * 2 }}", "`*` multiplies numbers"),
+            ("{{ __perkflow_number(1) }}", "reserved"),
             // Built-ins that multiply sizes by a number check it first.
             ("{{ 'a' | indent(99999999999) }}", "indent"),
-            ("{{ ('a\n' * 100000) | indent(100) }}", "indent"),
+            ("{{ (range(100000) | join('\n')) | indent(100) }}", "indent"),
             ("{{ [1, 2] | slice(99999999999) }}", "slice"),
-            ("{{ ('x' * 1000) | replace('', 'y' * 2000) }}", "replace"),
+            (
+                "{{ (range(300) | join) | replace('', range(700) | join) }}",
+                "replace",
+            ),
             ("{{ points | tojson(indent=99999999999) }}", "at most 16"),
             // `format`'s widths live in its format string: not available.
             ("{{ '%99999999999s' | format('x') }}", "format"),
@@ -718,6 +789,16 @@ mod tests {
             };
             assert!(err.contains(want), "{src}: {err}");
         }
+        // The fuzzer's slow units, as it ran them (its context has a top-level `items`).
+        let fuzz_ctx = json!({ "items": [1, 2, 3], "points": 1255 });
+        for src in [
+            "7927~999*items*9999",
+            "E728~08099*items*7~07~099*items*50728~08099*items*7~07~099*items*50",
+        ] {
+            let f = e.field(&format!("{{{{ {src} }}}}")).unwrap();
+            let err = e.eval(&f, &fuzz_ctx).unwrap_err();
+            assert!(err.contains("`*` multiplies numbers"), "{src}: {err}");
+        }
         // What stays within the limits still works.
         for (src, want) in [
             ("{{ 'ab' | indent(2, true) }}", json!("  ab")),
@@ -725,6 +806,8 @@ mod tests {
             ("{{ 'a-b' | replace('-', '+') }}", json!("a+b")),
             ("{{ event.items | tojson }}", json!("[1, 2, 3]")),
             ("{{ range(1000) | length }}", json!(1000)),
+            ("{{ (event.items | length) * 2.5 * points }}", json!(9412.5)),
+            ("{{ ((event.items | length) * -2) | abs }}", json!(6)),
         ] {
             let f = e.field(src).unwrap();
             assert_eq!(e.eval(&f, &ctx()).unwrap(), want, "{src}");

@@ -3,6 +3,7 @@
 
 pub mod expr;
 pub mod filters;
+pub mod numeric_mul;
 pub mod run;
 pub mod spec;
 pub mod test_case;
