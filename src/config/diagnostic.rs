@@ -96,6 +96,13 @@ pub fn did_you_mean<'a>(
         .map(|(_, c)| c)
 }
 
+/// ` (did you mean `x`?)` for the closest candidate to `word`, or nothing.
+pub fn suggestion<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    did_you_mean(word, candidates)
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default()
+}
+
 /// Adds ` (did you mean `x`?)` to serde's "unknown field/variant `a`, expected one of `b`, `c`".
 pub fn with_suggestion(message: &str) -> String {
     let is_unknown = message.starts_with("unknown field") || message.starts_with("unknown variant");

@@ -11,7 +11,7 @@ pub mod secrets;
 pub mod yaml;
 
 use crate::connector::{Registry, Signs, SourceDef, VerifyKind};
-use diagnostic::{did_you_mean, Diagnostic, Diagnostics};
+use diagnostic::{suggestion, Diagnostic, Diagnostics};
 use indexmap::IndexMap;
 use scalar::{ByteSize, DurationSpec};
 use secrets::Interpolated;
@@ -264,9 +264,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
     for (name, k) in top.api_keys.iter().flatten() {
         for (i, scope) in k.scopes.iter().enumerate() {
             if !API_SCOPES.contains(&scope.as_str()) {
-                let hint = diagnostic::did_you_mean(scope, API_SCOPES.iter().copied())
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
+                let hint = diagnostic::suggestion(scope, API_SCOPES.iter().copied());
                 diags.push(doc.at(
                     &format!("api_keys.{name}.scopes[{i}]"),
                     format!(
@@ -570,9 +568,7 @@ fn check_sink(
 ) -> Option<Sink> {
     let before = diags.len();
     let Some(def) = connectors.get(&spec.connector).and_then(|c| c.sink.clone()) else {
-        let hint = did_you_mean(&spec.connector, connectors.sink_ids())
-            .map(|s| format!(" (did you mean `{s}`?)"))
-            .unwrap_or_default();
+        let hint = suggestion(&spec.connector, connectors.sink_ids());
         let known: Vec<&str> = connectors.sink_ids().collect();
         diags.push(doc.at(
             &join(path, "connector"),
@@ -650,9 +646,7 @@ fn check_sink(
             _ => {
                 let mut expected: Vec<&str> = def.params.keys().map(String::as_str).collect();
                 expected.extend(SINK_SETTINGS);
-                let hint = did_you_mean(key, expected.iter().copied())
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
+                let hint = suggestion(key, expected.iter().copied());
                 diags.push(doc.at_key(
                     &vpath,
                     format!(
@@ -728,9 +722,7 @@ fn check_source(
         .get(&spec.connector)
         .and_then(|c| c.source.clone())
     else {
-        let hint = did_you_mean(&spec.connector, connectors.source_ids())
-            .map(|s| format!(" (did you mean `{s}`?)"))
-            .unwrap_or_default();
+        let hint = suggestion(&spec.connector, connectors.source_ids());
         let known: Vec<&str> = connectors.source_ids().collect();
         diags.push(doc.at(
             &cpath,

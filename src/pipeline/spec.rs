@@ -3,7 +3,7 @@
 //! expression engine (every template compiles).
 
 use super::expr::{Engine, Field};
-use crate::config::diagnostic::{did_you_mean, Diagnostic, Diagnostics};
+use crate::config::diagnostic::{suggestion, Diagnostic, Diagnostics};
 use crate::config::yaml::{join, Document};
 use crate::config::{Sink, Source};
 use indexmap::IndexMap;
@@ -411,9 +411,7 @@ impl Scope<'_> {
             if reads.keys.contains(key) {
                 continue;
             }
-            let hint = did_you_mean(key, reads.keys.iter().map(String::as_str))
-                .map(|s| format!(" (did you mean `{s}`?)"))
-                .unwrap_or_default();
+            let hint = suggestion(key, reads.keys.iter().map(String::as_str));
             let known: Vec<&str> = reads.keys.iter().map(String::as_str).collect();
             diags.push(doc.at_key(
                 &join(&join(path, "with"), key),
@@ -440,9 +438,7 @@ impl Scope<'_> {
     ) {
         let known = self.known.borrow();
         for name in self.engine.unknown_names(src, condition, &known) {
-            let hint = did_you_mean(&name, known.iter().map(String::as_str))
-                .map(|s| format!(" (did you mean `{s}`?)"))
-                .unwrap_or_default();
+            let hint = suggestion(&name, known.iter().map(String::as_str));
             diags.push(doc.at(
                 path,
                 format!(
@@ -557,9 +553,7 @@ fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics)
         ];
         for (i, ev) in on.events.iter().enumerate() {
             if !emits.contains(&ev.as_str()) {
-                let hint = did_you_mean(ev, emits.iter().copied())
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
+                let hint = suggestion(ev, emits.iter().copied());
                 diags.push(doc.at(
                     &format!("on.events[{i}]"),
                     format!(
@@ -614,9 +608,7 @@ fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics)
         if scope.invalid("sources", &on.source) {
             return;
         }
-        let hint = did_you_mean(&on.source, scope.sources.keys().map(String::as_str))
-            .map(|s| format!(" (did you mean `{s}`?)"))
-            .unwrap_or_default();
+        let hint = suggestion(&on.source, scope.sources.keys().map(String::as_str));
         diags.push(doc.at(
             "on.source",
             format!(
@@ -631,9 +623,7 @@ fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics)
     }
     for (i, ev) in on.events.iter().enumerate() {
         if !src.def.events.contains(ev) {
-            let hint = did_you_mean(ev, src.def.events.iter().map(String::as_str))
-                .map(|s| format!(" (did you mean `{s}`?)"))
-                .unwrap_or_default();
+            let hint = suggestion(ev, src.def.events.iter().map(String::as_str));
             diags.push(doc.at(
                 &format!("on.events[{i}]"),
                 format!(
@@ -860,9 +850,7 @@ fn check_step(
         StepSpec::LoyaltyIssueCode(c) => {
             let cpath = join(path, "loyalty.issue_code");
             if !scope.pools.contains_key(&c.pool) && !scope.invalid("promo_codes", &c.pool) {
-                let hint = did_you_mean(&c.pool, scope.pools.keys().map(String::as_str))
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
+                let hint = suggestion(&c.pool, scope.pools.keys().map(String::as_str));
                 let known: Vec<&str> = scope.pools.keys().map(String::as_str).collect();
                 diags.push(doc.at(
                     &join(&cpath, "pool"),
@@ -911,9 +899,7 @@ fn check_step(
             }
             for (i, sink) in r.cancel.iter().enumerate() {
                 if !scope.sinks.contains_key(sink) && !scope.invalid("sinks", sink) {
-                    let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
-                        .map(|s| format!(" (did you mean `{s}`?)"))
-                        .unwrap_or_default();
+                    let hint = suggestion(sink, scope.sinks.keys().map(String::as_str));
                     diags.push(doc.at(
                         &format!("{}[{i}]", join(&rpath, "cancel")),
                         format!("unknown sink `{sink}`{hint}"),
@@ -1017,9 +1003,7 @@ fn check_target(
         return None;
     }
     if !scope.sinks.contains_key(sink) {
-        let hint = did_you_mean(sink, scope.sinks.keys().map(String::as_str))
-            .map(|s| format!(" (did you mean `{s}`?)"))
-            .unwrap_or_default();
+        let hint = suggestion(sink, scope.sinks.keys().map(String::as_str));
         let known: Vec<&str> = scope.sinks.keys().map(String::as_str).collect();
         diags.push(doc.at(
             path,
@@ -1041,9 +1025,7 @@ fn check_target(
         .map(|d| (&d.actions, scope.sinks[sink].connector.as_str()));
     if let Some((actions, connector)) = actions {
         if !actions.contains_key(action) {
-            let hint = did_you_mean(action, actions.keys().map(String::as_str))
-                .map(|s| format!(" (did you mean `{s}`?)"))
-                .unwrap_or_default();
+            let hint = suggestion(action, actions.keys().map(String::as_str));
             let known: Vec<&str> = actions.keys().map(String::as_str).collect();
             diags.push(doc.at(
                 path,

@@ -47,6 +47,13 @@ fn dry_run_shows_steps_and_deliveries_and_sends_nothing() {
     assert!(out.contains("\"outcome\":\"completed\""), "{out}");
 }
 
+/// `perkflow check`'s problems in `dir`, which must make it exit 1.
+fn check_fails(dir: &std::path::Path) -> String {
+    let (code, _out, err) = perkflow(dir, &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    err
+}
+
 const CONFIG: &str = "sources:\n  shop: { connector: shopify, secret: s }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b, base_url: \"http://127.0.0.1:9\" }\n";
 
 fn project(pipeline: &str) -> tempfile::TempDir {
@@ -86,8 +93,7 @@ fn check_reports_pipeline_problems_at_their_place() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/payed] }\nsteps:\n  - wen: \"true\"\n  - set: { x: \"{{ 1 + }}\" }\n  - deliver: { to: smss.send_sms }\n  - deliver: { to: nodot }\n  - deliver: { to: sms.send_smss }\n  - when: \"evnt.total_price > 1\"\n",
     );
-    let (code, _out, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     let lines: Vec<&str> = err.lines().collect();
     assert!(lines[0].starts_with("pipelines/p.yaml:2:30: on.events[0]: connector `shopify` does not emit `orders/payed` (did you mean `orders/paid`?)"), "{err}");
     assert!(
@@ -176,8 +182,7 @@ fn a_duplicate_pipeline_is_reported_at_its_name() {
         "# a copy\n\npipeline: p\non: { source: shop, events: [orders/paid] }\nsteps: []\n",
     )
     .unwrap();
-    let (code, _, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     assert!(
         err.starts_with("pipelines/q.yaml:3:11: pipeline: pipeline `p` is also defined in "),
         "{err}"
@@ -211,8 +216,7 @@ fn a_refused_source_sink_or_pool_is_reported_once_not_at_every_use() {
         "sources:\n  shop: { connector: shopify, secret: s, tolerance: [300] }\nsinks:\n  sms: { connector: twilio_sms, account_sid: a, auth_token: b, bogus: 1 }\npromo_codes:\n  thanks: { prefix: THANKS-, expires_after: soon }\n",
     )
     .unwrap();
-    let (code, _out, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 4, "{err}");
     assert!(lines[0].starts_with("perkflow.yaml:2:"), "{err}");
@@ -226,8 +230,7 @@ fn check_reports_with_keys_the_action_does_not_read() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver:\n      to: sms.send_sms\n      with: { too: \"+15555550123\", body: hi }\n",
     );
-    let (code, _out, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     let lines: Vec<&str> = err.lines().collect();
     let expected = [
         "pipelines/p.yaml:6:15: steps[0].deliver.with.too: `sms.send_sms` does not read `too` (did you mean `to`?); it reads: body, media_url, to",
@@ -241,8 +244,7 @@ fn check_reports_unknown_filters_and_tests() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - when: \"event.email is definedd\"\n  - set: { mail: \"{{ event.email | lowr }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"Hi {{ mail | nosuch }}\" } }\n",
     );
-    let (code, _out, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     let lines: Vec<&str> = err.lines().collect();
     let expected = [
         "pipelines/p.yaml:4:11: steps[0].when: unknown test `definedd` (did you mean `defined`?)",
@@ -258,8 +260,7 @@ fn check_reports_loyalty_and_schedule_problems_at_their_place() {
     let dir = project(
         "pipeline: p\non:\n  schedule: { cron: \"0 25 * * *\", tz: Mars/Base, members: birthday, where: \"member.x ==\" }\nsteps:\n  - loyalty.accrue: { member: x, points: 1, hold: forever }\n  - loyalty.redeem: { member: x, points: 1, hold: 1d }\n  - loyalty.reverse: { key: k, cancel: [smss] }\n  - deliver: { to: sms.send_sms, with: { to: a }, keep: { member: x, as: \"bad name\", from: promo } }\n",
     );
-    let (code, _out, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     let lines: Vec<&str> = err.lines().collect();
     let expected = [
         "pipelines/p.yaml:3:21: on.schedule.cron: `0 25 * * *` is not a cron pattern (Component error: Number out of bounds.); e.g. `0 9 * * *` (09:00 every day)",
@@ -280,8 +281,7 @@ fn check_reports_lookup_problems_at_their_place() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - lookup: { from: sms.send_sms, as: event }\n  - lookup: { from: sms.nope, as: 1x, with: { id: \"{{ evnt.id }}\" } }\n  - lookup: { from: sms.send_sms, as: answer }\n  - set: { y: \"{{ answer.sid }}\" }\n",
     );
-    let (code, _out, err) = perkflow(dir.path(), &["check"]);
-    assert_eq!(code, Some(1), "{err}");
+    let err = check_fails(dir.path());
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines[0], "pipelines/p.yaml:4:21: steps[0].lookup.from: `sms.send_sms` is a POST that changes something at the vendor; a lookup may only read (use `deliver` to send it)", "{err}");
     assert_eq!(lines[1], "pipelines/p.yaml:4:39: steps[0].lookup.as: `event` is provided by every run and cannot be set", "{err}");
