@@ -392,19 +392,28 @@ impl Engine {
         } else {
             &self.strict
         };
+        // Compiled guarded (`numeric_mul`), as for evaluation: a constant `*` would
+        // otherwise be folded at compile time.
         let used = if condition {
-            env.compile_expression(strip_braces(src))
-                .map(|e| e.undeclared_variables(false))
+            guarded(strip_braces(src), true)
+                .and_then(|g| {
+                    env.compile_expression(&g)
+                        .map(|e| e.undeclared_variables(false))
+                })
                 .unwrap_or_default()
         } else {
             match self.field(src) {
-                Ok(Field::Expr(e)) => env
-                    .compile_expression(&e)
-                    .map(|x| x.undeclared_variables(false))
+                Ok(Field::Expr(e)) => guarded(&e, true)
+                    .and_then(|g| {
+                        env.compile_expression(&g)
+                            .map(|x| x.undeclared_variables(false))
+                    })
                     .unwrap_or_default(),
-                Ok(Field::Template(t)) => env
-                    .template_from_str(&t)
-                    .map(|x| x.undeclared_variables(false))
+                Ok(Field::Template(t)) => guarded(&t, false)
+                    .and_then(|g| {
+                        env.template_from_str(&g)
+                            .map(|x| x.undeclared_variables(false))
+                    })
                     .unwrap_or_default(),
                 _ => Default::default(),
             }
@@ -495,19 +504,24 @@ impl Engine {
     /// Variables a value field reads, with their attribute paths (`params.account_sid`).
     pub fn variable_paths(&self, src: &str) -> Vec<String> {
         let mut out: Vec<String> = match self.field(src) {
-            Ok(Field::Expr(e)) => self
-                .strict
-                .compile_expression(&e)
-                .map(|x| x.undeclared_variables(true))
+            Ok(Field::Expr(e)) => guarded(&e, true)
+                .and_then(|g| {
+                    self.strict
+                        .compile_expression(&g)
+                        .map(|x| x.undeclared_variables(true))
+                })
                 .unwrap_or_default(),
-            Ok(Field::Template(t)) => self
-                .strict
-                .template_from_str(&t)
-                .map(|x| x.undeclared_variables(true))
+            Ok(Field::Template(t)) => guarded(&t, false)
+                .and_then(|g| {
+                    self.strict
+                        .template_from_str(&g)
+                        .map(|x| x.undeclared_variables(true))
+                })
                 .unwrap_or_default(),
             _ => Default::default(),
         }
         .into_iter()
+        .filter(|p| p != numeric_mul::GUARD)
         .collect();
         out.sort();
         out
@@ -769,6 +783,12 @@ mod tests {
             ("{{ 'a' | indent(99999999999) }}", "indent"),
             ("{{ (range(100000) | join('\n')) | indent(100) }}", "indent"),
             ("{{ [1, 2] | slice(99999999999) }}", "slice"),
+            ("{{ [1] | batch(10000000000, 0) }}", "batch"),
+            ("{{ range(100000) | join(range(100000) | join) }}", "join"),
+            (
+                "{% macro m() %}{{ caller() }}{% endmacro %}{% call(s = event.currency * 30000000) m() %}{{ s | length }}{% endcall %}",
+                "`*` multiplies numbers",
+            ),
             (
                 "{{ (range(300) | join) | replace('', range(700) | join) }}",
                 "replace",
@@ -804,6 +824,12 @@ mod tests {
             ("{{ 'ab' | indent(2, true) }}", json!("  ab")),
             ("{{ [1, 2, 3] | slice(2) | list }}", json!([[1, 2], [3]])),
             ("{{ 'a-b' | replace('-', '+') }}", json!("a+b")),
+            (
+                "{{ [1, 2, 3] | batch(2, 0) | list }}",
+                json!([[1, 2], [3, 0]]),
+            ),
+            ("{{ event.items | join(', ') }}", json!("1, 2, 3")),
+            ("{{ range(3) | join }}", json!("012")),
             ("{{ event.items | tojson }}", json!("[1, 2, 3]")),
             ("{{ range(1000) | length }}", json!(1000)),
             ("{{ (event.items | length) * 2.5 * points }}", json!(9412.5)),

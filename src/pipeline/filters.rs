@@ -34,7 +34,46 @@ pub fn register_bounded(env: &mut Environment<'static>) {
     env.add_filter("tojson", tojson);
     env.add_filter("slice", slice);
     env.add_filter("replace", replace);
+    env.add_filter("batch", batch);
+    env.add_filter("join", join);
     env.remove_filter("format");
+}
+
+/// `batch(count, fill)`: lists of `count` items, the last one filled up to `count`.
+fn batch(
+    state: &State,
+    value: Value,
+    count: usize,
+    fill_with: Option<Value>,
+) -> Result<Value, Error> {
+    if count > 100_000 {
+        return Err(too_large("batch"));
+    }
+    minijinja::filters::batch(state, value, count, fill_with)
+}
+
+/// `join(separator)`: the separator goes between every two items.
+fn join(
+    state: &mut State,
+    value: &Value,
+    joiner: Option<StringInput<'_>>,
+    attribute: Option<&str>,
+    kwargs: Kwargs,
+) -> Result<Value, Error> {
+    let sep = joiner.as_ref().map_or(0, |j| j.as_str().len());
+    if sep > 0 {
+        let items = match value.len() {
+            Some(n) => n,
+            None => value
+                .try_iter()
+                .map(|i| i.take(MAX_VALUE + 1).count())
+                .unwrap_or(0),
+        };
+        if items.saturating_sub(1).saturating_mul(sep) > MAX_VALUE {
+            return Err(too_large("join"));
+        }
+    }
+    minijinja::filters::join(state, value, joiner, attribute, kwargs)
 }
 
 fn too_large(what: &str) -> Error {

@@ -323,6 +323,11 @@ fn walk_stmt(s: &Stmt, depth: usize, out: &mut Operands) {
         Stmt::CallBlock(c) => {
             walk_expr(&c.call.expr, depth, out);
             walk_args(&c.call.args, depth, out);
+            // `{% call(x = …) m() %}`: the caller's parameter defaults.
+            c.macro_decl
+                .defaults
+                .iter()
+                .for_each(|d| walk_expr(d, depth, out));
             walk_body(&c.macro_decl.body, depth, out);
         }
         Stmt::Do(d) => {
@@ -381,6 +386,14 @@ mod tests {
         assert_eq!(
             g("a * in text, {{ 2 ** 3 }}", false),
             "a * in text, {{ 2 ** 3 }}"
+        );
+        assert_eq!(
+            g("{% macro m() %}{{ caller() }}{% endmacro %}{% call(s = x * 3) m() %}{{ s }}{% endcall %}", false),
+            "{% macro m() %}{{ caller() }}{% endmacro %}{% call(s = N(x) * N(3)) m() %}{{ s }}{% endcall %}"
+        );
+        assert_eq!(
+            g("{% macro m(a = b * 2) %}{% endmacro %}{# 2 * x #}{% raw %}{{ 3 * y }}{% endraw %}", false),
+            "{% macro m(a = N(b) * N(2)) %}{% endmacro %}{# 2 * x #}{% raw %}{{ 3 * y }}{% endraw %}"
         );
         assert!(guarded(&format!("{GUARD}(1)"), true).is_err());
     }
