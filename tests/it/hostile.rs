@@ -337,14 +337,29 @@ const RUNAWAY: &[(&str, &str, &str)] = &[
         "{% for i in range(100000000) %}x{% endfor %}",
         "too many elements",
     ),
-    ("repeat", "{{ 'x' * 1000000000 }}", "too large"),
-    ("output", "{{ 'x' * 2000000 }}!", "larger than 1024 KiB"),
+    // `*` multiplies numbers only: no string or list repeated.
+    ("repeat", "{{ 'x' * 1000000000 }}", "`*` multiplies numbers"),
+    ("list", "{{ [0] * 2000000 }}", "`*` multiplies numbers"),
     (
-        "doubling",
-        "{% set a = 'x' * 600000 %}{% set a = a ~ a %}{{ a }}!",
+        "payload-factor",
+        "{{ event.email * (event.total_price | int) }}",
+        "`*` multiplies numbers",
+    ),
+    (
+        "output",
+        "{{ (range(100000) | join) ~ (range(100000) | join) ~ (range(100000) | join) }}!",
         "larger than 1024 KiB",
     ),
-    ("list", "{{ [0] * 2000000 }}", "larger than 1024 KiB"),
+    (
+        "doubling",
+        "{% set a = range(100000) | join %}{% set a = a ~ a ~ a %}{{ a }}!",
+        "larger than 1024 KiB",
+    ),
+    (
+        "join",
+        "{{ range(100000) | join(range(100000) | join) }}",
+        "join",
+    ),
     (
         "recursion",
         "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
