@@ -39,6 +39,14 @@ pub fn register_bounded(env: &mut Environment<'static>) {
     env.remove_filter("format");
 }
 
+/// `slice` and `batch` make (or fill up to) `count` items: as many as `range` allows.
+fn at_most_lists(what: &str, count: usize) -> Result<(), Error> {
+    if count > 100_000 {
+        return Err(too_large(what));
+    }
+    Ok(())
+}
+
 /// `batch(count, fill)`: lists of `count` items, the last one filled up to `count`.
 fn batch(
     state: &State,
@@ -46,9 +54,7 @@ fn batch(
     count: usize,
     fill_with: Option<Value>,
 ) -> Result<Value, Error> {
-    if count > 100_000 {
-        return Err(too_large("batch"));
-    }
+    at_most_lists("batch", count)?;
     minijinja::filters::batch(state, value, count, fill_with)
 }
 
@@ -126,9 +132,7 @@ fn slice(
     count: usize,
     fill_with: Option<Value>,
 ) -> Result<Value, Error> {
-    if count > 100_000 {
-        return Err(too_large("slice"));
-    }
+    at_most_lists("slice", count)?;
     minijinja::filters::slice(state, value, count, fill_with)
 }
 
