@@ -315,11 +315,16 @@ fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
     env
 }
 
-/// `src` with `*` restricted to numbers (`numeric_mul`), as the engine compiles it.
+/// `src` as the engine compiles it: `*` restricted to numbers (`numeric_mul`), and refused
+/// if it captures output (`capture`).
 fn guarded(src: &str, expr: bool) -> Result<String, minijinja::Error> {
+    let invalid = |e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e);
+    if !expr {
+        super::capture::refuse(src).map_err(invalid)?;
+    }
     numeric_mul::guarded(src, expr)
         .map(|s| s.into_owned())
-        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e))
+        .map_err(invalid)
 }
 
 /// `{{ x }}` alone (ignoring surrounding spaces) -> `Some("x")`.
@@ -607,10 +612,8 @@ mod tests {
                 (NameKind::Test, "nosuchtest".into(), None)
             ]
         );
-        assert_eq!(
-            names("{% filter uper %}x{% endfilter %}", false),
-            [(NameKind::Filter, "uper".into(), Some("upper".into()))]
-        );
+        // A filter block is refused as a whole (`capture`), before its name matters.
+        assert!(e.field("{% filter uper %}x{% endfilter %}").is_err());
         // Known names, `|` inside strings, `or` (not a pipe), literals: nothing.
         assert!(names("{{ event.email | email | lower | sha256 }}", false).is_empty());
         assert!(names("{{ 'a | b' ~ x | default('is nope') }}", false).is_empty());
@@ -787,7 +790,7 @@ mod tests {
             ("{{ range(100000) | join(range(100000) | join) }}", "join"),
             (
                 "{% macro m() %}{{ caller() }}{% endmacro %}{% call(s = event.currency * 30000000) m() %}{{ s | length }}{% endcall %}",
-                "`*` multiplies numbers",
+                "is not available in perkflow fields",
             ),
             (
                 "{{ (range(300) | join) | replace('', range(700) | join) }}",
@@ -798,7 +801,7 @@ mod tests {
             ("{{ '%99999999999s' | format('x') }}", "format"),
             // Recursion stops at the limit.
             (
-                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+                "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
                 "recursion",
             ),
         ];

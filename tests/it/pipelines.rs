@@ -240,6 +240,18 @@ fn check_reports_with_keys_the_action_does_not_read() {
 }
 
 #[test]
+fn check_refuses_statements_that_capture_output() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - set: { x: \"{% macro f() %}x{% endmacro %}{{ f() }}\" }\n",
+    );
+    let err = check_fails(dir.path());
+    assert!(
+        err.starts_with("pipelines/p.yaml:4:15: steps[0].set.x: invalid operation: `{% macro %}` is not available in perkflow fields"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_reports_unknown_filters_and_tests() {
     let dir = project(
         "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - when: \"event.email is definedd\"\n  - set: { mail: \"{{ event.email | lowr }}\" }\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: \"Hi {{ mail | nosuch }}\" } }\n",
