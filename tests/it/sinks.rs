@@ -223,3 +223,48 @@ async fn a_vendor_rate_limit_is_waited_out_and_nothing_is_lost() {
         "each message once"
     );
 }
+
+/// `perkflow sandbox` as a process: an injected connection reset (status 0) closes that one
+/// connection with no answer and prints no panic; the next request is answered.
+#[tokio::test]
+async fn an_injected_connection_reset_drops_one_request_quietly() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .args(["sandbox", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    // It prints each request it receives: keep reading.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let url = line
+        .trim()
+        .strip_prefix("perkflow sandbox listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    fault(&url, json!({ "vendor": "slack", "status": [0] })).await;
+    let hook = format!("{url}/slack/services/T000/B000/XXXX");
+    let c = client();
+    let first = c.post(&hook).json(&json!({ "text": "hi" })).send().await;
+    assert!(first.is_err(), "the reset request got an answer: {first:?}");
+    let second = c
+        .post(&hook)
+        .json(&json!({ "text": "hi" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status().as_u16(), 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}
