@@ -251,7 +251,7 @@ struct Daemon {
 /// Starts `perkflow serve -c cfg` on a free loopback port (`PERKFLOW_LOG=log`) and waits for
 /// its listening line; stdout is drained after that.
 ///
-/// `PERKFLOW_BENCH_WRAP` (words split on spaces, e.g. `heaptrack -o /tmp/soak`) runs the
+/// `PERKFLOW_BENCH_WRAP` (words split on spaces, e.g. `heaptrack -o soak`) runs the
 /// daemon under a profiler; the memory figures are then the wrapper's process, not the
 /// daemon's, so use it to find causes, not to take figures.
 fn start_daemon(perkflow: &Path, cfg: &Path, log: &str) -> Result<Daemon, String> {
