@@ -103,6 +103,15 @@ pub fn suggestion<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>)
         .unwrap_or_default()
 }
 
+/// `a, b, c`, or `empty` when there are none (the known names an error lists).
+pub fn listed(names: &[&str], empty: &str) -> String {
+    if names.is_empty() {
+        empty.to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
 /// Adds ` (did you mean `x`?)` to serde's "unknown field/variant `a`, expected one of `b`, `c`".
 pub fn with_suggestion(message: &str) -> String {
     let is_unknown = message.starts_with("unknown field") || message.starts_with("unknown variant");

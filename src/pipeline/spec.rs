@@ -3,7 +3,7 @@
 //! expression engine (every template compiles).
 
 use super::expr::{Engine, Field};
-use crate::config::diagnostic::{suggestion, Diagnostic, Diagnostics};
+use crate::config::diagnostic::{listed, suggestion, Diagnostic, Diagnostics};
 use crate::config::yaml::{join, Document};
 use crate::config::{Sink, Source};
 use indexmap::IndexMap;
@@ -417,11 +417,7 @@ impl Scope<'_> {
                 &join(&join(path, "with"), key),
                 format!(
                     "`{sink}.{action}` does not read `{key}`{hint}; it reads: {}",
-                    if known.is_empty() {
-                        "nothing".into()
-                    } else {
-                        known.join(", ")
-                    }
+                    listed(&known, "nothing")
                 ),
             ));
         }
@@ -857,7 +853,7 @@ fn check_step(
                     format!(
                         "unknown promo code pool `{}`{hint}; pools (promo_codes: in the config): {}",
                         c.pool,
-                        if known.is_empty() { "none".into() } else { known.join(", ") }
+                        listed(&known, "none")
                     ),
                 ));
             }
@@ -1009,11 +1005,7 @@ fn check_target(
             path,
             format!(
                 "unknown sink `{sink}`{hint}; sinks in the config: {}",
-                if known.is_empty() {
-                    "none".into()
-                } else {
-                    known.join(", ")
-                }
+                listed(&known, "none")
             ),
         ));
     }
