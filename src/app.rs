@@ -118,6 +118,17 @@ pub struct Runtime {
 
 impl Runtime {
     /// The personal data of a stored event (what to mask wherever it is shown).
+    /// The pipelines subscribed to events of `event_type` from `source`.
+    pub fn listeners<'a>(
+        &'a self,
+        source: &'a str,
+        event_type: &'a str,
+    ) -> impl Iterator<Item = &'a crate::pipeline::spec::Pipeline> + 'a {
+        self.pipelines
+            .values()
+            .filter(move |p| p.on.source == source && p.on.events.iter().any(|e| e == event_type))
+    }
+
     pub fn personal_data(&self, ev: &crate::inbox::StoredEvent) -> crate::redact::Values {
         if self.pii.is_empty() {
             return Default::default();
@@ -218,9 +229,19 @@ pub fn build_runtime(cfg: &Config) -> Result<Runtime, Diagnostics> {
     }
 }
 
-/// Shared by every handler.
+/// Shared by every handler: one reference count (every request clones it).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What an [`AppState`] shares.
+pub struct Shared {
     runtime: Arc<RwLock<Arc<Runtime>>>,
     pub inbox: Arc<dyn Inbox>,
     pub outbox: Arc<dyn crate::outbox::Outbox>,
@@ -297,9 +318,20 @@ impl AppState {
         metrics: Option<PrometheusHandle>,
         admin: AdminAccess,
     ) -> Self {
+        Self::with(runtime, store, metrics, admin, |_| {})
+    }
+
+    /// `new`, with the settings `set` changes before the state is shared.
+    pub fn with(
+        runtime: Runtime,
+        store: Store,
+        metrics: Option<PrometheusHandle>,
+        admin: AdminAccess,
+        set: impl FnOnce(&mut Shared),
+    ) -> Self {
         let inbox: Arc<dyn Inbox> = Arc::new(store.clone());
         let outbox: Arc<dyn crate::outbox::Outbox> = Arc::new(store.clone());
-        AppState {
+        let mut shared = Shared {
             store,
             api_keys: Default::default(),
             runtime: Arc::new(RwLock::new(Arc::new(runtime))),
@@ -328,7 +360,9 @@ impl AppState {
                 header_timeout: crate::http::HEADER_TIMEOUT,
                 body_timeout: crate::ingest::BODY_TIMEOUT,
             }),
-        }
+        };
+        set(&mut shared);
+        AppState(Arc::new(shared))
     }
 
     /// Replaces the running configuration (one swap; readers hold the old one until done).
@@ -453,10 +487,11 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
             scopes: k.scopes.clone(),
         });
     }
-    let mut state = AppState::new(runtime, store.clone(), metrics_handle(), admin);
-    state.api_keys = Arc::new(api_keys);
-    state.config_path = cfg.file.clone();
-    state.boot = Arc::new(Boot::of(&cfg));
+    let state = AppState::with(runtime, store.clone(), metrics_handle(), admin, |s| {
+        s.api_keys = Arc::new(api_keys);
+        s.config_path = cfg.file.clone();
+        s.boot = Arc::new(Boot::of(&cfg));
+    });
     Ok(Prepared { cfg, state, store })
 }
 

@@ -7,6 +7,9 @@
 //!   memory, from what the log writer reports once records are durable.
 //! - A sealed file's index is one sled value (`segments`: seq -> packed entries), written
 //!   once when the file is sealed: no per-event sled write on the acknowledgement path.
+//!   Beside it, in the same write, the fingerprints of its events' de-duplication keys
+//!   (`seq` + `k` -> packed u64s, in entry order), from which the store rebuilds its
+//!   de-duplication index (`dedup`).
 //! - A file without a stored index (the daemon was killed while writing it) is indexed
 //!   again from its records when the store opens (`Store::open`).
 
@@ -45,6 +48,19 @@ fn unpack_at(raw: &[u8], i: usize) -> Entry {
     }
 }
 
+/// Key of a file's fingerprints in `segments`: its sequence number, then `k`.
+const HINTS_KEY_LEN: usize = 9;
+
+fn hints_key(seq: u64) -> [u8; HINTS_KEY_LEN] {
+    let mut k = [b'k'; HINTS_KEY_LEN];
+    k[..8].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn pack_hints(fps: &[u64]) -> Vec<u8> {
+    fps.iter().flat_map(|f| f.to_be_bytes()).collect()
+}
+
 fn unpack(raw: &[u8]) -> Vec<Entry> {
     (0..raw.len() / PACKED).map(|i| unpack_at(raw, i)).collect()
 }
@@ -67,6 +83,9 @@ struct Inner {
     dir: PathBuf,
     /// Files without a stored index yet: their entries, ascending.
     open: RwLock<BTreeMap<u64, Vec<Entry>>>,
+    /// The de-duplication fingerprints of the files in `open`, in entry order (taken after
+    /// `open`'s lock).
+    open_hints: Mutex<BTreeMap<u64, Vec<u64>>>,
     /// Files with a stored index, by first id.
     sealed: RwLock<BTreeMap<u64, Sealed>>,
     segments: sled::Tree,
@@ -97,6 +116,9 @@ impl EventLog {
         let mut sealed = BTreeMap::new();
         for item in segments.iter() {
             let (k, v) = item?;
+            if k.len() == HINTS_KEY_LEN {
+                continue;
+            }
             let seq =
                 u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("segment key"))?);
             if v.is_empty() || v.len() % PACKED != 0 {
@@ -110,6 +132,7 @@ impl EventLog {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 open: RwLock::new(BTreeMap::new()),
+                open_hints: Mutex::new(BTreeMap::new()),
                 sealed: RwLock::new(sealed),
                 segments,
                 handles: Mutex::new(HashMap::new()),
@@ -128,10 +151,40 @@ impl EventLog {
         Ok(self.inner.segments.contains_key(seq.to_be_bytes())?)
     }
 
-    /// Records of file `seq`, now durable (ascending ids, after those already added).
-    pub fn add(&self, seq: u64, entries: impl IntoIterator<Item = Entry>) {
+    /// Records of file `seq`, now durable (ascending ids, after those already added), with
+    /// the fingerprints of their de-duplication keys.
+    pub fn add(&self, seq: u64, entries: impl IntoIterator<Item = (Entry, u64)>) {
         let mut open = self.inner.open.write().expect("log index lock");
-        open.entry(seq).or_default().extend(entries);
+        let mut hints = self.inner.open_hints.lock().expect("log hints lock");
+        let (e, h) = (open.entry(seq).or_default(), hints.entry(seq).or_default());
+        for (entry, fp) in entries {
+            e.push(entry);
+            h.push(fp);
+        }
+    }
+
+    /// The de-duplication fingerprints stored with sealed file `seq`'s index, in entry
+    /// order (none for a file sealed before they were stored).
+    pub fn hints(&self, seq: u64) -> Result<Option<Vec<u64>>, StoreError> {
+        let Some(raw) = self.inner.segments.get(hints_key(seq))? else {
+            return Ok(None);
+        };
+        if raw.len() % 8 != 0 {
+            return Err(corrupt("segment fingerprints"));
+        }
+        Ok(Some(
+            raw.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ))
+    }
+
+    /// Stores the fingerprints of sealed file `seq` (one read from the file itself).
+    pub fn store_hints(&self, seq: u64, fps: &[u64]) -> Result<(), StoreError> {
+        self.inner
+            .segments
+            .insert(hints_key(seq), pack_hints(fps))?;
+        Ok(())
     }
 
     /// Keeps the latest durable records at hand (bounded: the oldest go first).
@@ -171,24 +224,35 @@ impl EventLog {
     /// Stores the index of file `seq` (complete: nothing more is written to it) in sled and
     /// drops it from memory. A file without records gets no index.
     pub fn seal(&self, seq: u64) -> Result<(), StoreError> {
-        let entries = {
+        let (entries, fps) = {
             let open = self.inner.open.read().expect("log index lock");
+            let hints = self.inner.open_hints.lock().expect("log hints lock");
             match open.get(&seq) {
-                Some(e) if !e.is_empty() => e.clone(),
+                Some(e) if !e.is_empty() => (e.clone(), hints.get(&seq).cloned()),
                 _ => {
-                    drop(open);
+                    drop((open, hints));
                     self.inner
                         .open
                         .write()
                         .expect("log index lock")
                         .remove(&seq);
+                    self.inner
+                        .open_hints
+                        .lock()
+                        .expect("log hints lock")
+                        .remove(&seq);
                     return Ok(());
                 }
             }
         };
-        self.inner
-            .segments
-            .insert(seq.to_be_bytes(), pack(&entries))?;
+        // The index and its fingerprints in one atomic write: a sealed file always has both.
+        let mut batch = sled::Batch::default();
+        batch.insert(&seq.to_be_bytes(), pack(&entries));
+        match fps.filter(|f| f.len() == entries.len()) {
+            Some(f) => batch.insert(hints_key(seq).as_slice(), pack_hints(&f)),
+            None => return Err(corrupt("log file fingerprints do not match its index")),
+        }
+        self.inner.segments.apply_batch(batch)?;
         let first = entries[0].id;
         let s = Sealed {
             seq,
@@ -201,6 +265,11 @@ impl EventLog {
         let mut sealed = self.inner.sealed.write().expect("log index lock");
         sealed.insert(first, s);
         open.remove(&seq);
+        self.inner
+            .open_hints
+            .lock()
+            .expect("log hints lock")
+            .remove(&seq);
         Ok(())
     }
 
@@ -434,7 +503,10 @@ impl EventLog {
     /// Forgets file `seq` (its index leaves sled). The caller makes that durable before it
     /// deletes the file (`delete`).
     pub fn forget(&self, seq: u64) -> Result<(), StoreError> {
-        self.inner.segments.remove(seq.to_be_bytes())?;
+        let mut batch = sled::Batch::default();
+        batch.remove(&seq.to_be_bytes());
+        batch.remove(hints_key(seq).as_slice());
+        self.inner.segments.apply_batch(batch)?;
         self.inner
             .sealed
             .write()
@@ -508,15 +580,23 @@ mod tests {
         }
     }
 
+    /// An entry with a fingerprint of its own (`id` + 1000).
+    fn h(id: u64) -> (Entry, u64) {
+        (e(id), id + 1000)
+    }
+
     #[test]
     fn locates_lists_and_counts_across_open_and_sealed_files() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let log = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
-        log.add(1, [e(1), e(2), e(4)]);
-        log.add(2, [e(5), e(9)]);
+        log.add(1, [h(1), h(2), h(4)]);
+        log.add(2, [h(5), h(9)]);
         log.seal(1).unwrap();
         assert!(log.is_sealed(1).unwrap() && !log.is_sealed(2).unwrap());
+        // The fingerprints are stored with the index, in entry order.
+        assert_eq!(log.hints(1).unwrap(), Some(vec![1001, 1002, 1004]));
+        assert_eq!(log.hints(2).unwrap(), None);
         assert_eq!(log.locate(4).unwrap(), Some((1, e(4))));
         assert_eq!(log.locate(9).unwrap(), Some((2, e(9))));
         assert_eq!(log.locate(3).unwrap(), None);
@@ -530,8 +610,10 @@ mod tests {
         // Reloaded from sled: the sealed file is still known.
         let again = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
         assert_eq!(again.locate(2).unwrap(), Some((1, e(2))));
+        assert_eq!(again.hints(1).unwrap(), Some(vec![1001, 1002, 1004]));
         log.forget(1).unwrap();
         assert_eq!(log.locate(2).unwrap(), None);
+        assert_eq!(log.hints(1).unwrap(), None, "forgotten with the index");
         // The recent-records window: found by id, bounded, oldest dropped first.
         log.remember((0..5000u64).map(|i| (i, bytes::Bytes::from(vec![1u8; 10]))));
         assert_eq!(log.recent(4999).as_deref(), Some(&[1u8; 10][..]));
@@ -559,12 +641,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let log = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
-        log.add(0, [e(0)]);
+        log.add(0, [h(0)]);
         let writer = {
             let log = log.clone();
             std::thread::spawn(move || {
                 for seq in 1..300u64 {
-                    log.add(seq, [e(seq * 2), e(seq * 2 + 1)]);
+                    log.add(seq, [h(seq * 2), h(seq * 2 + 1)]);
                     log.seal(seq - 1).unwrap();
                 }
             })

@@ -53,14 +53,15 @@ pub struct StoredEvent {
     pub payload: Bytes,
 }
 
-/// A dedup key decided new whose sled entry is not written yet: its id and the outcome of
-/// its log write, which duplicates wait for (`Some(true)` once durable).
+/// A dedup key decided new whose record is not durable yet: its id and the outcome of its
+/// log write, which duplicates wait for (`Some(true)` once durable).
 pub(crate) type Reservation = (u64, tokio::sync::watch::Receiver<Option<bool>>);
 
 /// An event this call decided new.
 struct Fresh {
     id: u64,
     key: Vec<u8>,
+    fp: u64,
     outcome: tokio::sync::watch::Sender<Option<bool>>,
 }
 
@@ -164,6 +165,40 @@ pub(crate) fn encode(meta: &EventMeta, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `encode` of a new event's metadata (id 0, not purged), straight from the request's
+/// fields: the same bytes, without copying each field into an `EventMeta` first.
+fn encode_new(e: &NewEvent) -> Vec<u8> {
+    /// `EventMeta`'s fields, in its order, borrowed.
+    #[derive(Serialize)]
+    struct Borrowed<'a> {
+        id: &'a str,
+        source: &'a str,
+        connector: &'a str,
+        vendor_id: &'a str,
+        event_type: &'a str,
+        event_time: &'a Option<String>,
+        received_at_ms: u64,
+        headers: &'a [(String, String)],
+    }
+    let id = format_id(0);
+    let meta = Borrowed {
+        id: &id,
+        source: &e.source,
+        connector: &e.connector,
+        vendor_id: &e.vendor_id,
+        event_type: &e.event_type,
+        event_time: &e.event_time,
+        received_at_ms: e.received_at_ms,
+        headers: &e.headers,
+    };
+    let m = serde_json::to_vec(&meta).expect("event meta serialises");
+    let mut out = Vec::with_capacity(4 + m.len() + e.payload.len());
+    out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    out.extend_from_slice(&m);
+    out.extend_from_slice(&e.payload);
+    out
+}
+
 /// Where the 16 hex digits of the id sit in an encoded record (`id` is the first field).
 const ID_AT: std::ops::Range<usize> = 4 + 10..4 + 26;
 
@@ -211,29 +246,17 @@ impl Store {
     /// Decides, under the dedup lock, which events are new; gives each new one the next id
     /// and queues their log records in one write, so that ids grow in log order and an
     /// append is durable (or fails) as a whole. Duplicates of an event in
-    /// flight wait for its outcome. The sled de-duplication entry is written after the record
-    /// is durable, by the indexer (`store`); until then the reservation answers for it.
+    /// flight wait for its outcome. Once the record is durable, `settle` puts it in the
+    /// de-duplication index; until then the reservation answers for it.
     fn append_now(&self, events: &[NewEvent]) -> Result<Staged, StoreError> {
         // Encoded before taking the lock, with a placeholder id written in under it.
         let prepared: Vec<(Vec<u8>, Vec<u8>)> = events
             .iter()
-            .map(|e| {
-                let meta = EventMeta {
-                    id: format_id(0),
-                    source: e.source.clone(),
-                    connector: e.connector.clone(),
-                    vendor_id: e.vendor_id.clone(),
-                    event_type: e.event_type.clone(),
-                    event_time: e.event_time.clone(),
-                    received_at_ms: e.received_at_ms,
-                    headers: e.headers.clone(),
-                    purged_at_ms: None,
-                };
-                (
-                    dedup_key(&e.source, &e.vendor_id),
-                    encode(&meta, &e.payload),
-                )
-            })
+            .map(|e| (dedup_key(&e.source, &e.vendor_id), encode_new(e)))
+            .collect();
+        let fps: Vec<u64> = prepared
+            .iter()
+            .map(|(key, _)| (self.fingerprint)(key))
             .collect();
         let mut staged = Staged::default();
         let mut reserved = self
@@ -252,10 +275,10 @@ impl Store {
         for (i, (key, _)) in prepared.iter().enumerate() {
             if let Some(first) = prepared[..i].iter().position(|(k, _)| k == key) {
                 decided.push(Decided::Again(first));
-            } else if let Some((prior, outcome)) = reserved.get(key) {
+            } else if let Some((prior, outcome)) = reserved.inflight.get(key) {
                 decided.push(Decided::Prior(*prior, Some(outcome.clone())));
             } else {
-                match self.live_dedup(key)? {
+                match self.find(&reserved.keydir, key, fps[i])? {
                     Some(prior) => decided.push(Decided::Prior(prior, None)),
                     None => decided.push(Decided::New),
                 }
@@ -263,7 +286,7 @@ impl Store {
         }
         let mut records = Vec::new();
         let mut ids = Vec::with_capacity(prepared.len());
-        for ((key, mut record), d) in prepared.into_iter().zip(decided) {
+        for (((key, mut record), d), fp) in prepared.into_iter().zip(decided).zip(fps) {
             let (id, duplicate) = match d {
                 Decided::Again(first) => (ids[first], true),
                 Decided::Prior(prior, outcome) => {
@@ -273,14 +296,17 @@ impl Store {
                 Decided::New => {
                     let id = self.allocate_id();
                     set_id(&mut record, id);
-                    let tag = crate::wal::Tag {
-                        id,
-                        key: key.clone(),
-                    };
-                    records.push((Bytes::from(record), tag));
+                    records.push((Bytes::from(record), crate::wal::Tag { id, fp }));
                     let outcome = tokio::sync::watch::channel(None).0;
-                    reserved.insert(key.clone(), (id, outcome.subscribe()));
-                    staged.fresh.push(Fresh { id, key, outcome });
+                    reserved
+                        .inflight
+                        .insert(key.clone(), (id, outcome.subscribe()));
+                    staged.fresh.push(Fresh {
+                        id,
+                        key,
+                        fp,
+                        outcome,
+                    });
                     (id, false)
                 }
             };
@@ -300,48 +326,176 @@ impl Store {
     }
 
     /// Tells the duplicates waiting for `fresh` how their log write ended. A failed one
-    /// leaves no trace (nothing of it reached sled or the index), so the sender's retry is
-    /// stored as new; a durable one stays reserved until the indexer has written its entry.
-    fn settle(
-        reserved: &mut std::collections::HashMap<Vec<u8>, Reservation>,
-        fresh: &[Fresh],
-        ok: bool,
-    ) {
+    /// leaves no trace, so the sender's retry is stored as new; a durable one goes into the
+    /// de-duplication index, and leaves its reservation once it is there.
+    fn settle(&self, d: &mut crate::dedup::Index, fresh: &[Fresh], ok: bool) {
         for f in fresh {
-            if !ok && reserved.get(&f.key).is_some_and(|(id, _)| *id == f.id) {
-                reserved.remove(&f.key);
+            let reserved = d.inflight.get(&f.key).is_some_and(|(id, _)| *id == f.id);
+            if ok {
+                match self.index_new(&mut d.keydir, &f.key, f.fp, f.id) {
+                    Ok(()) if reserved => {
+                        d.inflight.remove(&f.key);
+                    }
+                    Ok(()) => {}
+                    // The reservation keeps answering for it; the next start indexes it.
+                    Err(e) => {
+                        tracing::error!(error = %e, "writing a de-duplication entry failed; it is kept in memory")
+                    }
+                }
+            } else if reserved {
+                d.inflight.remove(&f.key);
             }
             f.outcome.send_replace(Some(ok));
         }
     }
 
-    /// Checks (store opening) that a logged event has its de-duplication entry; writes it
-    /// if a crash cut it off. A second record for a key that already has a live entry (a
-    /// write that failed and was not cut back) is marked purged, so it is never processed.
-    /// Returns whether anything was written.
-    pub(crate) fn repair_dedup(&self, id: u64, meta: &EventMeta) -> Result<bool, StoreError> {
+    /// The stored event for a de-duplication key, if any: the event holding its
+    /// fingerprint if that event is this key's, else sled's entry (events out of the log,
+    /// and keys whose fingerprint another key holds).
+    fn find(
+        &self,
+        keydir: &crate::dedup::Keydir,
+        key: &[u8],
+        fp: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        if let Some(id) = keydir.get(fp) {
+            if let Some(ev) = self.event_by_id(id)? {
+                if dedup_key(&ev.meta.source, &ev.meta.vendor_id) == key {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        if self.has_cold() {
+            return self.cold_dedup(key);
+        }
+        Ok(None)
+    }
+
+    /// Indexes a new event: its fingerprint, or, if another key's event holds it, a sled
+    /// entry.
+    fn index_new(
+        &self,
+        keydir: &mut crate::dedup::Keydir,
+        key: &[u8],
+        fp: u64,
+        id: u64,
+    ) -> Result<(), StoreError> {
+        match keydir.claim(fp, id) {
+            Ok(()) => Ok(()),
+            Err(holder) if holder == id => Ok(()),
+            Err(holder) => {
+                if self.event_by_id(holder)?.is_none() {
+                    keydir.replace(fp, id);
+                    return Ok(());
+                }
+                self.mark_cold();
+                self.dedup.insert(key, &id.to_be_bytes())?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Indexes an event of a sealed log file (store opening). A fingerprint another event
+    /// holds is either a second record of the same key (the first one stays the event) or a
+    /// collision, kept in sled.
+    pub(crate) fn index_logged(&self, id: u64, fp: u64) -> Result<(), StoreError> {
+        let mut d = self
+            .reserved
+            .lock()
+            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        let holder = match d.keydir.claim(fp, id) {
+            Ok(()) => return Ok(()),
+            Err(holder) if holder == id => return Ok(()),
+            Err(holder) => holder,
+        };
+        let Some(mine) = self.event_by_id(id)? else {
+            return Ok(());
+        };
+        let key = dedup_key(&mine.meta.source, &mine.meta.vendor_id);
+        match self.event_by_id(holder)? {
+            None => d.keydir.replace(fp, id),
+            Some(theirs) if dedup_key(&theirs.meta.source, &theirs.meta.vendor_id) == key => {}
+            Some(_) => {
+                if self.cold_dedup(&key)?.is_none() {
+                    self.mark_cold();
+                    self.dedup.insert(key, &id.to_be_bytes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes an event read back from a log file a crash left unsealed (store opening),
+    /// in log order. A second record for a key that already has an event (a write that
+    /// failed and was not cut back) is marked purged, so it is never processed.
+    pub(crate) fn repair_dedup(
+        &self,
+        id: u64,
+        meta: &EventMeta,
+        fp: u64,
+    ) -> Result<(), StoreError> {
         self.observe_id(id);
         let key = dedup_key(&meta.source, &meta.vendor_id);
-        match self.live_dedup(&key)? {
-            Some(prior) if prior == id => Ok(false),
+        let mut d = self
+            .reserved
+            .lock()
+            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        match self.find(&d.keydir, &key, fp)? {
+            Some(prior) if prior == id => Ok(()),
             Some(_) => {
                 let mut gone = meta.clone();
                 gone.purged_at_ms = Some(crate::delivery::now_ms());
                 gone.headers.clear();
                 self.mark_kept();
                 self.events.insert(id.to_be_bytes(), encode(&gone, &[]))?;
-                Ok(true)
+                Ok(())
             }
-            None => {
-                self.dedup.insert(key, &id.to_be_bytes())?;
-                Ok(true)
+            None => self.index_new(&mut d.keydir, &key, fp, id),
+        }
+    }
+
+    /// Moves the de-duplication entries of events leaving the log (retention drops their
+    /// file; each is kept in sled's `events` by now) into sled's `dedup` tree. Returns their
+    /// fingerprints, for `dedup_left_log` once the file is forgotten.
+    pub(crate) fn dedup_leaving_log(&self, ids: &[u64]) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let Some(raw) = self.events.get(id.to_be_bytes())? else {
+                continue;
+            };
+            let (meta, _) = decode_meta(&raw)?;
+            let key = dedup_key(&meta.source, &meta.vendor_id);
+            let fp = (self.fingerprint)(&key);
+            let d = self
+                .reserved
+                .lock()
+                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+            match self.find(&d.keydir, &key, fp)? {
+                // A second record of a key: the first one answers for it.
+                Some(other) if other != id => {}
+                _ => {
+                    self.mark_cold();
+                    self.dedup.insert(key, &id.to_be_bytes())?;
+                }
+            }
+            out.push((fp, id));
+        }
+        Ok(out)
+    }
+
+    /// Lets the in-memory index forget events whose file is gone (their entries are in
+    /// sled since `dedup_leaving_log`).
+    pub(crate) fn dedup_left_log(&self, moved: &[(u64, u64)]) {
+        if let Ok(mut d) = self.reserved.lock() {
+            for (fp, id) in moved {
+                d.keydir.release(*fp, *id);
             }
         }
     }
 
-    /// The stored event a dedup key points at, if that event exists and really is the one
-    /// for this key (a stale entry does not count).
-    fn live_dedup(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    /// The event sled's `dedup` tree names for a key, if that event exists and really is
+    /// the one for this key (a stale entry does not count).
+    fn cold_dedup(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
         let Some(target) = self.dedup.get(key)?.as_deref().and_then(dedup_target) else {
             return Ok(None);
         };
@@ -362,18 +516,59 @@ impl Store {
     /// One stored event: kept in sled (purged, or moved out of a dropped log file), else
     /// read from the log.
     pub(crate) fn event_by_id(&self, n: u64) -> Result<Option<StoredEvent>, StoreError> {
+        match self.record_bytes(n)? {
+            Some(raw) => decode_shared(&raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Event `n`'s record: kept in sled (purged, or moved out of a dropped log file), else
+    /// one of the latest, else read from the log.
+    fn record_bytes(&self, n: u64) -> Result<Option<Bytes>, StoreError> {
         if self.kept_in_sled() {
             if let Some(raw) = self.events.get(n.to_be_bytes())? {
-                return decode(&raw).map(Some);
+                return Ok(Some(Bytes::copy_from_slice(&raw)));
             }
         }
         if let Some(record) = self.log.recent(n) {
-            return decode_shared(&record).map(Some);
+            return Ok(Some(record));
         }
-        match self.event_in_log(n)? {
-            Some(raw) => decode(&raw).map(Some),
-            None => Ok(None),
+        Ok(self.event_in_log(n)?.map(Bytes::from))
+    }
+
+    /// Event `n` if it is not purged and `wanted` takes its (source, type); only those two
+    /// fields are decoded of the others.
+    pub(crate) fn event_if(
+        &self,
+        n: u64,
+        wanted: &dyn Fn(&str, &str) -> bool,
+    ) -> Result<Option<StoredEvent>, StoreError> {
+        let Some(raw) = self.record_bytes(n)? else {
+            return Ok(None);
+        };
+        /// The fields that say whether anyone listens (the rest is skipped, not copied).
+        #[derive(Deserialize)]
+        struct Peek<'a> {
+            #[serde(borrow)]
+            source: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            event_type: std::borrow::Cow<'a, str>,
+            #[serde(default)]
+            purged_at_ms: Option<u64>,
         }
+        let bad = || StoreError::Corrupt("event record".into());
+        let len = u32::from_be_bytes(
+            raw.get(..4)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        ) as usize;
+        let peek: Peek =
+            serde_json::from_slice(raw.get(4..4 + len).ok_or_else(bad)?).map_err(|_| bad())?;
+        if peek.purged_at_ms.is_some() || !wanted(&peek.source, &peek.event_type) {
+            return Ok(None);
+        }
+        decode_shared(&raw).map(Some)
     }
 
     /// An event's record read from the log; if retention moved it into sled meanwhile (the
@@ -480,20 +675,20 @@ impl Store {
         vendor_id: &str,
     ) -> Result<Option<String>, StoreError> {
         let key = dedup_key(source, vendor_id);
-        let reserved = self.reserved.lock().ok().and_then(|r| {
-            r.get(&key)
-                .filter(|(_, o)| *o.borrow() == Some(true))
-                .map(|(id, _)| *id)
-        });
-        if let Some(id) = reserved {
+        let fp = (self.fingerprint)(&key);
+        let d = self
+            .reserved
+            .lock()
+            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        let durable = d
+            .inflight
+            .get(&key)
+            .filter(|(_, o)| *o.borrow() == Some(true))
+            .map(|(id, _)| *id);
+        if let Some(id) = durable {
             return Ok(Some(format_id(id)));
         }
-        Ok(self
-            .dedup
-            .get(&key)?
-            .as_deref()
-            .and_then(dedup_target)
-            .map(format_id))
+        Ok(self.find(&d.keydir, &key, fp)?.map(format_id))
     }
 }
 
@@ -562,7 +757,7 @@ impl Unsettled {
     fn settle(&mut self, ok: bool) {
         let fresh = std::mem::take(&mut self.fresh);
         match self.store.reserved.lock() {
-            Ok(mut reserved) => Store::settle(&mut reserved, &fresh, ok),
+            Ok(mut reserved) => self.store.settle(&mut reserved, &fresh, ok),
             Err(_) => tracing::error!("dedup lock poisoned"),
         }
     }
@@ -770,6 +965,26 @@ mod tests {
         assert_eq!(s.dedup_lookup("shop", "e1").unwrap(), Some(a[0].id.clone()));
     }
 
+    #[test]
+    fn a_new_event_encodes_as_its_stored_metadata_does() {
+        let mut e = ev("shop", "e\"1");
+        e.event_time = Some("2026-11-22T10:00:00Z".into());
+        let meta = EventMeta {
+            id: format_id(0),
+            source: e.source.clone(),
+            connector: e.connector.clone(),
+            vendor_id: e.vendor_id.clone(),
+            event_type: e.event_type.clone(),
+            event_time: e.event_time.clone(),
+            received_at_ms: e.received_at_ms,
+            headers: e.headers.clone(),
+            purged_at_ms: None,
+        };
+        assert_eq!(encode_new(&e), encode(&meta, &e.payload));
+        let back = decode(&encode_new(&e)).unwrap();
+        assert_eq!((back.meta, &back.payload[..]), (meta, &e.payload[..]));
+    }
+
     #[tokio::test]
     async fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -864,7 +1079,7 @@ mod tests {
         // The original's log write fails: the duplicate fails with it.
         let written = original.writes.pop().unwrap().await.unwrap();
         assert!(written.is_err());
-        Store::settle(&mut s.reserved.lock().unwrap(), &original.fresh, false);
+        s.settle(&mut s.reserved.lock().unwrap(), &original.fresh, false);
         assert!(dup.await.unwrap().is_err());
         fault.store(false, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(s.events().count(), 0);
@@ -887,16 +1102,18 @@ mod tests {
         let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = crate::store::test_store(dir.path(), 64 << 20, Some(fault.clone()));
         // A de-duplication entry whose event cannot be read (its file is missing).
-        s.dedup
-            .insert(dedup_key("shop", "broken"), &999u64.to_be_bytes())
-            .unwrap();
+        let fp = (s.fingerprint)(&dedup_key("shop", "broken"));
+        s.reserved.lock().unwrap().keydir.claim(fp, 999).unwrap();
         s.log.add(
             7_777,
-            [crate::eventlog::Entry {
-                id: 999,
-                off: 0,
-                len: 10,
-            }],
+            [(
+                crate::eventlog::Entry {
+                    id: 999,
+                    off: 0,
+                    len: 10,
+                },
+                fp,
+            )],
         );
         assert!(s
             .append(vec![ev("shop", "fresh"), ev("shop", "broken")])

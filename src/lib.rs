@@ -9,6 +9,7 @@ pub mod app;
 pub mod codes;
 pub mod config;
 pub mod connector;
+pub mod dedup;
 pub mod delivery;
 pub mod demo;
 pub mod eventlog;

@@ -473,6 +473,18 @@ impl Store {
         limit: usize,
         skip: &std::collections::HashSet<u64>,
     ) -> Result<PendingBatch, StoreError> {
+        self.pending_events_for(limit, skip, &|_, _| true)
+    }
+
+    /// `pending_events_except`, where new events of a (source, type) that `wanted` refuses
+    /// (no pipeline listens) are passed over, processed, without decoding more of them
+    /// than those two fields. At most `limit` events, and at most 64 times that many read.
+    pub fn pending_events_for(
+        &self,
+        limit: usize,
+        skip: &std::collections::HashSet<u64>,
+        wanted: &dyn Fn(&str, &str) -> bool,
+    ) -> Result<PendingBatch, StoreError> {
         let mut out = PendingBatch::default();
         let mut deferred = std::collections::HashSet::new();
         for key in self.deferred.iter().keys() {
@@ -494,8 +506,8 @@ impl Store {
             }
         }
         let from = self.processed_to.load(std::sync::atomic::Ordering::Relaxed);
-        for id in self.event_ids(from, u64::MAX, false) {
-            if out.events.len() >= limit {
+        for (read, id) in self.event_ids(from, u64::MAX, false).enumerate() {
+            if out.events.len() >= limit || read >= limit.saturating_mul(64) {
                 break;
             }
             let id = id?;
@@ -503,10 +515,8 @@ impl Store {
             if deferred.contains(&id) {
                 continue;
             }
-            if let Some(ev) = self.event_by_id(id)? {
-                if ev.meta.purged_at_ms.is_none() {
-                    out.events.push(ev);
-                }
+            if let Some(ev) = self.event_if(id, wanted)? {
+                out.events.push(ev);
             }
         }
         Ok(out)

@@ -137,18 +137,23 @@ impl Store {
         // Never a file the worker has not passed yet: it reads new events from the log.
         let below = below.min(self.processed_to.load(std::sync::atomic::Ordering::Relaxed));
         for seq in self.log.sealed_below(below) {
-            for e in self.log.entries(seq)? {
+            let entries = self.log.entries(seq)?;
+            for e in &entries {
                 let key = e.id.to_be_bytes();
                 if !self.events.contains_key(key)? {
-                    let record = self.log.read(seq, e)?;
+                    let record = self.log.read(seq, *e)?;
                     self.mark_kept();
                     let _ =
                         self.events
                             .compare_and_swap(key, None as Option<&[u8]>, Some(record))?;
                 }
             }
+            // Their de-duplication entries move from memory to sled with them.
+            let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+            let moved = self.dedup_leaving_log(&ids)?;
             self.log.forget(seq)?;
             self.make_sled_durable()?;
+            self.dedup_left_log(&moved);
             self.log.delete(seq)?;
         }
         Ok(())

@@ -2,13 +2,13 @@
 //! the outbox, ledger, retention); ingest sees the narrow `inbox::Inbox` interface.
 //!
 //! The inbox log (`wal`) is the event store: an event is acknowledged once its record is
-//! synced, and read back from the log through its index (`eventlog`). sled holds the rest:
-//! one de-duplication entry per event, written by the indexer thread off the
-//! acknowledgement path (until then the entry is kept in memory), one index value per
-//! sealed log file, the processed watermark, and all outbox, ledger and code state. A
-//! checkpoint (every few seconds while there are writes, and at shutdown) makes sled's files
-//! durable and records how far the de-duplication entries are; opening the store re-indexes
-//! what a crash left behind from the log.
+//! synced, and read back from the log through its index (`eventlog`). The de-duplication
+//! index of the events in the log is in memory (`dedup`), rebuilt when the store opens from
+//! the fingerprints stored with each sealed file's index. sled holds the rest: one index
+//! value per sealed log file, the de-duplication entries of events that left the log, the
+//! processed watermark, and all outbox, ledger and code state. A checkpoint (every few
+//! seconds while there are writes, and at shutdown) makes sled's files durable; opening the
+//! store re-indexes from the log what a crash left behind.
 
 use crate::config::Durability;
 use crate::eventlog::{Entry, EventLog};
@@ -46,19 +46,16 @@ impl From<sled::Error> for StoreError {
 /// The checkpoint thread: dropping the sender stops it.
 type Checkpointer = (mpsc::Sender<()>, JoinHandle<()>);
 
-/// Dedup keys of events decided new whose sled entry is not written yet.
-pub(crate) type Reserved =
-    Arc<Mutex<std::collections::HashMap<Vec<u8>, crate::inbox::Reservation>>>;
+/// The de-duplication state: its lock serialises the decision, the id and the log append.
+pub(crate) type Reserved = Arc<Mutex<crate::dedup::Index>>;
 
 /// What the indexer thread is told, in log order.
 enum Indexing {
-    News(News),
+    /// File `seq` is sealed: its index goes to sled.
+    Sealed(u64),
     /// Answered once everything sent before is done.
     Flush(mpsc::Sender<()>),
 }
-
-/// A position in the log: (file, offset).
-type Position = (u64, u64);
 
 /// The sled database, its trees and the inbox log. Cloning shares it (one reference
 /// count: a clone per request is cheap).
@@ -80,7 +77,14 @@ pub struct Shared {
     pub(crate) events: sled::Tree,
     /// Set once `events` holds anything: until then no read looks there.
     has_kept: AtomicBool,
+    /// De-duplication entries of events out of the log (moved by retention, or written
+    /// before the index was kept in memory), and of keys whose fingerprint another key holds.
     pub(crate) dedup: sled::Tree,
+    /// Set once `dedup` holds anything: until then no lookup looks there.
+    has_cold: AtomicBool,
+    /// The fingerprint of a de-duplication key (`dedup::fingerprint`; tests force
+    /// collisions).
+    pub(crate) fingerprint: fn(&[u8]) -> u64,
     /// Events whose runs were deferred (a lookup failed for now), below the watermark.
     pub(crate) deferred: sled::Tree,
     /// Sink actions to deliver, keyed by their idempotency key (`outbox`).
@@ -121,8 +125,8 @@ pub struct Shared {
     pub(crate) wal: Wal,
     pub(crate) log: EventLog,
     pub(crate) durability: Durability,
-    /// Dedup keys of events decided new whose sled entry is not written yet; its lock
-    /// serialises the de-duplication decision, the id and the log append.
+    /// Events on their way to disk and the index of those in the log; its lock serialises
+    /// the de-duplication decision, the id and the log append.
     pub(crate) reserved: Reserved,
     next_id: Arc<AtomicU64>,
     /// Every event below it is processed, but those in `deferred` (`outbox`).
@@ -133,21 +137,6 @@ pub struct Shared {
     dir: PathBuf,
     checkpointer: Arc<Mutex<Option<Checkpointer>>>,
     indexer: mpsc::Sender<Indexing>,
-    /// How far the de-duplication entries are written to sled.
-    dedup_through: Arc<Mutex<Position>>,
-}
-
-fn decode_position(v: &[u8]) -> Option<Position> {
-    Some((
-        u64::from_be_bytes(v.get(..8)?.try_into().ok()?),
-        u64::from_be_bytes(v.get(8..16)?.try_into().ok()?),
-    ))
-}
-
-fn encode_position(p: Position) -> Vec<u8> {
-    let mut v = p.0.to_be_bytes().to_vec();
-    v.extend_from_slice(&p.1.to_be_bytes());
-    v
 }
 
 impl Store {
@@ -157,16 +146,25 @@ impl Store {
         durability: Durability,
         flush_interval: Duration,
     ) -> Result<Store, StoreError> {
-        Self::open_with(dir, durability, flush_interval, SEGMENT_BYTES, None)
+        Self::open_with(
+            dir,
+            durability,
+            flush_interval,
+            SEGMENT_BYTES,
+            None,
+            crate::dedup::fingerprint,
+        )
     }
 
-    /// `open` with a log file size, and a switch that makes log writes fail (tests).
+    /// `open` with a log file size, a switch that makes log writes fail, and a fingerprint
+    /// function (tests).
     pub(crate) fn open_with(
         dir: &Path,
         durability: Durability,
         flush_interval: Duration,
         segment_bytes: u64,
         fault: Option<Arc<AtomicBool>>,
+        fingerprint: fn(&[u8]) -> u64,
     ) -> Result<Store, StoreError> {
         let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what}: {e}"));
         std::fs::create_dir_all(dir).map_err(|e| io(&dir.display().to_string(), e))?;
@@ -184,31 +182,34 @@ impl Store {
         let last_seq = leftover.last().map(|(s, _)| *s).unwrap_or(0);
         let reserved: Reserved = Default::default();
         let dedup = db.open_tree("dedup")?;
-        let dedup_through = Arc::new(Mutex::new((last_seq + 1, 0)));
         let (index_tx, index_rx) = mpsc::channel::<Indexing>();
         let on_news: wal::OnNews = {
             let (log, tx) = (log.clone(), Mutex::new(index_tx.clone()));
-            Arc::new(move |mut news: News| {
-                if let News::Durable { seq, records } = &mut news {
+            Arc::new(move |mut news: News| match &mut news {
+                News::Durable { seq, records } => {
                     log.add(
                         *seq,
-                        records.iter().map(|r| Entry {
-                            id: r.id,
-                            off: r.off,
-                            len: r.len,
+                        records.iter().map(|r| {
+                            let e = Entry {
+                                id: r.id,
+                                off: r.off,
+                                len: r.len,
+                            };
+                            (e, r.fp)
                         }),
                     );
-                    // The window takes the payloads; the indexer needs only keys and places.
                     log.remember(
                         records
                             .iter_mut()
                             .map(|r| (r.id, std::mem::take(&mut r.record))),
                     );
                 }
-                let _ = tx
-                    .lock()
-                    .expect("indexer sender")
-                    .send(Indexing::News(news));
+                News::Sealed { seq } => {
+                    let _ = tx
+                        .lock()
+                        .expect("indexer sender")
+                        .send(Indexing::Sealed(*seq));
+                }
             })
         };
         let processed_to = meta
@@ -238,7 +239,9 @@ impl Store {
             aliases: db.open_tree("aliases")?,
             schedules: db.open_tree("schedules")?,
             cancels: db.open_tree("cancels")?,
+            has_cold: AtomicBool::new(!dedup.is_empty()),
             dedup,
+            fingerprint,
             meta,
             wal: Wal::start(
                 &wal_dir,
@@ -263,7 +266,6 @@ impl Store {
             dir: dir.to_path_buf(),
             checkpointer: Arc::new(Mutex::new(None)),
             indexer: index_tx,
-            dedup_through,
         }));
         store.migrate()?;
         store.recover(&leftover)?;
@@ -311,16 +313,11 @@ impl Store {
         Ok(())
     }
 
-    /// Indexes the log files a crash left without a stored index, completes the
-    /// de-duplication entries written after the last checkpoint, and sets the next id.
+    /// Indexes the log files a crash left without a stored index, rebuilds the
+    /// de-duplication index of every event in the log, and sets the next id.
     fn recover(&self, files: &[(u64, PathBuf)]) -> Result<(), StoreError> {
         let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what}: {e}"));
-        let through = self
-            .meta
-            .get("dedup_through")?
-            .and_then(|v| decode_position(&v))
-            .unwrap_or((0, 0));
-        let (mut indexed, mut repaired) = (0usize, 0usize);
+        let (mut indexed, mut hinted) = (0usize, 0usize);
         for (seq, path) in files {
             let mut sealed = self.log.is_sealed(*seq)?;
             if sealed && !self.log.fits(*seq, path)? {
@@ -330,7 +327,27 @@ impl Store {
                 self.log.forget(*seq)?;
                 sealed = false;
             }
-            if sealed && *seq < through.0 {
+            if sealed {
+                let entries = self.log.entries(*seq)?;
+                let fps = match self.log.hints(*seq)? {
+                    Some(fps) if fps.len() == entries.len() => fps,
+                    _ => {
+                        // Sealed before fingerprints were stored with the index: read once.
+                        let mut fps = Vec::with_capacity(entries.len());
+                        for e in &entries {
+                            let raw = self.log.read(*seq, *e)?;
+                            let meta = crate::inbox::decode(&raw)?.meta;
+                            let key = crate::inbox::dedup_key(&meta.source, &meta.vendor_id);
+                            fps.push((self.fingerprint)(&key));
+                        }
+                        self.log.store_hints(*seq, &fps)?;
+                        hinted += 1;
+                        fps
+                    }
+                };
+                for (e, fp) in entries.iter().zip(fps) {
+                    self.index_logged(e.id, fp)?;
+                }
                 continue;
             }
             let mut records = Vec::new();
@@ -348,33 +365,33 @@ impl Store {
                     }
                 }
             }
-            if !sealed {
-                if records.is_empty() {
-                    std::fs::remove_file(path).map_err(|e| io("removing an empty log", e))?;
-                    continue;
-                }
-                records.sort_by_key(|r| r.0);
-                self.log.add(
-                    *seq,
-                    records.iter().map(|(id, off, len, _)| Entry {
+            if records.is_empty() {
+                std::fs::remove_file(path).map_err(|e| io("removing an empty log", e))?;
+                continue;
+            }
+            records.sort_by_key(|r| r.0);
+            let fps: Vec<u64> = records
+                .iter()
+                .map(|(_, _, _, m)| {
+                    (self.fingerprint)(&crate::inbox::dedup_key(&m.source, &m.vendor_id))
+                })
+                .collect();
+            self.log.add(
+                *seq,
+                records.iter().zip(&fps).map(|((id, off, len, _), fp)| {
+                    let e = Entry {
                         id: *id,
                         off: *off,
                         len: *len,
-                    }),
-                );
-                indexed += records.len();
+                    };
+                    (e, *fp)
+                }),
+            );
+            indexed += records.len();
+            for ((id, _, _, meta), fp) in records.iter().zip(&fps) {
+                self.repair_dedup(*id, meta, *fp)?;
             }
-            for (id, off, _, meta) in &records {
-                if (*seq, *off) < through {
-                    continue;
-                }
-                if self.repair_dedup(*id, meta)? {
-                    repaired += 1;
-                }
-            }
-            if !sealed {
-                self.log.seal(*seq)?;
-            }
+            self.log.seal(*seq)?;
         }
         let last = self.log.last_id().into_iter().chain(
             self.events
@@ -389,20 +406,25 @@ impl Store {
             .unwrap_or(0)
             .max(self.processed_to.load(Ordering::Relaxed));
         self.next_id.store(next, Ordering::Relaxed);
-        if indexed + repaired > 0 || !files.is_empty() {
-            let through = *self.dedup_through.lock().expect("dedup position");
-            self.meta
-                .insert("dedup_through", encode_position(through))?;
+        if indexed + hinted > 0 {
             self.make_sled_durable()?;
-        }
-        if indexed + repaired > 0 {
             tracing::info!(
                 events = indexed,
-                dedup_entries = repaired,
+                files_fingerprinted = hinted,
                 "recovered the inbox log"
             );
         }
         Ok(())
+    }
+
+    /// Whether sled's `dedup` tree may hold anything.
+    pub(crate) fn has_cold(&self) -> bool {
+        self.has_cold.load(Ordering::Acquire)
+    }
+
+    /// Called before anything is written to `dedup`.
+    pub(crate) fn mark_cold(&self) {
+        self.has_cold.store(true, Ordering::Release);
     }
 
     /// Whether any event is kept in sled (`events`).
@@ -419,50 +441,16 @@ impl Store {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Writes the de-duplication entries of records now durable, then lets go of their
-    /// reservations; stores the index of each sealed file.
+    /// Stores the index of each sealed file, off the log writer's thread.
     fn start_indexer(&self, rx: mpsc::Receiver<Indexing>) -> std::io::Result<()> {
         // Not the store itself: the thread ends when the store and the log writer are gone.
-        let (dedup, reserved, through, log) = (
-            self.dedup.clone(),
-            self.reserved.clone(),
-            self.dedup_through.clone(),
-            self.log.clone(),
-        );
+        let log = self.log.clone();
         std::thread::Builder::new()
             .name("perkflow-index".into())
             .spawn(move || {
-                // After a failed write, the position stops moving (the next start repairs
-                // from there); the entries stay reserved in memory meanwhile.
-                let mut failed = false;
                 for msg in rx {
                     match msg {
-                        Indexing::News(News::Durable { seq, records }) => {
-                            let mut done = Vec::with_capacity(records.len());
-                            for r in &records {
-                                match dedup.insert(&r.key, &r.id.to_be_bytes()) {
-                                    Ok(_) => done.push((r.key.as_slice(), r.id)),
-                                    Err(e) => {
-                                        if !failed {
-                                            tracing::error!(error = %e, "writing de-duplication entries failed; they are kept in memory");
-                                        }
-                                        failed = true;
-                                    }
-                                }
-                            }
-                            if let Ok(mut reserved) = reserved.lock() {
-                                for (key, id) in done {
-                                    if reserved.get(key).is_some_and(|(r, _)| *r == id) {
-                                        reserved.remove(key);
-                                    }
-                                }
-                            }
-                            if let (false, Some(last)) = (failed, records.last()) {
-                                *through.lock().expect("dedup position") =
-                                    (seq, last.off + 8 + u64::from(last.len));
-                            }
-                        }
-                        Indexing::News(News::Sealed { seq }) => {
+                        Indexing::Sealed(seq) => {
                             if let Err(e) = log.seal(seq) {
                                 tracing::error!(error = %e, seq, "storing a log file's index failed; the next start indexes it again");
                             }
@@ -545,11 +533,8 @@ impl Store {
             .map_err(|e| StoreError::Io(format!("syncing the store: {e}")))
     }
 
-    /// Makes sled durable and records how far its de-duplication entries are.
+    /// Makes sled durable.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let through = *self.dedup_through.lock().expect("dedup position");
-        self.meta
-            .insert("dedup_through", encode_position(through))?;
         self.make_sled_durable()
     }
 
@@ -648,6 +633,22 @@ pub(crate) fn test_store(dir: &Path, segment_bytes: u64, fault: Option<Arc<Atomi
         Duration::from_millis(50),
         segment_bytes,
         fault,
+        crate::dedup::fingerprint,
+    )
+    .expect("store opens")
+}
+
+/// `test_store` whose de-duplication keys all have one fingerprint: every key but the first
+/// is a collision (tests).
+#[cfg(test)]
+pub(crate) fn colliding_store(dir: &Path, segment_bytes: u64) -> Store {
+    Store::open_with(
+        dir,
+        Durability::Fsync,
+        Duration::from_millis(50),
+        segment_bytes,
+        None,
+        |_| 7,
     )
     .expect("store opens")
 }
@@ -806,6 +807,201 @@ mod tests {
         let id = s.append(vec![ev("after")]).await.unwrap()[0].id.clone();
         assert_eq!(id, crate::inbox::format_id(100));
         assert_eq!(s.pending_events(10).unwrap().len(), 1);
+    }
+
+    /// Every key with one fingerprint (each new key a collision): de-duplication stays
+    /// exact while events are in the log, across a clean restart, after a crash left a file
+    /// unsealed (with a second record of one key in it), and once retention has moved the
+    /// entries out of memory.
+    #[tokio::test]
+    async fn deduplicates_exactly_when_every_fingerprint_collides() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || crate::store::colliding_store(dir.path(), 300);
+        let dup = |s: &Store, vid: &str| {
+            let (s, vid) = (s.clone(), vid.to_string());
+            async move { s.append(vec![ev(&vid)]).await.unwrap()[0].clone() }
+        };
+        let s = open();
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let a = dup(&s, &format!("c{i}")).await;
+            assert!(!a.duplicate, "c{i} is new");
+            ids.push(a.id);
+        }
+        s.flush_index();
+        assert!(wal::files(s.wal.dir()).unwrap().len() > 2);
+        for (i, id) in ids.iter().enumerate() {
+            let again = dup(&s, &format!("c{i}")).await;
+            assert!(again.duplicate && &again.id == id, "c{i}: {again:?}");
+        }
+        assert_eq!(
+            s.reserved.lock().unwrap().keydir.len(),
+            1,
+            "one fingerprint"
+        );
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+
+        // A crash: an unsealed file with one new key and a second record of c4.
+        let wal_dir = dir.path().join(WAL_DIR);
+        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
+        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
+        for (id, vid) in [(500u64, "c12"), (501, "c4")] {
+            let meta = crate::inbox::EventMeta {
+                id: crate::inbox::format_id(id),
+                source: "shop".into(),
+                connector: "shopify".into(),
+                vendor_id: vid.into(),
+                event_type: "orders/paid".into(),
+                event_time: None,
+                received_at_ms: 1,
+                headers: vec![],
+                purged_at_ms: None,
+            };
+            w.append(crate::inbox::encode(&meta, b"{}").into())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        drop(w);
+        ids.push(crate::inbox::format_id(500));
+        let s = open();
+        for (i, id) in ids.iter().enumerate() {
+            let again = dup(&s, &format!("c{i}")).await;
+            assert!(again.duplicate && &again.id == id, "c{i}: {again:?}");
+        }
+        let second = s.event(&crate::inbox::format_id(501)).unwrap().unwrap();
+        assert!(second.meta.purged_at_ms.is_some(), "never processed twice");
+        assert!(!dup(&s, "c13").await.duplicate);
+
+        // Retention drops the files: the entries move to sled, memory lets go of them.
+        let batch = s.pending_events_except(100, &Default::default()).unwrap();
+        let done: Vec<_> = batch.events.iter().map(|e| (e, vec![], vec![])).collect();
+        s.complete(&done, &[], batch.through).unwrap();
+        let files_before = wal::files(s.wal.dir()).unwrap().len();
+        s.purge(u64::MAX, 5_000, 0, &mut Default::default())
+            .unwrap();
+        assert!(wal::files(s.wal.dir()).unwrap().len() < files_before);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                s.dedup_lookup("shop", &format!("c{i}")).unwrap().as_ref(),
+                Some(id)
+            );
+            assert!(dup(&s, &format!("c{i}")).await.duplicate, "c{i}");
+        }
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = open();
+        for (i, id) in ids.iter().enumerate() {
+            let again = dup(&s, &format!("c{i}")).await;
+            assert!(
+                again.duplicate && &again.id == id,
+                "c{i} after the drop: {again:?}"
+            );
+        }
+        assert!(!dup(&s, "c14").await.duplicate);
+    }
+
+    /// The in-memory index is rebuilt from the fingerprints stored with each sealed file;
+    /// a file sealed without them (an older version) is read once and gets them. Retention
+    /// dropping a file takes its events out of memory.
+    #[tokio::test]
+    async fn rebuilds_the_index_from_stored_fingerprints() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || crate::store::test_store(dir.path(), 300, None);
+        let s = open();
+        for i in 0..10 {
+            s.append(vec![ev(&format!("f{i}"))]).await.unwrap();
+        }
+        s.flush_index();
+        // As an older version left them: sealed files without fingerprints.
+        let segments = s.db.open_tree("segments").unwrap();
+        let hinted: Vec<_> = segments
+            .iter()
+            .keys()
+            .map(|k| k.unwrap())
+            .filter(|k| k.len() == 9)
+            .collect();
+        assert!(hinted.len() > 2, "every sealed file has them");
+        for k in &hinted {
+            segments.remove(k).unwrap();
+        }
+        drop(segments);
+        assert_eq!(s.reserved.lock().unwrap().keydir.len(), 10);
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = open();
+        assert_eq!(s.reserved.lock().unwrap().keydir.len(), 10);
+        let files = wal::files(s.wal.dir()).unwrap();
+        let sealed: Vec<u64> = files
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| s.log.is_sealed(*seq).unwrap())
+            .collect();
+        assert!(sealed.len() >= hinted.len());
+        for seq in sealed {
+            assert!(
+                s.log.hints(seq).unwrap().is_some(),
+                "file {seq} fingerprinted"
+            );
+        }
+        assert!(!s.has_cold(), "sled's dedup tree is not needed");
+        for i in 0..10 {
+            let v = format!("f{i}");
+            assert!(s.append(vec![ev(&v)]).await.unwrap()[0].duplicate, "{v}");
+        }
+        let batch = s.pending_events_except(100, &Default::default()).unwrap();
+        let done: Vec<_> = batch.events.iter().map(|e| (e, vec![], vec![])).collect();
+        s.complete(&done, &[], batch.through).unwrap();
+        s.purge(u64::MAX, 5_000, 0, &mut Default::default())
+            .unwrap();
+        let left = s.reserved.lock().unwrap().keydir.len();
+        assert!(left < 10, "{left} events still in memory");
+        assert!(s.has_cold());
+        for i in 0..10 {
+            let v = format!("f{i}");
+            assert!(s.append(vec![ev(&v)]).await.unwrap()[0].duplicate, "{v}");
+        }
+    }
+
+    /// The worker's read passes over events no pipeline listens to: they count as read
+    /// (`through`) but are not returned, and one read looks at a bounded number of them.
+    #[tokio::test]
+    async fn events_nobody_listens_to_are_passed_over() {
+        let (_dir, s) = temp_store();
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            let mut e = ev(&format!("u{i}"));
+            if i % 3 == 0 {
+                e.event_type = "orders/create".into();
+            }
+            let a = s.append(vec![e]).await.unwrap();
+            ids.push(crate::inbox::parse_id(&a[0].id).unwrap());
+        }
+        let created = |_: &str, t: &str| t == "orders/create";
+        let b = s
+            .pending_events_for(100, &Default::default(), &created)
+            .unwrap();
+        let got: Vec<&str> = b.events.iter().map(|e| e.meta.vendor_id.as_str()).collect();
+        assert_eq!(got, ["u0", "u3", "u6", "u9"]);
+        assert_eq!(b.through, Some(ids[9]));
+        assert_eq!(b.events[1].payload, &b"{\"order\":\"u3\"}"[..]);
+        s.complete(&[], &[], b.through).unwrap();
+        assert_eq!(s.pending_len(), 0);
+        for i in 0..200 {
+            s.append(vec![ev(&format!("n{i}"))]).await.unwrap();
+        }
+        let b = s
+            .pending_events_for(1, &Default::default(), &created)
+            .unwrap();
+        assert!(b.events.is_empty());
+        assert_eq!(b.through, Some(ids[9] + 64), "64 read for a batch of one");
     }
 
     /// A sealed file shorter than its index (an unsynced tail lost) is indexed again from

@@ -34,18 +34,19 @@ enum Until {
     Written,
 }
 
-/// What a record is, for the index: its event id and de-duplication key.
-#[derive(Debug, Clone)]
+/// What a record is, for the index: its event id and the fingerprint of its
+/// de-duplication key.
+#[derive(Debug, Clone, Copy)]
 pub struct Tag {
     pub id: u64,
-    pub key: Vec<u8>,
+    pub fp: u64,
 }
 
 /// A tagged record now durable (per the durability setting): where it lies.
 #[derive(Debug, Clone)]
 pub struct Logged {
     pub id: u64,
-    pub key: Vec<u8>,
+    pub fp: u64,
     /// Offset of the record's header in its file.
     pub off: u64,
     /// Payload length.
@@ -400,7 +401,7 @@ fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: 
                         if let Some(t) = tag {
                             tagged.push(Logged {
                                 id: t.id,
-                                key: t.key,
+                                fp: t.fp,
                                 off: w.good_len + buf.len() as u64,
                                 len: payload.len() as u32,
                                 record: payload.clone(),
@@ -535,10 +536,7 @@ mod tests {
         )
         .unwrap();
         for i in 0..4u64 {
-            let tag = Tag {
-                id: i,
-                key: vec![i as u8],
-            };
+            let tag = Tag { id: i, fp: i };
             wal.append_tagged(vec![(format!("record-{i}").into_bytes().into(), tag)], true)
                 .await
                 .unwrap()
@@ -549,10 +547,7 @@ mod tests {
             ));
         }
         fault.store(true, Ordering::Relaxed);
-        let tag = Tag {
-            id: 9,
-            key: vec![9],
-        };
+        let tag = Tag { id: 9, fp: 9 };
         assert!(wal
             .append_tagged(vec![(bytes::Bytes::from_static(b"lost"), tag)], true)
             .await
@@ -594,10 +589,7 @@ mod tests {
         )
         .unwrap();
         // Answered once written, before any sync.
-        let tag = Tag {
-            id: 1,
-            key: b"k".to_vec(),
-        };
+        let tag = Tag { id: 1, fp: 1 };
         wal.append_tagged(vec![(bytes::Bytes::from_static(b"lazy"), tag)], false)
             .await
             .unwrap()

@@ -77,9 +77,7 @@ pub fn process(
         let mut runs = Vec::new();
         let mut jobs = Vec::new();
         let subscribed: Vec<_> = runtime
-            .pipelines
-            .values()
-            .filter(|p| p.on.source == ev.meta.source && p.on.events.contains(&ev.meta.event_type))
+            .listeners(&ev.meta.source, &ev.meta.event_type)
             .collect();
         let personal = runtime.personal_data(ev);
         if !subscribed.is_empty() {
@@ -218,7 +216,11 @@ pub async fn run_worker(
         let (waiting, last_try) = deferrals.split();
         let done = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u64>, bool, Processed), crate::store::StoreError> {
-                let batch = s.pending_events_except(BATCH, &waiting)?;
+                // Events no pipeline listens to are passed over without decoding them.
+                let listened = |source: &str, event_type: &str| {
+                    rt.listeners(source, event_type).next().is_some()
+                };
+                let batch = s.pending_events_for(BATCH, &waiting, &listened)?;
                 let ids = batch
                     .events
                     .iter()

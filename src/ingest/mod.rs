@@ -160,16 +160,24 @@ pub async fn hook(
         })
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
+    let n = found.len();
+    let mut kept = Some(kept);
     let events: Vec<NewEvent> = found
         .into_iter()
-        .map(|f| NewEvent {
+        .enumerate()
+        .map(|(i, f)| NewEvent {
             source: name.clone(),
             connector: src.connector.clone(),
             vendor_id: f.vendor_id,
             event_type: f.event_type,
             event_time: f.time,
             received_at_ms,
-            headers: kept.clone(),
+            // The last event takes the headers; the others (a batch) copy them.
+            headers: if i + 1 == n {
+                kept.take().unwrap_or_default()
+            } else {
+                kept.clone().unwrap_or_default()
+            },
             payload: f.payload,
         })
         .collect();
