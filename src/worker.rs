@@ -197,7 +197,9 @@ impl Deferrals {
     }
 }
 
-/// Processes pending events until `shutdown`; woken by `wake` after each ingest.
+/// Processes pending events until `shutdown`; woken by `wake` after each ingest. The work
+/// runs on a thread of its own (it reads the store and blocks on lookups): handing each
+/// batch to tokio's blocking pool cost two thread switches per batch.
 pub async fn run_worker(
     store: Store,
     runtime: impl Fn() -> Arc<Runtime> + Send + 'static,
@@ -206,21 +208,47 @@ pub async fn run_worker(
     lanes: crate::delivery::Lanes,
     shutdown: CancellationToken,
 ) {
-    let engine = Arc::new(Engine::new());
+    let handle = tokio::runtime::Handle::current();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("perkflow-worker".into())
+        .spawn(move || {
+            let _runtime = handle.enter();
+            work(&handle, store, runtime, wake, jobs_ready, lanes, shutdown);
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(e) => tracing::error!(error = %e, "cannot start the pipeline worker thread"),
+    }
+}
+
+/// The worker's loop, on its own thread (inside the runtime's context).
+fn work(
+    handle: &tokio::runtime::Handle,
+    store: Store,
+    runtime: impl Fn() -> Arc<Runtime>,
+    wake: Arc<Notify>,
+    jobs_ready: Arc<Notify>,
+    lanes: crate::delivery::Lanes,
+    shutdown: CancellationToken,
+) {
+    let engine = Engine::new();
     // Lookups count against their sink's rate and concurrency, like deliveries.
-    let clients = Arc::new(crate::lookups::Clients::limited_by(lanes));
+    let clients = crate::lookups::Clients::limited_by(lanes);
     let mut deferrals = Deferrals::default();
     loop {
         let rt = runtime();
-        let (s, e, c) = (store.clone(), engine.clone(), clients.clone());
         let (waiting, last_try) = deferrals.split();
-        let done = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<u64>, bool, Processed), crate::store::StoreError> {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || -> Result<(Vec<u64>, bool, Processed), crate::store::StoreError> {
                 // Events no pipeline listens to are passed over without decoding them.
                 let listened = |source: &str, event_type: &str| {
                     rt.listeners(source, event_type).next().is_some()
                 };
-                let batch = s.pending_events_for(BATCH, &waiting, &listened)?;
+                let batch = store.pending_events_for(BATCH, &waiting, &listened)?;
                 let ids = batch
                     .events
                     .iter()
@@ -229,12 +257,19 @@ pub async fn run_worker(
                 let done = if batch.events.is_empty() && batch.through.is_none() {
                     Processed::default()
                 } else {
-                    process(&s, &rt, &e, &c, &batch.events, batch.through, &last_try)?
+                    process(
+                        &store,
+                        &rt,
+                        &engine,
+                        &clients,
+                        &batch.events,
+                        batch.through,
+                        &last_try,
+                    )?
                 };
                 Ok((ids, batch.through.is_some(), done))
             },
-        )
-        .await;
+        ));
         let busy = match done {
             Ok(Ok((ids, read_new, done))) => {
                 if done.jobs > 0 {
@@ -256,8 +291,8 @@ pub async fn run_worker(
                 tracing::warn!(error = %err, "processing stored events failed; retrying shortly");
                 false
             }
-            Err(err) => {
-                tracing::error!(error = %err, "the pipeline worker panicked; retrying shortly");
+            Err(_) => {
+                tracing::error!("the pipeline worker panicked; retrying shortly");
                 false
             }
         };
@@ -269,10 +304,15 @@ pub async fn run_worker(
                 .next_due()
                 .map(|at| at.saturating_duration_since(Instant::now()).min(IDLE_POLL))
                 .unwrap_or(IDLE_POLL);
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
-                _ = shutdown.cancelled() => return,
+            let stop = handle.block_on(async {
+                tokio::select! {
+                    _ = wake.notified() => false,
+                    _ = tokio::time::sleep(idle) => false,
+                    _ = shutdown.cancelled() => true,
+                }
+            });
+            if stop {
+                return;
             }
         }
     }

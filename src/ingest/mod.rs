@@ -181,10 +181,14 @@ pub async fn hook(
             payload: f.payload,
         })
         .collect();
+    // Events no pipeline listens to do not wake the worker: its idle poll passes over them.
+    let listened = events
+        .iter()
+        .any(|e| rt.listeners(&e.source, &e.event_type).next().is_some());
     match app.inbox.append(events).await {
         Ok(done) => {
             let duplicate = done.iter().all(|a| a.duplicate);
-            if !duplicate {
+            if !duplicate && listened {
                 app.wake.notify_one();
             }
             count(
