@@ -191,10 +191,17 @@ fn encode_new(e: &NewEvent) -> Vec<u8> {
         received_at_ms: e.received_at_ms,
         headers: &e.headers,
     };
-    let m = serde_json::to_vec(&meta).expect("event meta serialises");
-    let mut out = Vec::with_capacity(4 + m.len() + e.payload.len());
-    out.extend_from_slice(&(m.len() as u32).to_be_bytes());
-    out.extend_from_slice(&m);
+    // One buffer: the length is written in once the metadata is.
+    let guess: usize = 160
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(4 + guess + e.payload.len());
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut out, &meta).expect("event meta serialises");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&e.payload);
     out
 }

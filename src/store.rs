@@ -7,8 +7,8 @@
 //! the fingerprints stored with each sealed file's index. sled holds the rest: one index
 //! value per sealed log file, the de-duplication entries of events that left the log, the
 //! processed watermark, and all outbox, ledger and code state. A checkpoint (every few
-//! seconds while there are writes, and at shutdown) makes sled's files durable; opening the
-//! store re-indexes from the log what a crash left behind.
+//! seconds while the outbox is written, and at shutdown) makes sled's files durable; opening
+//! the store re-indexes from the log what a crash left behind.
 
 use crate::config::Durability;
 use crate::eventlog::{Entry, EventLog};
@@ -542,7 +542,9 @@ impl Store {
         let (stop, stopped) = mpsc::channel::<()>();
         let store = self.clone();
         let handle = std::thread::Builder::new().name("perkflow-checkpoint".into()).spawn(move || {
-            let generation = || (store.next_id.load(Ordering::Relaxed), store.job_writes.load(Ordering::Relaxed));
+            // Events need none (the log is synced before each answer, and a file's index is
+            // rebuilt from it): only the outbox's writes do.
+            let generation = || store.job_writes.load(Ordering::Relaxed);
             let mut seen = generation();
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
                 let now = generation();
@@ -992,8 +994,15 @@ mod tests {
         assert_eq!(got, ["u0", "u3", "u6", "u9"]);
         assert_eq!(b.through, Some(ids[9]));
         assert_eq!(b.events[1].payload, &b"{\"order\":\"u3\"}"[..]);
+        let writes = s.job_writes.load(Ordering::Relaxed);
         s.complete(&[], &[], b.through).unwrap();
         assert_eq!(s.pending_len(), 0);
+        assert_eq!(
+            s.job_writes.load(Ordering::Relaxed),
+            writes,
+            "moving the watermark alone asks for no checkpoint"
+        );
+
         for i in 0..200 {
             s.append(vec![ev(&format!("n{i}"))]).await.unwrap();
         }
@@ -1002,6 +1011,9 @@ mod tests {
             .unwrap();
         assert!(b.events.is_empty());
         assert_eq!(b.through, Some(ids[9] + 64), "64 read for a batch of one");
+        // A deferral is an outbox write: it asks for one.
+        s.complete(&[], &[ids[2]], None).unwrap();
+        assert_eq!(s.job_writes.load(Ordering::Relaxed), writes + 1);
     }
 
     /// A sealed file shorter than its index (an unsynced tail lost) is indexed again from
