@@ -117,7 +117,6 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The personal data of a stored event (what to mask wherever it is shown).
     /// The pipelines subscribed to events of `event_type` from `source`.
     pub fn listeners<'a>(
         &'a self,
@@ -129,6 +128,7 @@ impl Runtime {
             .filter(move |p| p.on.source == source && p.on.events.iter().any(|e| e == event_type))
     }
 
+    /// The personal data of a stored event (what to mask wherever it is shown).
     pub fn personal_data(&self, ev: &crate::inbox::StoredEvent) -> crate::redact::Values {
         if self.pii.is_empty() {
             return Default::default();

@@ -23,12 +23,16 @@ use std::collections::HashMap;
 const SHARDS: usize = 64;
 
 /// A stable 64-bit fingerprint of a de-duplication key (SHA-256, truncated): stored with
-/// the log's index, so it must not change between versions or runs.
+/// the log's index, so it must not change between versions or runs. Never [`NO_KEY`].
 pub fn fingerprint(key: &[u8]) -> u64 {
     use sha2::Digest;
     let d = sha2::Sha256::digest(key);
-    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes")).min(NO_KEY - 1)
 }
+
+/// The stored fingerprint of a record that must not enter the index: a second record of a
+/// key found at recovery (marked purged), or one that does not read.
+pub const NO_KEY: u64 = u64::MAX;
 
 /// The de-duplication state the inbox's lock guards: events on their way to disk, and the
 /// index of those in the log.

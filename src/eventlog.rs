@@ -7,9 +7,11 @@
 //!   memory, from what the log writer reports once records are durable.
 //! - A sealed file's index is one sled value (`segments`: seq -> packed entries), written
 //!   once when the file is sealed: no per-event sled write on the acknowledgement path.
-//!   Beside it, in the same write, the fingerprints of its events' de-duplication keys
-//!   (`seq` + `k` -> packed u64s, in entry order), from which the store rebuilds its
-//!   de-duplication index (`dedup`).
+//!   Just before it, the fingerprints of its events' de-duplication keys (`segment_hints`:
+//!   seq -> packed u64s, in entry order), from which the store rebuilds its de-duplication
+//!   index (`dedup`). Fingerprints without an index are ignored; an index without them gets
+//!   them again from the file. (A separate tree: `segments` keeps the format an older
+//!   version reads.)
 //! - A file without a stored index (the daemon was killed while writing it) is indexed
 //!   again from its records when the store opens (`Store::open`).
 
@@ -48,15 +50,6 @@ fn unpack_at(raw: &[u8], i: usize) -> Entry {
     }
 }
 
-/// Key of a file's fingerprints in `segments`: its sequence number, then `k`.
-const HINTS_KEY_LEN: usize = 9;
-
-fn hints_key(seq: u64) -> [u8; HINTS_KEY_LEN] {
-    let mut k = [b'k'; HINTS_KEY_LEN];
-    k[..8].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
 fn pack_hints(fps: &[u64]) -> Vec<u8> {
     fps.iter().flat_map(|f| f.to_be_bytes()).collect()
 }
@@ -89,6 +82,8 @@ struct Inner {
     /// Files with a stored index, by first id.
     sealed: RwLock<BTreeMap<u64, Sealed>>,
     segments: sled::Tree,
+    /// Per sealed file, its de-duplication fingerprints.
+    segment_hints: sled::Tree,
     handles: Mutex<HashMap<u64, Arc<File>>>,
     /// The latest records, so that the worker reads what was just acknowledged without a
     /// trip to the file: (id, record), oldest first, with their total size.
@@ -112,13 +107,14 @@ fn corrupt(what: &str) -> StoreError {
 
 impl EventLog {
     /// The index of the log files in `dir`, from the indexes stored in `segments`.
-    pub fn load(dir: &Path, segments: sled::Tree) -> Result<EventLog, StoreError> {
+    pub fn load(
+        dir: &Path,
+        segments: sled::Tree,
+        segment_hints: sled::Tree,
+    ) -> Result<EventLog, StoreError> {
         let mut sealed = BTreeMap::new();
         for item in segments.iter() {
             let (k, v) = item?;
-            if k.len() == HINTS_KEY_LEN {
-                continue;
-            }
             let seq =
                 u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("segment key"))?);
             if v.is_empty() || v.len() % PACKED != 0 {
@@ -135,6 +131,7 @@ impl EventLog {
                 open_hints: Mutex::new(BTreeMap::new()),
                 sealed: RwLock::new(sealed),
                 segments,
+                segment_hints,
                 handles: Mutex::new(HashMap::new()),
                 recent: Mutex::new(Default::default()),
                 unpacked: Mutex::new(Default::default()),
@@ -163,14 +160,27 @@ impl EventLog {
         }
     }
 
+    /// Keeps record `id` of file `seq` (not sealed yet) out of the de-duplication index.
+    pub fn shadow(&self, seq: u64, id: u64) {
+        let open = self.inner.open.read().expect("log index lock");
+        let mut hints = self.inner.open_hints.lock().expect("log hints lock");
+        if let (Some(entries), Some(fps)) = (open.get(&seq), hints.get_mut(&seq)) {
+            if let Ok(i) = entries.binary_search_by_key(&id, |e| e.id) {
+                if let Some(fp) = fps.get_mut(i) {
+                    *fp = crate::dedup::NO_KEY;
+                }
+            }
+        }
+    }
+
     /// The de-duplication fingerprints stored with sealed file `seq`'s index, in entry
-    /// order (none for a file sealed before they were stored).
+    /// order (none for a file sealed before they were stored, or if they do not read).
     pub fn hints(&self, seq: u64) -> Result<Option<Vec<u64>>, StoreError> {
-        let Some(raw) = self.inner.segments.get(hints_key(seq))? else {
+        let Some(raw) = self.inner.segment_hints.get(seq.to_be_bytes())? else {
             return Ok(None);
         };
         if raw.len() % 8 != 0 {
-            return Err(corrupt("segment fingerprints"));
+            return Ok(None);
         }
         Ok(Some(
             raw.chunks_exact(8)
@@ -182,8 +192,8 @@ impl EventLog {
     /// Stores the fingerprints of sealed file `seq` (one read from the file itself).
     pub fn store_hints(&self, seq: u64, fps: &[u64]) -> Result<(), StoreError> {
         self.inner
-            .segments
-            .insert(hints_key(seq), pack_hints(fps))?;
+            .segment_hints
+            .insert(seq.to_be_bytes(), pack_hints(fps))?;
         Ok(())
     }
 
@@ -245,14 +255,15 @@ impl EventLog {
                 }
             }
         };
-        // The index and its fingerprints in one atomic write: a sealed file always has both.
-        let mut batch = sled::Batch::default();
-        batch.insert(&seq.to_be_bytes(), pack(&entries));
+        // The fingerprints first; an index a crash left without them gets them again from
+        // the file when the store opens.
         match fps.filter(|f| f.len() == entries.len()) {
-            Some(f) => batch.insert(hints_key(seq).as_slice(), pack_hints(&f)),
+            Some(f) => self.store_hints(seq, &f)?,
             None => return Err(corrupt("log file fingerprints do not match its index")),
         }
-        self.inner.segments.apply_batch(batch)?;
+        self.inner
+            .segments
+            .insert(seq.to_be_bytes(), pack(&entries))?;
         let first = entries[0].id;
         let s = Sealed {
             seq,
@@ -503,10 +514,8 @@ impl EventLog {
     /// Forgets file `seq` (its index leaves sled). The caller makes that durable before it
     /// deletes the file (`delete`).
     pub fn forget(&self, seq: u64) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.remove(&seq.to_be_bytes());
-        batch.remove(hints_key(seq).as_slice());
-        self.inner.segments.apply_batch(batch)?;
+        self.inner.segments.remove(seq.to_be_bytes())?;
+        self.inner.segment_hints.remove(seq.to_be_bytes())?;
         self.inner
             .sealed
             .write()
@@ -589,7 +598,12 @@ mod tests {
     fn locates_lists_and_counts_across_open_and_sealed_files() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let log = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
+        let log = EventLog::load(
+            dir.path(),
+            db.open_tree("segments").unwrap(),
+            db.open_tree("segment_hints").unwrap(),
+        )
+        .unwrap();
         log.add(1, [h(1), h(2), h(4)]);
         log.add(2, [h(5), h(9)]);
         log.seal(1).unwrap();
@@ -608,7 +622,12 @@ mod tests {
         assert_eq!(log.last_id(), Some(9));
         assert_eq!(log.sealed_below(5), [1]);
         // Reloaded from sled: the sealed file is still known.
-        let again = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
+        let again = EventLog::load(
+            dir.path(),
+            db.open_tree("segments").unwrap(),
+            db.open_tree("segment_hints").unwrap(),
+        )
+        .unwrap();
         assert_eq!(again.locate(2).unwrap(), Some((1, e(2))));
         assert_eq!(again.hints(1).unwrap(), Some(vec![1001, 1002, 1004]));
         log.forget(1).unwrap();
@@ -640,7 +659,12 @@ mod tests {
     fn a_file_being_sealed_is_never_missing_from_a_listing() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let log = EventLog::load(dir.path(), db.open_tree("segments").unwrap()).unwrap();
+        let log = EventLog::load(
+            dir.path(),
+            db.open_tree("segments").unwrap(),
+            db.open_tree("segment_hints").unwrap(),
+        )
+        .unwrap();
         log.add(0, [h(0)]);
         let writer = {
             let log = log.clone();

@@ -406,6 +406,9 @@ impl Store {
     /// holds is either a second record of the same key (the first one stays the event) or a
     /// collision, kept in sled.
     pub(crate) fn index_logged(&self, id: u64, fp: u64) -> Result<(), StoreError> {
+        if fp == crate::dedup::NO_KEY {
+            return Ok(());
+        }
         let mut d = self
             .reserved
             .lock()
@@ -434,13 +437,14 @@ impl Store {
 
     /// Indexes an event read back from a log file a crash left unsealed (store opening),
     /// in log order. A second record for a key that already has an event (a write that
-    /// failed and was not cut back) is marked purged, so it is never processed.
+    /// failed and was not cut back) is marked purged, so it is never processed; returns
+    /// true for it (it must stay out of the index: `EventLog::shadow`).
     pub(crate) fn repair_dedup(
         &self,
         id: u64,
         meta: &EventMeta,
         fp: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.observe_id(id);
         let key = dedup_key(&meta.source, &meta.vendor_id);
         let mut d = self
@@ -448,16 +452,16 @@ impl Store {
             .lock()
             .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
         match self.find(&d.keydir, &key, fp)? {
-            Some(prior) if prior == id => Ok(()),
+            Some(prior) if prior == id => Ok(false),
             Some(_) => {
                 let mut gone = meta.clone();
                 gone.purged_at_ms = Some(crate::delivery::now_ms());
                 gone.headers.clear();
                 self.mark_kept();
                 self.events.insert(id.to_be_bytes(), encode(&gone, &[]))?;
-                Ok(())
+                Ok(true)
             }
-            None => self.index_new(&mut d.keydir, &key, fp, id),
+            None => self.index_new(&mut d.keydir, &key, fp, id).map(|_| false),
         }
     }
 
@@ -488,6 +492,11 @@ impl Store {
             out.push((fp, id));
         }
         Ok(out)
+    }
+
+    /// How many events the in-memory de-duplication index holds.
+    pub fn dedup_index_len(&self) -> usize {
+        self.reserved.lock().map(|d| d.keydir.len()).unwrap_or(0)
     }
 
     /// Lets the in-memory index forget events whose file is gone (their entries are in

@@ -280,6 +280,9 @@ pub struct QueueStats {
     pub sinks: std::collections::BTreeMap<String, SinkQueue>,
     /// Stored events not processed yet.
     pub events_pending: usize,
+    /// Events in the in-memory de-duplication index (those in the log: its memory is about
+    /// 27 bytes each).
+    pub dedup_index_events: usize,
     /// Bytes on disk (sled and the inbox log).
     pub store_bytes: u64,
     /// The scan stopped at the limit: the counts are lower bounds.
@@ -316,6 +319,7 @@ impl Outbox for Store {
     fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         let mut out = QueueStats {
             events_pending: self.pending_len(),
+            dedup_index_events: self.dedup_index_len(),
             store_bytes: self.size_on_disk(),
             purged_events: self.total("purged_events"),
             purged_jobs: self.total("purged_jobs"),

@@ -175,7 +175,11 @@ impl Store {
         };
         let wal_dir = dir.join(WAL_DIR);
         std::fs::create_dir_all(&wal_dir).map_err(|e| io("log dir", e))?;
-        let log = EventLog::load(&wal_dir, db.open_tree("segments")?)?;
+        let log = EventLog::load(
+            &wal_dir,
+            db.open_tree("segments")?,
+            db.open_tree("segment_hints")?,
+        )?;
         let meta = db.open_tree("meta")?;
         let leftover = wal::files(&wal_dir).map_err(|e| io("log dir", e))?;
         let healthy = Arc::new(AtomicBool::new(true));
@@ -332,14 +336,7 @@ impl Store {
                 let fps = match self.log.hints(*seq)? {
                     Some(fps) if fps.len() == entries.len() => fps,
                     _ => {
-                        // Sealed before fingerprints were stored with the index: read once.
-                        let mut fps = Vec::with_capacity(entries.len());
-                        for e in &entries {
-                            let raw = self.log.read(*seq, *e)?;
-                            let meta = crate::inbox::decode(&raw)?.meta;
-                            let key = crate::inbox::dedup_key(&meta.source, &meta.vendor_id);
-                            fps.push((self.fingerprint)(&key));
-                        }
+                        let fps = self.fingerprint_file(path, &entries)?;
                         self.log.store_hints(*seq, &fps)?;
                         hinted += 1;
                         fps
@@ -389,7 +386,9 @@ impl Store {
             );
             indexed += records.len();
             for ((id, _, _, meta), fp) in records.iter().zip(&fps) {
-                self.repair_dedup(*id, meta, *fp)?;
+                if self.repair_dedup(*id, meta, *fp)? {
+                    self.log.shadow(*seq, *id);
+                }
             }
             self.log.seal(*seq)?;
         }
@@ -415,6 +414,37 @@ impl Store {
             );
         }
         Ok(())
+    }
+
+    /// The fingerprints of a sealed file's entries, read from the file (one written before
+    /// they were stored with the index, or whose stored ones were lost). A record that does
+    /// not read gets [`crate::dedup::NO_KEY`]: an older version wrote its sled entry.
+    fn fingerprint_file(&self, path: &Path, entries: &[Entry]) -> Result<Vec<u64>, StoreError> {
+        let records = wal::scan(path)
+            .map_err(|e| StoreError::Io(format!("reading {}: {e}", path.display())))?;
+        let by_offset: std::collections::HashMap<u64, u64> = records
+            .iter()
+            .filter_map(|(off, raw)| {
+                let meta = crate::inbox::decode(raw).ok()?.meta;
+                let key = crate::inbox::dedup_key(&meta.source, &meta.vendor_id);
+                Some((*off, (self.fingerprint)(&key)))
+            })
+            .collect();
+        let fps: Vec<u64> = entries
+            .iter()
+            .map(|e| {
+                by_offset
+                    .get(&e.off)
+                    .copied()
+                    .unwrap_or(crate::dedup::NO_KEY)
+            })
+            .collect();
+        let unread = fps.iter().filter(|f| **f == crate::dedup::NO_KEY).count();
+        if unread > 0 {
+            tracing::warn!(file = %path.display(), records = unread, "inbox log records that do not read are left out of the de-duplication index");
+        }
+        tracing::info!(file = %path.display(), events = entries.len(), "fingerprinted an inbox log file sealed by an older version (once)");
+        Ok(fps)
     }
 
     /// Whether sled's `dedup` tree may hold anything.
@@ -908,6 +938,99 @@ mod tests {
         assert!(!dup(&s, "c14").await.duplicate);
     }
 
+    /// Regression (review): a second record of a key found at recovery (marked purged) stays
+    /// out of the index, so once the first record's file is dropped it still does not answer
+    /// for the key, also after a restart.
+    #[tokio::test]
+    async fn a_second_record_found_at_recovery_never_answers_for_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || crate::store::test_store(dir.path(), 1 << 20, None);
+        let s = open();
+        let first = s.append(vec![ev("r1")]).await.unwrap()[0].id.clone();
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        let wal_dir = dir.path().join(WAL_DIR);
+        let first_seq = wal::files(&wal_dir).unwrap()[0].0;
+        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
+        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
+        for (id, vid) in [(500u64, "r1"), (501, "r2")] {
+            let meta = crate::inbox::EventMeta {
+                id: crate::inbox::format_id(id),
+                source: "shop".into(),
+                connector: "shopify".into(),
+                vendor_id: vid.into(),
+                event_type: "orders/paid".into(),
+                event_time: None,
+                received_at_ms: 1,
+                headers: vec![],
+                purged_at_ms: None,
+            };
+            w.append(crate::inbox::encode(&meta, b"{}").into())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        drop(w);
+        let s = open();
+        assert_eq!(
+            s.log.hints(next).unwrap(),
+            Some(vec![
+                crate::dedup::NO_KEY,
+                (s.fingerprint)(&crate::inbox::dedup_key("shop", "r2"))
+            ])
+        );
+        // Retention drops the first record's file only (the watermark stops after it).
+        let n = crate::inbox::parse_id(&first).unwrap();
+        s.complete(&[], &[], Some(n)).unwrap();
+        s.purge(u64::MAX, 5_000, 0, &mut Default::default())
+            .unwrap();
+        assert!(!wal::path(&wal_dir, first_seq).exists(), "dropped");
+        assert!(wal::path(&wal_dir, next).exists(), "kept");
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = open();
+        let again = s.append(vec![ev("r1")]).await.unwrap()[0].clone();
+        assert!(again.duplicate);
+        assert_eq!(again.id, first, "answered with the first record");
+    }
+
+    /// Regression (review): a record of a file sealed by an older version (no fingerprints)
+    /// that does not read no longer stops the store from opening: it is left out of the
+    /// index (that version wrote its sled entry) and the others are indexed.
+    #[tokio::test]
+    async fn an_unreadable_record_in_an_old_file_does_not_stop_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || crate::store::test_store(dir.path(), 1 << 20, None);
+        let s = open();
+        for i in 0..3 {
+            s.append(vec![ev(&format!("o{i}"))]).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        {
+            let db = open_sled(dir.path()).unwrap();
+            db.open_tree("segment_hints").unwrap().clear().unwrap();
+            db.flush().unwrap();
+        }
+        let (seq, path) = wal::files(&dir.path().join(WAL_DIR)).unwrap()[0].clone();
+        let mut data = std::fs::read(&path).unwrap();
+        *data.last_mut().unwrap() ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        let s = open();
+        let fps = s.log.hints(seq).unwrap().unwrap();
+        assert_eq!(fps.len(), 3);
+        assert_eq!(fps[2], crate::dedup::NO_KEY, "the damaged one");
+        for v in ["o0", "o1"] {
+            assert!(s.append(vec![ev(v)]).await.unwrap()[0].duplicate, "{v}");
+        }
+    }
+
     /// The in-memory index is rebuilt from the fingerprints stored with each sealed file;
     /// a file sealed without them (an older version) is read once and gets them. Retention
     /// dropping a file takes its events out of memory.
@@ -921,18 +1044,19 @@ mod tests {
         }
         s.flush_index();
         // As an older version left them: sealed files without fingerprints.
-        let segments = s.db.open_tree("segments").unwrap();
-        let hinted: Vec<_> = segments
-            .iter()
-            .keys()
-            .map(|k| k.unwrap())
-            .filter(|k| k.len() == 9)
-            .collect();
+        let hints = s.db.open_tree("segment_hints").unwrap();
+        let hinted: Vec<_> = hints.iter().keys().map(|k| k.unwrap()).collect();
         assert!(hinted.len() > 2, "every sealed file has them");
-        for k in &hinted {
-            segments.remove(k).unwrap();
+        let segments = s.db.open_tree("segments").unwrap();
+        assert_eq!(hinted.len(), segments.len());
+        // `segments` keeps the format an older version reads (8-byte keys, 20-byte entries).
+        for item in segments.iter() {
+            let (k, v) = item.unwrap();
+            assert!(k.len() == 8 && v.len() % 20 == 0);
         }
         drop(segments);
+        hints.clear().unwrap();
+        drop(hints);
         assert_eq!(s.reserved.lock().unwrap().keydir.len(), 10);
         tokio::task::spawn_blocking(move || s.close())
             .await
@@ -940,6 +1064,8 @@ mod tests {
             .unwrap();
         let s = open();
         assert_eq!(s.reserved.lock().unwrap().keydir.len(), 10);
+        use crate::outbox::Outbox;
+        assert_eq!(s.queue_stats().unwrap().dedup_index_events, 10);
         let files = wal::files(s.wal.dir()).unwrap();
         let sealed: Vec<u64> = files
             .iter()

@@ -355,6 +355,7 @@ pub fn publish(app: &AppState, queues: &QueueStats, now_ms: u64) {
         metrics::gauge!("perkflow_dead_letters", "sink" => sink.clone()).set(q.dead as f64);
     }
     metrics::gauge!("perkflow_events_pending").set(queues.events_pending as f64);
+    metrics::gauge!("perkflow_dedup_index_events").set(queues.dedup_index_events as f64);
     metrics::gauge!("perkflow_retention_purged", "what" => "events")
         .set(queues.purged_events as f64);
     metrics::gauge!("perkflow_retention_purged", "what" => "jobs").set(queues.purged_jobs as f64);
