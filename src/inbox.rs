@@ -235,8 +235,8 @@ fn decode_shared(raw: &Bytes) -> Result<StoredEvent, StoreError> {
     })
 }
 
-/// A record's metadata, and where its payload starts.
-fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
+/// A record's metadata JSON, and where its payload starts.
+fn meta_json(raw: &[u8]) -> Result<(&[u8], usize), StoreError> {
     let bad = || StoreError::Corrupt("event record".into());
     let len = u32::from_be_bytes(
         raw.get(..4)
@@ -244,9 +244,15 @@ fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
             .try_into()
             .map_err(|_| bad())?,
     ) as usize;
-    let meta_bytes = raw.get(4..4 + len).ok_or_else(bad)?;
-    let meta: EventMeta = serde_json::from_slice(meta_bytes).map_err(|_| bad())?;
-    Ok((meta, 4 + len))
+    Ok((raw.get(4..4 + len).ok_or_else(bad)?, 4 + len))
+}
+
+/// A record's metadata, and where its payload starts.
+fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
+    let (meta_bytes, at) = meta_json(raw)?;
+    let meta: EventMeta = serde_json::from_slice(meta_bytes)
+        .map_err(|_| StoreError::Corrupt("event record".into()))?;
+    Ok((meta, at))
 }
 
 impl Store {
@@ -572,15 +578,8 @@ impl Store {
             #[serde(default)]
             purged_at_ms: Option<u64>,
         }
-        let bad = || StoreError::Corrupt("event record".into());
-        let len = u32::from_be_bytes(
-            raw.get(..4)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        ) as usize;
-        let peek: Peek =
-            serde_json::from_slice(raw.get(4..4 + len).ok_or_else(bad)?).map_err(|_| bad())?;
+        let peek: Peek = serde_json::from_slice(meta_json(&raw)?.0)
+            .map_err(|_| StoreError::Corrupt("event record".into()))?;
         if peek.purged_at_ms.is_some() || !wanted(&peek.source, &peek.event_type) {
             return Ok(None);
         }

@@ -710,6 +710,33 @@ mod tests {
         order_event(vid, 1)
     }
 
+    /// A log file the writer never sealed, with no stored index, as `kill -9` leaves it:
+    /// the next one in `dir`'s log, holding Shopify order events (id, vendor id). Returns
+    /// its sequence number.
+    async fn crashed_file(dir: &Path, events: &[(u64, &str)]) -> u64 {
+        let wal_dir = dir.join(WAL_DIR);
+        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
+        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
+        for (id, vid) in events {
+            let meta = crate::inbox::EventMeta {
+                id: crate::inbox::format_id(*id),
+                source: "shop".into(),
+                connector: "shopify".into(),
+                vendor_id: vid.to_string(),
+                event_type: "orders/paid".into(),
+                event_time: None,
+                received_at_ms: 1,
+                headers: vec![],
+                purged_at_ms: None,
+            };
+            w.append(crate::inbox::encode(&meta, b"{}").into())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        next
+    }
+
     /// Files fill up and are sealed; each keeps its events readable, in order, across a
     /// clean restart and across one where nothing was sealed or checkpointed.
     #[tokio::test]
@@ -748,29 +775,12 @@ mod tests {
         }
         // A crash: a file the writer never sealed, with no stored index and no
         // de-duplication entries, as `kill -9` leaves it.
-        let wal_dir = dir.path().join(WAL_DIR);
-        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
-        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
-        for i in 20..25u64 {
-            let id = 1000 + i;
-            let meta = crate::inbox::EventMeta {
-                id: crate::inbox::format_id(id),
-                source: "shop".into(),
-                connector: "shopify".into(),
-                vendor_id: format!("v{i}"),
-                event_type: "orders/paid".into(),
-                event_time: None,
-                received_at_ms: 1,
-                headers: vec![],
-                purged_at_ms: None,
-            };
-            w.append(crate::inbox::encode(&meta, b"{}").into())
-                .await
-                .unwrap()
-                .unwrap();
-            ids.push(meta.id);
-        }
-        drop(w);
+        let vids: Vec<String> = (20..25).map(|i| format!("v{i}")).collect();
+        let crashed: Vec<(u64, &str)> = (1020..1025u64)
+            .zip(vids.iter().map(String::as_str))
+            .collect();
+        crashed_file(dir.path(), &crashed).await;
+        ids.extend(crashed.iter().map(|(id, _)| crate::inbox::format_id(*id)));
         let s = open();
         let got: Vec<String> = s.events().map(|e| e.unwrap().meta.id).collect();
         assert_eq!(got, ids);
@@ -877,27 +887,7 @@ mod tests {
             .unwrap();
 
         // A crash: an unsealed file with one new key and a second record of c4.
-        let wal_dir = dir.path().join(WAL_DIR);
-        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
-        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
-        for (id, vid) in [(500u64, "c12"), (501, "c4")] {
-            let meta = crate::inbox::EventMeta {
-                id: crate::inbox::format_id(id),
-                source: "shop".into(),
-                connector: "shopify".into(),
-                vendor_id: vid.into(),
-                event_type: "orders/paid".into(),
-                event_time: None,
-                received_at_ms: 1,
-                headers: vec![],
-                purged_at_ms: None,
-            };
-            w.append(crate::inbox::encode(&meta, b"{}").into())
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        drop(w);
+        crashed_file(dir.path(), &[(500, "c12"), (501, "c4")]).await;
         ids.push(crate::inbox::format_id(500));
         let s = open();
         for (i, id) in ids.iter().enumerate() {
@@ -953,26 +943,7 @@ mod tests {
             .unwrap();
         let wal_dir = dir.path().join(WAL_DIR);
         let first_seq = wal::files(&wal_dir).unwrap()[0].0;
-        let next = wal::files(&wal_dir).unwrap().last().unwrap().0 + 1;
-        let w = Wal::start(&wal_dir, next, wal::Options::default()).unwrap();
-        for (id, vid) in [(500u64, "r1"), (501, "r2")] {
-            let meta = crate::inbox::EventMeta {
-                id: crate::inbox::format_id(id),
-                source: "shop".into(),
-                connector: "shopify".into(),
-                vendor_id: vid.into(),
-                event_type: "orders/paid".into(),
-                event_time: None,
-                received_at_ms: 1,
-                headers: vec![],
-                purged_at_ms: None,
-            };
-            w.append(crate::inbox::encode(&meta, b"{}").into())
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        drop(w);
+        let next = crashed_file(dir.path(), &[(500, "r1"), (501, "r2")]).await;
         let s = open();
         assert_eq!(
             s.log.hints(next).unwrap(),
