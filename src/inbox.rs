@@ -272,10 +272,7 @@ impl Store {
             .map(|(key, _)| (self.fingerprint)(key))
             .collect();
         let mut staged = Staged::default();
-        let mut reserved = self
-            .reserved
-            .lock()
-            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        let mut reserved = self.dedup_state()?;
         // Every decision first (the only step that can fail), then ids and one log write
         // for all the new records: an error leaves nothing queued.
         enum Decided {
@@ -401,9 +398,7 @@ impl Store {
                     keydir.replace(fp, id);
                     return Ok(());
                 }
-                self.mark_cold();
-                self.dedup.insert(key, &id.to_be_bytes())?;
-                Ok(())
+                self.keep_in_sled(key, id)
             }
         }
     }
@@ -415,10 +410,7 @@ impl Store {
         if fp == crate::dedup::NO_KEY {
             return Ok(());
         }
-        let mut d = self
-            .reserved
-            .lock()
-            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        let mut d = self.dedup_state()?;
         let holder = match d.keydir.claim(fp, id) {
             Ok(()) => return Ok(()),
             Err(holder) if holder == id => return Ok(()),
@@ -433,8 +425,7 @@ impl Store {
             Some(theirs) if dedup_key(&theirs.meta.source, &theirs.meta.vendor_id) == key => {}
             Some(_) => {
                 if self.cold_dedup(&key)?.is_none() {
-                    self.mark_cold();
-                    self.dedup.insert(key, &id.to_be_bytes())?;
+                    self.keep_in_sled(&key, id)?;
                 }
             }
         }
@@ -453,10 +444,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.observe_id(id);
         let key = dedup_key(&meta.source, &meta.vendor_id);
-        let mut d = self
-            .reserved
-            .lock()
-            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        let mut d = self.dedup_state()?;
         match self.find(&d.keydir, &key, fp)? {
             Some(prior) if prior == id => Ok(false),
             Some(_) => {
@@ -483,17 +471,11 @@ impl Store {
             let (meta, _) = decode_meta(&raw)?;
             let key = dedup_key(&meta.source, &meta.vendor_id);
             let fp = (self.fingerprint)(&key);
-            let d = self
-                .reserved
-                .lock()
-                .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+            let d = self.dedup_state()?;
             match self.find(&d.keydir, &key, fp)? {
                 // A second record of a key: the first one answers for it.
                 Some(other) if other != id => {}
-                _ => {
-                    self.mark_cold();
-                    self.dedup.insert(key, &id.to_be_bytes())?;
-                }
+                _ => self.keep_in_sled(&key, id)?,
             }
             out.push((fp, id));
         }
@@ -513,6 +495,21 @@ impl Store {
                 d.keydir.release(*fp, *id);
             }
         }
+    }
+
+    /// The de-duplication state, locked.
+    fn dedup_state(&self) -> Result<std::sync::MutexGuard<'_, crate::dedup::Index>, StoreError> {
+        self.reserved
+            .lock()
+            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))
+    }
+
+    /// Writes a key's de-duplication entry to sled's `dedup` tree (marked first, so that
+    /// lookups look there).
+    fn keep_in_sled(&self, key: &[u8], id: u64) -> Result<(), StoreError> {
+        self.mark_cold();
+        self.dedup.insert(key, &id.to_be_bytes())?;
+        Ok(())
     }
 
     /// The event sled's `dedup` tree names for a key, if that event exists and really is
@@ -691,10 +688,7 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         let key = dedup_key(source, vendor_id);
         let fp = (self.fingerprint)(&key);
-        let d = self
-            .reserved
-            .lock()
-            .map_err(|_| StoreError::Io("dedup lock poisoned".into()))?;
+        let d = self.dedup_state()?;
         let durable = d
             .inflight
             .get(&key)
