@@ -652,6 +652,8 @@ fn start_attempt(tracker: &TaskTracker, c: Claim, done: &mpsc::UnboundedSender<D
             let status = sent.status.map(|s| s.to_string()).unwrap_or_default();
             metrics::counter!("perkflow_sink_paused_total", "sink" => name.clone(), "status" => status)
                 .increment(1);
+            // At once, not at the dispatcher's next round (which clears it when the pause ends).
+            metrics::gauge!("perkflow_sink_paused", "sink" => name.clone()).set(1.0);
             let reason = match &sent.outcome {
                 Outcome::Retry { reason, .. } => reason.as_str(),
                 _ => "",
