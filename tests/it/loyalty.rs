@@ -69,18 +69,16 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
     assert_eq!(m["lifetime"], 1255);
     assert_eq!(m["history"][0]["reason"], "order #1042");
     assert_eq!(m["history"][0]["kind"], "accrue");
-    // Later steps saw the new balance.
-    let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
-        .await
-        .json();
+    // Later steps saw the new balance. The ledger entry is visible as soon as the accrual
+    // step commits it; the run's jobs are written when the whole run commits, so wait for them.
+    let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
     assert_eq!(
-        ev["jobs"][0]["with"]["text"], "ada@example.com has 1255 points",
-        "{ev:#}"
+        jobs[0]["with"]["text"], "ada@example.com has 1255 points",
+        "{jobs:#?}"
     );
 
     // Re-delivered, then replayed (once its job settled: a replay refuses a job in flight):
     // never a second accrual.
-    settled_jobs(&c, &d, &id, 1, Duration::from_secs(20)).await;
     assert_eq!(
         post(&c, &d.url("/hooks/shop"), &order(1)).await.json()["duplicate"],
         true
