@@ -14,8 +14,14 @@
 //!   version reads.)
 //! - A file without a stored index (the daemon was killed while writing it) is indexed
 //!   again from its records when the store opens (`Store::open`).
+//! - A file retention drops is first marked dropped (`dropped_segments`: seq -> empty), in
+//!   the same sled write that removes its index. The mark goes only once the file is gone:
+//!   a file whose deletion failed, or was cut short by a crash, is deleted again later and
+//!   never read back as a crashed file (its events, and their de-duplication entries, were
+//!   already moved to sled).
 
 use crate::store::StoreError;
+use sled::Transactional;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -84,6 +90,11 @@ struct Inner {
     segments: sled::Tree,
     /// Per sealed file, its de-duplication fingerprints.
     segment_hints: sled::Tree,
+    /// Files dropped by retention and not deleted yet.
+    dropped: sled::Tree,
+    /// Tests: every deletion fails.
+    #[cfg(test)]
+    fail_deletes: std::sync::atomic::AtomicBool,
     handles: Mutex<HashMap<u64, Arc<File>>>,
     /// The latest records, so that the worker reads what was just acknowledged without a
     /// trip to the file: (id, record), oldest first, with their total size.
@@ -106,15 +117,17 @@ fn corrupt(what: &str) -> StoreError {
 }
 
 impl EventLog {
-    /// The index of the log files in `dir`, from the indexes stored in `segments`.
-    pub fn load(
-        dir: &Path,
-        segments: sled::Tree,
-        segment_hints: sled::Tree,
-    ) -> Result<EventLog, StoreError> {
+    /// The index of the log files in `dir`, from the indexes stored in `db`.
+    pub fn load(dir: &Path, db: &sled::Db) -> Result<EventLog, StoreError> {
+        let segments = db.open_tree("segments")?;
+        let segment_hints = db.open_tree("segment_hints")?;
+        let dropped = db.open_tree("dropped_segments")?;
         let mut sealed = BTreeMap::new();
         for item in segments.iter() {
             let (k, v) = item?;
+            if dropped.contains_key(&k)? {
+                continue;
+            }
             let seq =
                 u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("segment key"))?);
             if v.is_empty() || v.len() % PACKED != 0 {
@@ -132,6 +145,9 @@ impl EventLog {
                 sealed: RwLock::new(sealed),
                 segments,
                 segment_hints,
+                dropped,
+                #[cfg(test)]
+                fail_deletes: Default::default(),
                 handles: Mutex::new(HashMap::new()),
                 recent: Mutex::new(Default::default()),
                 unpacked: Mutex::new(Default::default()),
@@ -511,11 +527,22 @@ impl EventLog {
             .collect()
     }
 
-    /// Forgets file `seq` (its index leaves sled). The caller makes that durable before it
-    /// deletes the file (`delete`).
+    /// Forgets file `seq`: it is marked dropped and its index leaves sled, in one atomic
+    /// write. The caller makes that durable before it deletes the file (`delete`).
     pub fn forget(&self, seq: u64) -> Result<(), StoreError> {
-        self.inner.segments.remove(seq.to_be_bytes())?;
-        self.inner.segment_hints.remove(seq.to_be_bytes())?;
+        let key = seq.to_be_bytes();
+        let i = &self.inner;
+        (&i.dropped, &i.segments, &i.segment_hints)
+            .transaction(|(dropped, segments, hints)| {
+                dropped.insert(&key, &[])?;
+                segments.remove(&key)?;
+                hints.remove(&key)?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::from(e),
+                sled::transaction::TransactionError::Abort(()) => corrupt("log index"),
+            })?;
         self.inner
             .sealed
             .write()
@@ -534,15 +561,51 @@ impl EventLog {
         Ok(())
     }
 
-    /// Deletes a forgotten file.
+    /// Deletes a forgotten file; once it is gone for good, its dropped mark goes.
     pub fn delete(&self, seq: u64) -> Result<(), StoreError> {
         let path = crate::wal::path(&self.inner.dir, seq);
+        #[cfg(test)]
+        if self
+            .inner
+            .fail_deletes
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(StoreError::Io(format!(
+                "removing {}: injected",
+                path.display()
+            )));
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::Io(format!("removing {}: {e}", path.display()))),
         }
-        crate::wal::sync_dir(&self.inner.dir).map_err(|e| StoreError::Io(e.to_string()))
+        crate::wal::sync_dir(&self.inner.dir).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.inner.dropped.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Tests: makes every deletion fail, or succeed again.
+    #[cfg(test)]
+    pub fn fail_deletes(&self, on: bool) {
+        self.inner
+            .fail_deletes
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Files forgotten but not deleted yet (a deletion failed, or a crash cut it short).
+    pub fn dropped(&self) -> Result<Vec<u64>, StoreError> {
+        self.inner
+            .dropped
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                Ok(u64::from_be_bytes(
+                    k.as_ref().try_into().map_err(|_| corrupt("dropped key"))?,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -598,12 +661,7 @@ mod tests {
     fn locates_lists_and_counts_across_open_and_sealed_files() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let log = EventLog::load(
-            dir.path(),
-            db.open_tree("segments").unwrap(),
-            db.open_tree("segment_hints").unwrap(),
-        )
-        .unwrap();
+        let log = EventLog::load(dir.path(), &db).unwrap();
         log.add(1, [h(1), h(2), h(4)]);
         log.add(2, [h(5), h(9)]);
         log.seal(1).unwrap();
@@ -622,17 +680,20 @@ mod tests {
         assert_eq!(log.last_id(), Some(9));
         assert_eq!(log.sealed_below(5), [1]);
         // Reloaded from sled: the sealed file is still known.
-        let again = EventLog::load(
-            dir.path(),
-            db.open_tree("segments").unwrap(),
-            db.open_tree("segment_hints").unwrap(),
-        )
-        .unwrap();
+        let again = EventLog::load(dir.path(), &db).unwrap();
         assert_eq!(again.locate(2).unwrap(), Some((1, e(2))));
         assert_eq!(again.hints(1).unwrap(), Some(vec![1001, 1002, 1004]));
         log.forget(1).unwrap();
         assert_eq!(log.locate(2).unwrap(), None);
         assert_eq!(log.hints(1).unwrap(), None, "forgotten with the index");
+        // Marked dropped until the file is deleted; a reload does not know it.
+        assert_eq!(log.dropped().unwrap(), [1]);
+        assert_eq!(
+            EventLog::load(dir.path(), &db).unwrap().locate(2).unwrap(),
+            None
+        );
+        log.delete(1).unwrap();
+        assert_eq!(log.dropped().unwrap(), Vec::<u64>::new());
         // The recent-records window: found by id, bounded, oldest dropped first.
         log.remember((0..5000u64).map(|i| (i, bytes::Bytes::from(vec![1u8; 10]))));
         assert_eq!(log.recent(4999).as_deref(), Some(&[1u8; 10][..]));
@@ -659,12 +720,7 @@ mod tests {
     fn a_file_being_sealed_is_never_missing_from_a_listing() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let log = EventLog::load(
-            dir.path(),
-            db.open_tree("segments").unwrap(),
-            db.open_tree("segment_hints").unwrap(),
-        )
-        .unwrap();
+        let log = EventLog::load(dir.path(), &db).unwrap();
         log.add(0, [h(0)]);
         let writer = {
             let log = log.clone();

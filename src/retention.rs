@@ -136,6 +136,10 @@ impl Store {
     fn drop_log_files(&self, below: u64) -> Result<(), StoreError> {
         // Never a file the worker has not passed yet: it reads new events from the log.
         let below = below.min(self.processed_to.load(std::sync::atomic::Ordering::Relaxed));
+        // A file dropped earlier whose deletion failed: deleted now.
+        for seq in self.log.dropped()? {
+            self.log.delete(seq)?;
+        }
         for seq in self.log.sealed_below(below) {
             let entries = self.log.entries(seq)?;
             for e in &entries {
@@ -395,6 +399,73 @@ mod tests {
         assert!(!s.append(vec![ev("v0")]).await.unwrap()[0].duplicate);
         assert!(s.append(vec![ev("v11")]).await.unwrap()[0].duplicate);
         assert_eq!(s.forget(2_000, next).unwrap().0, 0);
+    }
+
+    /// A dropped log file whose deletion failed is never read back as a crashed file: its
+    /// events were moved to sled, and those past the de-duplication window are gone for
+    /// good (payload, metadata and key). It is deleted at the next pass or start.
+    #[tokio::test]
+    async fn a_dropped_file_whose_deletion_failed_is_never_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || crate::store::test_store(dir.path(), 200, None);
+        let s = open();
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let id = s.append(vec![ev(&format!("d{i}"))]).await.unwrap()[0]
+                .id
+                .clone();
+            ids.push(id);
+        }
+        s.flush_index();
+        let files_before = crate::wal::files(s.log.dir()).unwrap();
+        let batch = s.pending_events_except(12, &Default::default()).unwrap();
+        let done: Vec<_> = batch.events.iter().map(|e| (e, vec![], vec![])).collect();
+        s.complete(&done, &[], batch.through).unwrap();
+        s.log.fail_deletes(true);
+        assert!(s.purge(2_000, 5_000, 0, &mut Default::default()).is_err());
+        assert_eq!(crate::wal::files(s.log.dir()).unwrap(), files_before);
+        assert_eq!(
+            s.log.dropped().unwrap(),
+            [files_before[0].0],
+            "the first file"
+        );
+        // The window passes for the events of the dropped file (the others are still in
+        // their files, which were not dropped).
+        let (gone, _) = s.forget(2_000, 0).unwrap();
+        assert!(gone > 0 && gone < 12, "{gone}");
+        let left = ids[gone as usize..].to_vec();
+        let check = |s: &Store| {
+            let all: Vec<_> = s.events().map(|e| e.unwrap()).collect();
+            assert_eq!(
+                all.iter().map(|e| e.meta.id.clone()).collect::<Vec<_>>(),
+                left
+            );
+            for e in &all {
+                assert!(e.payload.is_empty(), "{} got its payload back", e.meta.id);
+            }
+            assert_eq!(s.pending_len(), 0);
+        };
+        check(&s);
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap()
+            .unwrap();
+        // Restarted: the file is deleted, not indexed again.
+        let s = open();
+        assert!(!files_before[0].1.exists());
+        assert_eq!(s.log.dropped().unwrap(), Vec::<u64>::new());
+        check(&s);
+        assert!(!s.append(vec![ev("d0")]).await.unwrap()[0].duplicate);
+        assert!(s.append(vec![ev("d11")]).await.unwrap()[0].duplicate);
+        // A later pass deletes what a failed deletion left, without a restart.
+        s.log.fail_deletes(true);
+        assert!(s.purge(2_000, 6_000, 0, &mut Default::default()).is_err());
+        let failed = s.log.dropped().unwrap();
+        assert_eq!(failed.len(), 1);
+        s.log.fail_deletes(false);
+        s.purge(2_000, 7_000, 0, &mut Default::default()).unwrap();
+        assert_eq!(s.log.dropped().unwrap(), Vec::<u64>::new());
+        assert!(!crate::wal::path(s.log.dir(), failed[0]).exists());
     }
 
     /// Regression (soak): the window passing while the purged events' log file is still

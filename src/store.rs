@@ -175,11 +175,7 @@ impl Store {
         };
         let wal_dir = dir.join(WAL_DIR);
         std::fs::create_dir_all(&wal_dir).map_err(|e| io("log dir", e))?;
-        let log = EventLog::load(
-            &wal_dir,
-            db.open_tree("segments")?,
-            db.open_tree("segment_hints")?,
-        )?;
+        let log = EventLog::load(&wal_dir, &db)?;
         let meta = db.open_tree("meta")?;
         let leftover = wal::files(&wal_dir).map_err(|e| io("log dir", e))?;
         let healthy = Arc::new(AtomicBool::new(true));
@@ -322,7 +318,17 @@ impl Store {
     fn recover(&self, files: &[(u64, PathBuf)]) -> Result<(), StoreError> {
         let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what}: {e}"));
         let (mut indexed, mut hinted) = (0usize, 0usize);
+        // Files retention dropped whose deletion did not happen: never read back.
+        let dropped = self.log.dropped()?;
+        for seq in &dropped {
+            if let Err(e) = self.log.delete(*seq) {
+                tracing::warn!(error = %e, "a dropped inbox log file could not be deleted; retention tries again");
+            }
+        }
         for (seq, path) in files {
+            if dropped.contains(seq) {
+                continue;
+            }
             let mut sealed = self.log.is_sealed(*seq)?;
             if sealed && !self.log.fits(*seq, path)? {
                 // Its index names records the file does not hold (a power loss took an
