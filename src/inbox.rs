@@ -369,10 +369,8 @@ impl Store {
         fp: u64,
     ) -> Result<Option<u64>, StoreError> {
         if let Some(id) = keydir.get(fp) {
-            if let Some(ev) = self.event_by_id(id)? {
-                if dedup_key(&ev.meta.source, &ev.meta.vendor_id) == key {
-                    return Ok(Some(id));
-                }
+            if self.key_of(id)?.as_deref() == Some(key) {
+                return Ok(Some(id));
             }
         }
         if self.has_cold() {
@@ -394,7 +392,7 @@ impl Store {
             Ok(()) => Ok(()),
             Err(holder) if holder == id => Ok(()),
             Err(holder) => {
-                if self.event_by_id(holder)?.is_none() {
+                if self.record_bytes(holder)?.is_none() {
                     keydir.replace(fp, id);
                     return Ok(());
                 }
@@ -416,13 +414,12 @@ impl Store {
             Err(holder) if holder == id => return Ok(()),
             Err(holder) => holder,
         };
-        let Some(mine) = self.event_by_id(id)? else {
+        let Some(key) = self.key_of(id)? else {
             return Ok(());
         };
-        let key = dedup_key(&mine.meta.source, &mine.meta.vendor_id);
-        match self.event_by_id(holder)? {
+        match self.key_of(holder)? {
             None => d.keydir.replace(fp, id),
-            Some(theirs) if dedup_key(&theirs.meta.source, &theirs.meta.vendor_id) == key => {}
+            Some(theirs) if theirs == key => {}
             Some(_) => {
                 if self.cold_dedup(&key)?.is_none() {
                     self.keep_in_sled(&key, id)?;
@@ -518,10 +515,7 @@ impl Store {
         let Some(target) = self.dedup.get(key)?.as_deref().and_then(dedup_target) else {
             return Ok(None);
         };
-        let Some(ev) = self.event_by_id(target)? else {
-            return Ok(None);
-        };
-        Ok((dedup_key(&ev.meta.source, &ev.meta.vendor_id) == key).then_some(target))
+        Ok((self.key_of(target)?.as_deref() == Some(key)).then_some(target))
     }
 
     /// One stored event by id.
@@ -581,6 +575,24 @@ impl Store {
             return Ok(None);
         }
         decode_shared(&raw).map(Some)
+    }
+
+    /// The de-duplication key of stored event `n` (only its source and vendor id are
+    /// decoded: this runs under the de-duplication lock).
+    fn key_of(&self, n: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(raw) = self.record_bytes(n)? else {
+            return Ok(None);
+        };
+        #[derive(Deserialize)]
+        struct Peek<'a> {
+            #[serde(borrow)]
+            source: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            vendor_id: std::borrow::Cow<'a, str>,
+        }
+        let peek: Peek = serde_json::from_slice(meta_json(&raw)?.0)
+            .map_err(|_| StoreError::Corrupt("event record".into()))?;
+        Ok(Some(dedup_key(&peek.source, &peek.vendor_id)))
     }
 
     /// An event's record read from the log; if retention moved it into sled meanwhile (the
