@@ -67,7 +67,9 @@ pub async fn settled_jobs(
             .await
             .json();
         let jobs = ev["jobs"].as_array().cloned().unwrap_or_default();
+        // Not pending: the run's trace is written too (after its jobs).
         if jobs.len() >= n
+            && ev["pending"] == false
             && jobs
                 .iter()
                 .all(|j| matches!(j["state"].as_str(), Some("delivered" | "dead")))

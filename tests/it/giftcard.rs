@@ -184,22 +184,27 @@ async fn insufficient_funds_pauses_the_sink_raises_the_alarm_and_keeps_the_order
     let d = Daemon::start_in(dir.path(), &config).unwrap();
     let c = client();
     let id = ingest(&c, &d, 1, None).await;
+    // The failed attempt is recorded last (after the pause, health, the alarm): wait for it.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let rewards = loop {
-        let r = api(&c, &d, "GET", "/api/connectors", None).await.json();
-        let rewards = r["connectors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["name"] == "rewards")
-            .cloned()
-            .unwrap();
-        if rewards["paused_until_ms"].is_u64() {
-            break rewards;
+    let ev = loop {
+        let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
+            .await
+            .json();
+        if ev["jobs"][0]["state"] == "pending" && ev["jobs"][0]["attempts"] == 1 {
+            break ev;
         }
-        assert!(std::time::Instant::now() < deadline, "{r:#}\n{}", d.log());
+        assert!(std::time::Instant::now() < deadline, "{ev:#}\n{}", d.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let r = api(&c, &d, "GET", "/api/connectors", None).await.json();
+    let rewards = r["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "rewards")
+        .cloned()
+        .unwrap();
+    assert!(rewards["paused_until_ms"].is_u64(), "{rewards:#}");
     // Health says what is wrong and what to do; the order waits (not a dead letter).
     assert_eq!(rewards["state"], "degraded", "{rewards:#}");
     let why = rewards["why"].as_str().unwrap();
@@ -207,11 +212,6 @@ async fn insufficient_funds_pauses_the_sink_raises_the_alarm_and_keeps_the_order
         why.contains("insufficient funds in the prefunded account: fund it"),
         "{why}"
     );
-    let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
-        .await
-        .json();
-    assert_eq!(ev["jobs"][0]["state"], "pending", "{ev:#}");
-    assert_eq!(ev["jobs"][0]["attempts"], 1);
     let wait =
         ev["jobs"][0]["next_at_ms"].as_u64().unwrap() - crate::helpers::now_unix() as u64 * 1000;
     assert!(wait > 25 * 60 * 1000, "retried slowly (30 min): {wait} ms");

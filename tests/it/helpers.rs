@@ -255,6 +255,36 @@ pub async fn stored_id(c: &reqwest::Client, url: &str, req: &Signed) -> String {
     a.json()["id"].as_str().expect("an event id").to_string()
 }
 
+/// Waits (bounded) until every pipeline has run on event `id` (`pending` is false: its
+/// jobs, trace and the worker's watermark are all written by then); returns the event.
+pub async fn processed(
+    c: &reqwest::Client,
+    d: &Daemon,
+    token: &str,
+    id: &str,
+    timeout: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let a = send(
+            c.get(d.url(&format!("/api/events/{id}")))
+                .bearer_auth(token),
+        )
+        .await;
+        let ev = a.json();
+        if a.status == 200 && ev["pending"] == false {
+            return ev;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "event {id} was not processed: {}\n{}",
+            a.body,
+            d.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn get(c: &reqwest::Client, url: &str) -> Answer {
     send(c.get(url)).await
 }
