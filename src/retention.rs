@@ -423,7 +423,8 @@ mod tests {
         s.complete(&done, &[], batch.through).unwrap();
         s.log.fail_deletes(true);
         assert!(s.purge(2_000, 5_000, 0, &mut Default::default()).is_err());
-        assert_eq!(crate::wal::files(s.log.dir()).unwrap(), files_before);
+        // (The log writer may have opened a new file meanwhile.)
+        assert!(files_before.iter().all(|(_, path)| path.exists()));
         assert_eq!(
             s.log.dropped().unwrap(),
             [files_before[0].0],

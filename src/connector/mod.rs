@@ -105,12 +105,66 @@ pub struct SourceDef {
     pub verify: VerifyKind,
     #[serde(with = "serde_yaml::with::singleton_map_recursive")]
     pub identify: IdentifyKind,
-    /// Event types this source can emit (pipelines subscribe to these).
+    /// Event types this source is known to emit (for did-you-mean and the docs).
     #[serde(default)]
     pub events: Vec<String>,
+    /// The shape of every event type the vendor may send (an anchored regex): a pipeline may
+    /// subscribe to a type not in `events` if it has this shape and is not a near-miss of a
+    /// listed one (a typo).
+    #[serde(default)]
+    pub event_names: Option<EventNames>,
     /// An unsigned request that only checks the endpoint exists (WooCommerce's creation ping).
     #[serde(default)]
     pub ping: Option<PingDef>,
+}
+
+/// A regex every event type of a vendor matches, whole.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+pub struct EventNames(regex::Regex);
+
+impl TryFrom<String> for EventNames {
+    type Error = String;
+    fn try_from(pattern: String) -> Result<Self, String> {
+        regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map(EventNames)
+            .map_err(|e| format!("`{pattern}` is not a regular expression: {e}"))
+    }
+}
+
+impl SourceDef {
+    /// Whether a pipeline may subscribe to `event`; else why not.
+    pub fn subscribable(&self, event: &str) -> Result<(), String> {
+        if self.events.iter().any(|e| e == event) {
+            return Ok(());
+        }
+        // Within two edits of a known type: a typo, not another event.
+        let near = self
+            .events
+            .iter()
+            .filter(|e| strsim::levenshtein(e, event) <= 2)
+            .min_by_key(|e| strsim::levenshtein(e, event));
+        if let Some(near) = near {
+            return Err(format!("did you mean `{near}`?"));
+        }
+        match &self.event_names {
+            Some(names) if names.0.is_match(event) => Ok(()),
+            Some(names) => Err(format!(
+                "its event types have the shape `{}`",
+                names
+                    .0
+                    .as_str()
+                    .trim_start_matches("^(?:")
+                    .trim_end_matches(")$")
+            )),
+            None => Err(crate::config::diagnostic::did_you_mean(
+                event,
+                self.events.iter().map(String::as_str),
+            )
+            .map(|s| format!("did you mean `{s}`?"))
+            .unwrap_or_default()),
+        }
+    }
 }
 
 /// The closed set of verification kinds.
@@ -219,6 +273,8 @@ pub enum Selector {
     Json(String),
     /// Several selectors joined with `:` (a composite key).
     Compose(Vec<Selector>),
+    /// The first of these selectors that finds a value (bodies of several shapes).
+    First(Vec<Selector>),
 }
 
 /// Where a selector looks, for messages: "header `x-a` or `x-b`", "body field `/id`".
@@ -233,6 +289,10 @@ impl std::fmt::Display for Selector {
             Selector::Compose(parts) => {
                 let all: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
                 f.write_str(&all.join(", "))
+            }
+            Selector::First(options) => {
+                let all: Vec<String> = options.iter().map(|p| p.to_string()).collect();
+                f.write_str(&all.join("; or "))
             }
         }
     }
@@ -415,7 +475,12 @@ fn check_source_def(doc: &Document, src: &SourceDef, diags: &mut Diagnostics) {
                 Selector::Compose(parts) if parts.is_empty() => {
                     out.push("`compose` needs at least one part".into())
                 }
-                Selector::Compose(parts) => parts.iter().for_each(|p| walk(p, out)),
+                Selector::First(options) if options.is_empty() => {
+                    out.push("`first` needs at least one selector".into())
+                }
+                Selector::Compose(parts) | Selector::First(parts) => {
+                    parts.iter().for_each(|p| walk(p, out))
+                }
                 _ => {}
             }
         }
@@ -437,6 +502,57 @@ fn check_source_def(doc: &Document, src: &SourceDef, diags: &mut Diagnostics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any type of the vendor's shape may be subscribed to (vendors have hundreds, and add
+    /// more); a near-miss of a known one, or another shape, is refused.
+    #[test]
+    fn pipelines_subscribe_to_any_type_of_the_vendors_shape_but_not_to_typos() {
+        let mut diags = Diagnostics::default();
+        let reg = Registry::load(&[], &mut diags);
+        assert!(diags.is_empty(), "{diags}");
+        let ok = |c: &str, ev: &str| {
+            reg.get(c)
+                .unwrap()
+                .source
+                .as_ref()
+                .unwrap()
+                .subscribable(ev)
+        };
+        for (c, ev) in [
+            ("stripe", "invoice.payment_succeeded"),
+            ("stripe", "product.created"),
+            ("stripe", "billing.meter.error_report_triggered"),
+            ("shopify", "orders/edited"),
+            ("shopify", "products/update"),
+            ("paypal", "CUSTOMER.DISPUTE.CREATED"),
+            ("square", "invoice.payment_made"),
+            ("woocommerce", "action.woocommerce_payment_complete"),
+            ("woocommerce", "product.deleted"),
+            ("quickbooks", "qbo.bill.created.v1"),
+        ] {
+            assert_eq!(ok(c, ev), Ok(()), "{c} {ev}");
+        }
+        assert_eq!(
+            ok("shopify", "orders/payed"),
+            Err("did you mean `orders/paid`?".into())
+        );
+        assert_eq!(
+            ok("stripe", "invoice.pad"),
+            Err("did you mean `invoice.paid`?".into())
+        );
+        assert_eq!(
+            ok("shopify", "orders.paid"),
+            Err("did you mean `orders/paid`?".into())
+        );
+        let shape = ok("shopify", "checkout.completed").unwrap_err();
+        assert!(shape.contains("`[a-z_]+/[a-z_]+`"), "{shape}");
+        assert!(
+            ok("woocommerce", "order.completed").is_err(),
+            "a status, not a topic"
+        );
+        assert!(ok("paypal", "payment.capture.completed").is_err());
+        assert!(ok("quickbooks", "invoice.created").is_err());
+    }
 
     #[test]
     fn each_action_knows_what_it_reads_of_with() {

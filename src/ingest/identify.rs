@@ -125,6 +125,14 @@ fn select(
             }
             Ok(Some(out.join(":")))
         }
+        Selector::First(options) => {
+            for o in options {
+                if let Some(v) = select(o, req, json)? {
+                    return Ok(Some(v));
+                }
+            }
+            Ok(None)
+        }
     }
 }
 
@@ -296,6 +304,45 @@ mod tests {
         let deep = fields(&def, &req(nest.as_bytes())).unwrap_err();
         assert!(deep.contains("recursion limit"), "{deep}");
         assert!(fields(&def, &req(b"")).is_err());
+    }
+
+    /// WooCommerce sends a resource, a deleted resource's `{"id"}` alone, or an action
+    /// topic's `{"action", "arg"}`: each gets an id (a 400 counts as a failed delivery, and
+    /// WooCommerce disables a webhook after a few).
+    #[test]
+    fn the_woocommerce_connector_identifies_every_body_shape() {
+        let mut diags = crate::config::diagnostic::Diagnostics::default();
+        let reg = crate::connector::Registry::load(&[], &mut diags);
+        assert!(diags.is_empty(), "{diags}");
+        let src = reg.get("woocommerce").unwrap().source.clone().unwrap();
+        let id = |topic: &str, body: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert("x-wc-webhook-topic", topic.parse().unwrap());
+            let req = RawRequest::trusted_fixture(h, Bytes::copy_from_slice(body.as_bytes()));
+            identify(&src.identify, &req).map(|e| (e[0].vendor_id.clone(), e[0].event_type.clone()))
+        };
+        assert_eq!(
+            id(
+                "order.updated",
+                r#"{"id":727,"date_modified_gmt":"2026-11-20T10:15:30","status":"completed"}"#
+            ),
+            Ok(("727:2026-11-20T10:15:30".into(), "order.updated".into()))
+        );
+        assert_eq!(
+            id("order.deleted", r#"{"id":727}"#),
+            Ok(("order.deleted:727".into(), "order.deleted".into()))
+        );
+        assert_eq!(
+            id(
+                "action.woocommerce_order_status_completed",
+                r#"{"action":"woocommerce_order_status_completed","arg":727}"#
+            ),
+            Ok((
+                "action.woocommerce_order_status_completed:727".into(),
+                "action.woocommerce_order_status_completed".into()
+            ))
+        );
+        assert!(id("order.updated", r#"{"status":"completed"}"#).is_err());
     }
 
     #[test]

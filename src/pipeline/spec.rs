@@ -618,12 +618,16 @@ fn check_on(doc: &Document, on: &OnSpec, scope: &Scope, diags: &mut Diagnostics)
         diags.push(doc.at("on.events", "list at least one event type"));
     }
     for (i, ev) in on.events.iter().enumerate() {
-        if !src.def.events.contains(ev) {
-            let hint = suggestion(ev, src.def.events.iter().map(String::as_str));
+        if let Err(why) = src.def.subscribable(ev) {
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({why})")
+            };
             diags.push(doc.at(
                 &format!("on.events[{i}]"),
                 format!(
-                    "connector `{}` does not emit `{ev}`{hint}; it emits: {}",
+                    "connector `{}` does not emit `{ev}`{why}; it is known to emit: {}",
                     src.connector,
                     src.def.events.join(", ")
                 ),

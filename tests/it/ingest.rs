@@ -315,6 +315,65 @@ async fn answers_404_413_and_the_woocommerce_ping_without_storing() {
     assert!(stored_events(&data).is_empty());
 }
 
+/// WooCommerce's deleted-resource (`{"id"}`) and action-topic (`{"action","arg"}`) bodies
+/// are stored once each (WooCommerce disables a webhook whose deliveries keep failing).
+#[tokio::test]
+async fn woocommerce_deleted_and_action_topics_are_stored_once() {
+    let mut d = Daemon::start(&config(""));
+    let c = client();
+    let send = |topic: &str, body: &str| {
+        let headers = vec![
+            ("Content-Type".to_string(), "application/json".to_string()),
+            ("X-WC-Webhook-Topic".to_string(), topic.to_string()),
+            (
+                "X-WC-Webhook-Delivery-ID".to_string(),
+                format!("{topic}-{}", body.len()),
+            ),
+        ];
+        sign_body(
+            "woocommerce",
+            body.as_bytes().to_vec(),
+            headers,
+            &keys(&["new-woo"]),
+            "",
+            0,
+        )
+    };
+    let deleted = send("order.deleted", r#"{"id":727}"#);
+    let action = send(
+        "action.woocommerce_order_status_completed",
+        r#"{"action":"woocommerce_order_status_completed","arg":727}"#,
+    );
+    for req in [&deleted, &action] {
+        let a = post(&c, &d.url("/hooks/woo"), req).await;
+        assert_eq!(
+            (a.status, a.json()["duplicate"].clone()),
+            (200, false.into()),
+            "{}",
+            a.body
+        );
+        let again = post(&c, &d.url("/hooks/woo"), req).await;
+        assert_eq!(again.json()["duplicate"], true, "{}", again.body);
+    }
+    let data = d.dir.join("data");
+    assert!(d.terminate().success());
+    let mut stored: Vec<(String, String)> = stored_events(&data)
+        .into_iter()
+        .map(|(source, vendor_id, _)| (source, vendor_id))
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            (
+                "woo".into(),
+                "action.woocommerce_order_status_completed:727".into()
+            ),
+            ("woo".into(), "order.deleted:727".into()),
+        ]
+    );
+}
+
 /// Sends `size` bytes with `Transfer-Encoding: chunked` on a raw socket and returns what the
 /// server answered (it may answer before the upload ends; write errors are expected then).
 async fn chunked_upload(base: &str, path: &str, size: usize) -> String {
