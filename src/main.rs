@@ -103,6 +103,11 @@ enum Command {
         /// The event body (its headers from the sibling `<name>.headers.yaml`).
         #[arg(long)]
         fixture: PathBuf,
+        /// A request header of the event, as 'Name: value' (added to, or replacing, the
+        /// headers file's); repeatable. Vendors such as Shopify send the event id and type
+        /// only in headers.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
         /// The answer of a `lookup` step, as NAME=FILE (a JSON file); repeatable. Dry runs
         /// make no calls: they print the request each lookup would send.
         #[arg(long = "lookup", value_name = "NAME=FILE")]
@@ -169,13 +174,18 @@ enum Command {
     },
     /// Print a correctly signed request (a curl command) for a fixture, to test a deployment.
     ///
-    /// The fixture's headers are read from FILE's sibling `<name>.headers.yaml`. Without
-    /// --secret, the source's secrets from the config are used.
+    /// The fixture's headers are read from FILE's sibling `<name>.headers.yaml`, and from
+    /// --header. Without FILE, the body is read from standard input and put in the curl
+    /// command itself. Without --secret, the source's secrets from the config are used.
     Sign {
         /// The source name in the config (its connector decides the signature scheme).
         source: String,
-        /// The body to sign (byte-exact).
-        file: PathBuf,
+        /// The body to sign (byte-exact); standard input when absent.
+        file: Option<PathBuf>,
+        /// A request header to send, as 'Name: value' (added to, or replacing, the headers
+        /// file's); repeatable.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
         /// Config file (default: ./perkflow.yaml when present, else built-in defaults).
         #[arg(short, long)]
         config: Option<PathBuf>,
@@ -251,18 +261,20 @@ fn main() -> ExitCode {
         Command::Run {
             pipeline,
             fixture,
+            headers,
             lookups,
             config,
-        } => dry_run(config, pipeline, fixture, lookups),
+        } => dry_run(config, pipeline, fixture, headers, lookups),
         Command::Sign {
             source,
             file,
+            headers,
             config,
             secret,
             key,
             webhook_id,
             url,
-        } => sign(source, file, config, secret, key, webhook_id, url),
+        } => sign(source, file, headers, config, secret, key, webhook_id, url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -500,6 +512,7 @@ fn dry_run(
     path: Option<PathBuf>,
     name: String,
     fixture: PathBuf,
+    headers: Vec<String>,
     lookups: Vec<String>,
 ) -> anyhow::Result<()> {
     use perkflow::pipeline::{
@@ -513,7 +526,8 @@ fn dry_run(
         .pipelines
         .get(&name)
         .with_context(|| no_pipeline(&cfg, &name))?;
-    let input = input_from_fixture(&cfg, p, &fixture, &[]).map_err(anyhow::Error::msg)?;
+    let extra = parse_headers(&headers)?;
+    let input = input_from_fixture(&cfg, p, &fixture, &extra).map_err(anyhow::Error::msg)?;
     println!(
         "event: {} {} (vendor id {})",
         input.source, input.event_type, input.event_id
@@ -617,7 +631,7 @@ fn render_request(
             let value = v
                 .resolve(&cfg.base_dir)
                 .map(|x| x.expose().to_string())
-                .unwrap_or_else(|_| format!("{v:?}"));
+                .unwrap_or_else(|_| v.as_written());
             (k.clone(), serde_json::Value::String(value))
         })
         .collect();
@@ -646,10 +660,24 @@ fn render_request(
     })
 }
 
+/// `--header 'Name: value'` options.
+fn parse_headers(given: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    given
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(anyhow::anyhow!("--header `{h}`: write it as 'Name: value'")),
+        })
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sign(
     source: String,
-    file: PathBuf,
+    file: Option<PathBuf>,
+    extra: Vec<String>,
     path: Option<PathBuf>,
     secrets: Vec<String>,
     key: Option<PathBuf>,
@@ -666,7 +694,19 @@ fn sign(
             known.join(", ")
         )
     })?;
-    let (body, headers) = sign::read_fixture(&file).map_err(anyhow::Error::msg)?;
+    let (body, mut headers) = match &file {
+        Some(file) => sign::read_fixture(file).map_err(anyhow::Error::msg)?,
+        None => {
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                .context("reading the body from standard input")?;
+            (body, Vec::new())
+        }
+    };
+    for (k, v) in parse_headers(&extra)? {
+        headers.retain(|(h, _)| !h.eq_ignore_ascii_case(&k));
+        headers.push((k, v));
+    }
     let resolve = |v: &perkflow::config::secrets::Interpolated| {
         v.resolve(&cfg.base_dir).map(|s| s.expose().to_string())
     };
@@ -719,10 +759,19 @@ fn sign(
     for (k, v) in all {
         line.push_str(&format!(" -H {}", sign::shell_quote(&format!("{k}: {v}"))));
     }
-    line.push_str(&format!(
-        " --data-binary @{}",
-        sign::shell_quote(&file.display().to_string())
-    ));
+    match &file {
+        Some(file) => line.push_str(&format!(
+            " --data-binary @{}",
+            sign::shell_quote(&file.display().to_string())
+        )),
+        None => {
+            let text = std::str::from_utf8(&body)
+                .ok()
+                .filter(|t| !t.contains('\0'))
+                .context("the body read from standard input is not text: give it as FILE")?;
+            line.push_str(&format!(" --data-binary {}", sign::shell_quote(text)));
+        }
+    }
     println!("{line}");
     Ok(())
 }

@@ -89,6 +89,19 @@ impl Interpolated {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
+    /// The value as written, references included (`${TWILIO_ACCOUNT_SID}`): what a dry run
+    /// shows for a value it cannot read.
+    pub fn as_written(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => t.clone(),
+                Part::Env(n) => format!("${{{n}}}"),
+                Part::File(p) => format!("${{file:{p}}}"),
+            })
+            .collect()
+    }
+
     /// Reads the referenced variables and files. `base` resolves relative file paths.
     /// Errors name the variable or file, never a value.
     pub fn resolve(&self, base: &Path) -> Result<Secret, String> {
@@ -179,6 +192,15 @@ mod tests {
         let v = Interpolated::parse("${PERKFLOW_TEST_UNSET_VAR}").unwrap();
         let e = v.resolve(Path::new(".")).unwrap_err();
         assert_eq!(e, "environment variable PERKFLOW_TEST_UNSET_VAR is not set");
+    }
+
+    #[test]
+    fn shows_a_value_as_written() {
+        let v = Interpolated::parse("Basic ${PERKFLOW_TEST_UNSET_VAR}${file: key.txt}").unwrap();
+        assert_eq!(
+            v.as_written(),
+            "Basic ${PERKFLOW_TEST_UNSET_VAR}${file:key.txt}"
+        );
     }
 
     #[test]

@@ -72,7 +72,8 @@ pub fn input_from_fixture(
             String::new()
         } else {
             format!(
-                " (a fixture's request headers are read from {}, which does not exist)",
+                " (a fixture's request headers are read from {}, which does not exist; \
+                 or give them with `headers:` in a test, `--header` to `run`)",
                 hf.display()
             )
         };

@@ -315,6 +315,133 @@ async fn answers_404_413_and_the_woocommerce_ping_without_storing() {
     assert!(stored_events(&data).is_empty());
 }
 
+/// The words of a command line as `perkflow sign` prints it (single-quoted, `'\''` inside).
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut in_word) = (Vec::new(), String::new(), false, false);
+    for ch in line.chars() {
+        match ch {
+            '\'' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            '\\' if !quoted => {}
+            ' ' if !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// Runs `perkflow sign ARGS` (with `stdin` as its input) and sends the request it prints.
+async fn signed_by_cli(d: &Daemon, args: &[&str], stdin: Option<&[u8]>) -> Answer {
+    use std::io::Write;
+    let config = d.dir.join("perkflow.yaml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_perkflow"))
+        .arg("sign")
+        .args(args)
+        .args(["-c", config.to_str().unwrap(), "--url", &d.base])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let words = shell_words(line.trim_end());
+    assert_eq!(words[..4], ["curl", "-sS", "-X", "POST"], "{line}");
+    let mut r = client().post(&words[4]);
+    let mut rest = words[5..].iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().unwrap();
+        match flag.as_str() {
+            "-H" => {
+                let (k, v) = value.split_once(": ").unwrap();
+                r = r.header(k, v);
+            }
+            "--data-binary" => {
+                r = r.body(match value.strip_prefix('@') {
+                    Some(file) => std::fs::read(file).unwrap(),
+                    None => value.clone().into_bytes(),
+                })
+            }
+            other => panic!("unexpected {other} in {line}"),
+        }
+    }
+    send(r).await
+}
+
+/// `perkflow sign` prints a request the daemon accepts: a fixture with its headers file, a
+/// header given on the command line, and a body from standard input.
+#[tokio::test]
+async fn the_sign_command_prints_requests_the_daemon_accepts() {
+    let d = Daemon::start(&config(""));
+    let fixture = repo("fixtures/shopify/orders-paid.json");
+    let fixture = fixture.to_str().unwrap();
+    let a = signed_by_cli(&d, &["shop", fixture], None).await;
+    assert_eq!(
+        (a.status, a.json()["duplicate"].clone()),
+        (200, false.into()),
+        "{}",
+        a.body
+    );
+    let a = signed_by_cli(&d, &["shop", fixture], None).await;
+    assert_eq!(a.json()["duplicate"], true, "{}", a.body);
+    let a = signed_by_cli(
+        &d,
+        &[
+            "shop",
+            fixture,
+            "--header",
+            "X-Shopify-Event-Id: from-the-cli",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(a.json()["duplicate"], false, "another event id: {}", a.body);
+    // From standard input, with one of the rotated secrets given explicitly.
+    let body = std::fs::read(repo("fixtures/stripe/invoice-paid.json")).unwrap();
+    let a = signed_by_cli(
+        &d,
+        &[
+            "stripe",
+            "--secret",
+            "whsec_old",
+            "--header",
+            "Content-Type: application/json",
+        ],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.json()["duplicate"].clone()),
+        (200, false.into()),
+        "{}",
+        a.body
+    );
+    // A wrong secret signs a request the daemon refuses.
+    let a = signed_by_cli(&d, &["stripe", "--secret", "whsec_nope"], Some(&body)).await;
+    assert_eq!(a.status, 401);
+}
+
 /// WooCommerce's deleted-resource (`{"id"}`) and action-topic (`{"action","arg"}`) bodies
 /// are stored once each (WooCommerce disables a webhook whose deliveries keep failing).
 #[tokio::test]

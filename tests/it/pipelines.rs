@@ -47,6 +47,33 @@ fn dry_run_shows_steps_and_deliveries_and_sends_nothing() {
     assert!(out.contains("\"outcome\":\"completed\""), "{out}");
 }
 
+/// A credential from an unset variable: the dry run shows the reference as written (it
+/// needs no secrets), never a debug form.
+#[test]
+fn a_dry_run_shows_an_unset_credential_as_its_reference() {
+    let dir = project(
+        "pipeline: p\non: { source: shop, events: [orders/paid] }\nsteps:\n  - deliver: { to: sms.send_sms, with: { to: \"+15555550123\", body: hi } }\n",
+    );
+    std::fs::write(
+        dir.path().join("perkflow.yaml"),
+        CONFIG.replace(
+            "account_sid: a",
+            "account_sid: \"${PERKFLOW_TEST_UNSET_SID}\"",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = perkflow(
+        dir.path(),
+        &["run", "p", "--fixture", "fixtures/orders-paid.json"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("/Accounts/$%7BPERKFLOW_TEST_UNSET_SID%7D/Messages.json"),
+        "{out}"
+    );
+    assert!(!out.contains("Interpolated"), "{out}");
+}
+
 /// `perkflow check`'s problems in `dir`, which must make it exit 1.
 fn check_fails(dir: &std::path::Path) -> String {
     let (code, _out, err) = perkflow(dir, &["check"]);
@@ -149,7 +176,42 @@ fn a_fixture_without_its_headers_file_says_what_is_missing() {
         "{err}"
     );
     assert!(
-        err.contains("copy.headers.yaml, which does not exist)"),
+        err.contains("copy.headers.yaml, which does not exist; or give them with `headers:` in a test, `--header` to `run`)"),
+        "{err}"
+    );
+    // Given on the command line instead.
+    let (code, out, err) = perkflow(
+        dir.path(),
+        &[
+            "run",
+            "p",
+            "--fixture",
+            "fixtures/copy.json",
+            "--header",
+            "X-Shopify-Topic: orders/paid",
+            "--header",
+            "X-Shopify-Event-Id:evt-77",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("event: shop orders/paid (vendor id evt-77)"),
+        "{out}"
+    );
+    let (code, _, err) = perkflow(
+        dir.path(),
+        &[
+            "run",
+            "p",
+            "--fixture",
+            "fixtures/copy.json",
+            "--header",
+            "nocolon",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--header `nocolon`: write it as 'Name: value'"),
         "{err}"
     );
 }
