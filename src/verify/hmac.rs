@@ -93,14 +93,64 @@ fn key_bytes(form: KeyForm, secret: &str) -> Vec<u8> {
     }
 }
 
-/// WordPress runs `wp_specialchars_decode(…, ENT_QUOTES)` on the webhook secret before signing.
+/// WordPress runs `wp_specialchars_decode(…, ENT_QUOTES)` on the webhook secret before signing:
+/// zero-padded numeric forms are normalised, then one pass (PHP's `strtr`: the longest match
+/// at each position, nothing decoded twice) replaces the named and numeric entities of
+/// `& < > " '`; anything else stays as written.
 fn html_entity_decode(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#039;", "'")
-        .replace("&#39;", "'")
-        .replace("&amp;", "&")
+    use std::sync::LazyLock;
+    const TABLE: [(&str, &str); 12] = [
+        ("&#039;", "'"),
+        ("&#x27;", "'"),
+        ("&quot;", "\""),
+        ("&#034;", "\""),
+        ("&#x22;", "\""),
+        ("&lt;", "<"),
+        ("&#060;", "<"),
+        ("&gt;", ">"),
+        ("&#062;", ">"),
+        ("&amp;", "&"),
+        ("&#038;", "&"),
+        ("&#x26;", "&"),
+    ];
+    static PADDED: LazyLock<[(regex::Regex, &str); 8]> = LazyLock::new(|| {
+        let re = |p: &str| regex::Regex::new(p).expect("a valid pattern");
+        [
+            (re("&#0*39;"), "&#039;"),
+            (re("(?i)&#x0*27;"), "&#x27;"),
+            (re("&#0*34;"), "&#034;"),
+            (re("(?i)&#x0*22;"), "&#x22;"),
+            (re("&#0*60;"), "&#060;"),
+            (re("&#0*62;"), "&#062;"),
+            (re("&#0*38;"), "&#038;"),
+            (re("(?i)&#x0*26;"), "&#x26;"),
+        ]
+    });
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut text = s.to_string();
+    for (re, to) in PADDED.iter() {
+        text = re.replace_all(&text, *to).into_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        match TABLE.iter().find(|(from, _)| rest.starts_with(from)) {
+            Some((from, to)) => {
+                out.push_str(to);
+                rest = &rest[from.len()..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -196,6 +246,26 @@ mod tests {
             v.verify(&req(&[("X-Sig", &sig)], "{}", "https://b.example/hooks/sq")),
             Err(Rejection::BadSignature)
         );
+    }
+
+    /// As PHP's `wp_specialchars_decode($s, ENT_QUOTES)` answers.
+    #[test]
+    fn decodes_entities_as_wordpress_does() {
+        for (given, decoded) in [
+            ("plain", "plain"),
+            ("a&amp;b", "a&b"),
+            ("&#038;&#38;&#0038;&#x26;&#X26;&#x0026;", "&&&&&&"),
+            ("&lt;&#060;&#60;&gt;&#062;&#62;", "<<<>>>"),
+            ("&quot;&#034;&#34;&#x22;&#039;&#39;&#x27;&#X0027;", "\"\"\"\"''''"),
+            // One pass: a decoded `&` never starts another entity.
+            ("&amp;lt;", "&lt;"),
+            ("&amp;#038;", "&#038;"),
+            // Other entities, and bare ampersands, stay.
+            ("&nbsp;&copy;&#65;&x", "&nbsp;&copy;&#65;&x"),
+            ("&#x2A;&#039", "&#x2A;&#039"),
+        ] {
+            assert_eq!(html_entity_decode(given), decoded, "{given}");
+        }
     }
 
     #[test]
