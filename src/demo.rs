@@ -85,7 +85,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     let tmp = tempfile::tempdir().context("temp dir for the demo's store")?;
     let mut cfg = load_for_sandbox(opts.config.as_deref(), &sb_url, tmp.path())?;
     if let Some(l) = &opts.listen {
-        cfg.listen = l.parse().with_context(|| format!("--listen {l}"))?;
+        cfg.listen = crate::config::parse_listen(l).map_err(|m| anyhow::anyhow!("--listen {m}"))?;
     }
     let base_dir = cfg.base_dir.clone();
     let admin_token = cfg

@@ -322,9 +322,7 @@ fn serve(
     let mut cfg = config::load(path.as_deref())
         .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     if let Some(l) = listen {
-        cfg.listen = l
-            .parse()
-            .with_context(|| format!("--listen {l}: not an address like 127.0.0.1:8080"))?;
+        cfg.listen = config::parse_listen(&l).map_err(|m| anyhow::anyhow!("--listen {m}"))?;
     }
     if let Some(d) = data_dir {
         cfg.data_dir = d;

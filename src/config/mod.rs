@@ -231,6 +231,24 @@ pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
     load_text(&shown, file.is_some(), &text)
 }
 
+/// A listen address: `IP:PORT` (`[::1]:8080` for IPv6), or `localhost:PORT` (the loopback
+/// address, resolved without any lookup).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => port
+            .parse::<u16>()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .map_err(|_| format!("`{s}`: the port must be a number up to 65535")),
+        _ => Err(format!(
+            "`{s}` is not an address like 127.0.0.1:8080 (0.0.0.0:8080 for every interface, \
+             localhost:8080 for this machine only)"
+        )),
+    }
+}
+
 /// Parses and checks a config text (`file` names it in diagnostics and anchors relative paths).
 pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Diagnostics> {
     let mut diags = Diagnostics::default();
@@ -243,11 +261,8 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
 
     let listen = match &top.listen {
         None => SocketAddr::from(([127, 0, 0, 1], 8080)),
-        Some(s) => s.parse().unwrap_or_else(|_| {
-            diags.push(doc.at(
-                "listen",
-                format!("`{s}` is not an address like 127.0.0.1:8080"),
-            ));
+        Some(s) => parse_listen(s).unwrap_or_else(|m| {
+            diags.push(doc.at("listen", m));
             SocketAddr::from(([127, 0, 0, 1], 8080))
         }),
     };
@@ -897,6 +912,35 @@ mod tests {
             Ok(_) => String::new(),
             Err(d) => d.to_string(),
         }
+    }
+
+    #[test]
+    fn listen_takes_an_ip_address_or_localhost() {
+        assert_eq!(
+            parse_listen("0.0.0.0:9000").unwrap().to_string(),
+            "0.0.0.0:9000"
+        );
+        assert_eq!(
+            parse_listen("[::1]:9000").unwrap().to_string(),
+            "[::1]:9000"
+        );
+        assert_eq!(
+            parse_listen("localhost:9000").unwrap().to_string(),
+            "127.0.0.1:9000"
+        );
+        assert!(parse_listen("localhost:99999")
+            .unwrap_err()
+            .contains("port"));
+        assert!(parse_listen("example.com:80")
+            .unwrap_err()
+            .contains("0.0.0.0:8080"));
+        let c = load("listen: localhost:8181\n", false).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8181");
+        let e = load("listen: nowhere\n", false).unwrap_err().to_string();
+        assert!(
+            e.contains(":1:9: listen: `nowhere` is not an address"),
+            "{e}"
+        );
     }
 
     #[test]
