@@ -281,6 +281,8 @@ pub struct Boot {
     pub dedup_window: Option<std::time::Duration>,
     pub header_timeout: std::time::Duration,
     pub body_timeout: std::time::Duration,
+    /// Command-line settings, applied again to every reloaded config.
+    pub overrides: crate::config::Overrides,
 }
 
 impl Boot {
@@ -295,6 +297,7 @@ impl Boot {
             dedup_window: cfg.dedup_window,
             header_timeout: cfg.header_timeout,
             body_timeout: cfg.body_timeout,
+            overrides: cfg.overrides.clone(),
         }
     }
 }
@@ -359,6 +362,7 @@ impl AppState {
                 dedup_window: None,
                 header_timeout: crate::http::HEADER_TIMEOUT,
                 body_timeout: crate::ingest::BODY_TIMEOUT,
+                overrides: Default::default(),
             }),
         };
         set(&mut shared);

@@ -321,12 +321,10 @@ fn serve(
 ) -> anyhow::Result<()> {
     let mut cfg = config::load(path.as_deref())
         .map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
-    if let Some(l) = listen {
-        cfg.listen = config::parse_listen(&l).map_err(|m| anyhow::anyhow!("--listen {m}"))?;
-    }
-    if let Some(d) = data_dir {
-        cfg.data_dir = d;
-    }
+    let listen = listen
+        .map(|l| config::parse_listen(&l).map_err(|m| anyhow::anyhow!("--listen {m}")))
+        .transpose()?;
+    cfg.override_with(config::Overrides { listen, data_dir });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

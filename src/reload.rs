@@ -30,8 +30,10 @@ pub struct Reloaded {
 pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
     let _one_at_a_time = app.reload_lock.lock().await;
     let path = app.config_path.clone();
+    let overrides = app.boot.overrides.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        let cfg = crate::config::load(path.as_deref()).map_err(|d| d.to_string())?;
+        let mut cfg = crate::config::load(path.as_deref()).map_err(|d| d.to_string())?;
+        cfg.override_with(overrides);
         let rt = crate::app::build_runtime(&cfg).map_err(|d| d.to_string())?;
         Ok::<_, String>((cfg, rt))
     })

@@ -195,9 +195,30 @@ pub struct Config {
     pub connectors: Registry,
     /// Where each value of the config file is, for problems found when building.
     pub locations: Locations,
+    /// Settings given on the command line (`serve --listen/--data-dir`).
+    pub overrides: Overrides,
+}
+
+/// Settings given on the command line: they win over the file's, at start and at every
+/// reload (a reload then does not take them for changes that need a restart).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Config {
+    /// Applies command-line settings, and keeps them for reloads.
+    pub fn override_with(&mut self, o: Overrides) {
+        if let Some(l) = o.listen {
+            self.listen = l;
+        }
+        if let Some(d) = &o.data_dir {
+            self.data_dir = d.clone();
+        }
+        self.overrides = o;
+    }
+
     /// A diagnostic at `path` in the config file (for problems found after checking).
     pub fn diag(&self, path: &str, message: impl Into<String>) -> Diagnostic {
         let file = self
@@ -438,6 +459,7 @@ pub fn load_text(file: &Path, from_file: bool, text: &str) -> Result<Config, Dia
         pipelines,
         connectors,
         locations: doc.loc,
+        overrides: Overrides::default(),
     })
 }
 

@@ -121,6 +121,13 @@ async fn changes_are_checked_before_they_replace_the_running_config() {
     let a = api(&c, &d, "POST", "/api/reload", None).await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.json()["summary"]["pipelines"], 1);
+    // The daemon was started with --listen: not a change that needs a restart.
+    assert_eq!(
+        a.json()["summary"]["need_restart"],
+        serde_json::json!([]),
+        "{}",
+        a.body
+    );
     assert!(connectors(&c, &d).await["config_error"].is_null());
 
     // A credential rotated in its file (not watched): SIGHUP re-reads it. Until then the
