@@ -32,6 +32,67 @@ fn retry_later(secs: u32, msg: &str) -> Response {
     r
 }
 
+/// How much of a body over the limit is read and dropped before the 413 goes out: a client
+/// that sends its whole body before reading the answer (Python's urllib) would otherwise see
+/// a reset connection instead of the 413 (nginx's lingering close does the same). Bounded in
+/// bytes and time; past either, the connection is closed.
+const DRAIN_BYTES: u64 = 8 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+enum Read {
+    Whole(bytes::Bytes),
+    /// Over the limit (what was read of it is dropped).
+    TooLarge,
+    Failed,
+}
+
+/// Reads a body of at most `max` bytes; one over it is read on, and dropped, up to
+/// `DRAIN_BYTES`.
+async fn read_body(mut body: Body, max: usize) -> Read {
+    use http_body_util::BodyExt;
+    let (mut first, mut more): (Option<bytes::Bytes>, Option<bytes::BytesMut>) = (None, None);
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return if seen > max as u64 {
+                Read::TooLarge
+            } else {
+                Read::Failed
+            };
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > max as u64 {
+            (first, more) = (None, None);
+            if seen > DRAIN_BYTES {
+                return Read::TooLarge;
+            }
+            continue;
+        }
+        // One chunk (the usual case) is kept as it came; several are joined.
+        match (&mut first, &mut more) {
+            (None, None) => first = Some(data),
+            (Some(f), None) => {
+                let mut joined = bytes::BytesMut::with_capacity(f.len() + data.len());
+                joined.extend_from_slice(f);
+                joined.extend_from_slice(&data);
+                (first, more) = (None, Some(joined));
+            }
+            (_, Some(m)) => m.extend_from_slice(&data),
+        }
+    }
+    if seen > max as u64 {
+        return Read::TooLarge;
+    }
+    Read::Whole(match (first, more) {
+        (_, Some(m)) => m.freeze(),
+        (Some(f), None) => f,
+        (None, None) => bytes::Bytes::new(),
+    })
+}
+
 fn status(code: StatusCode, msg: &str) -> Response {
     (code, Json(json!({ "error": msg }))).into_response()
 }
@@ -72,48 +133,39 @@ pub async fn hook(
     let Some(src) = rt.sources.get(&name) else {
         return status(StatusCode::NOT_FOUND, "unknown source");
     };
-    let too_large = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > src.max_body as u64);
-    if too_large {
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > src.max_body as u64) {
         count(&name, "rejected", "too_large");
+        // Read and dropped first (bounded), so that the sender sees the answer.
+        if n <= DRAIN_BYTES {
+            let _ = tokio::time::timeout(DRAIN_TIME, read_body(body, 0)).await;
+        }
         return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
     // Reserve the memory this body may take before reading it: many slow senders cannot
     // hold more than the budget between them.
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(src.max_body);
+    let declared = declared.map_or(src.max_body, |n| n as usize);
     let kib = (declared.min(src.max_body) / 1024 + 1) as u32;
     let Ok(_budget) = app.body_budget.clone().try_acquire_many_owned(kib) else {
         count(&name, "unavailable", "busy");
         return retry_later(5, "too many requests in progress, retry later");
     };
-    let body = match tokio::time::timeout(
-        app.boot.body_timeout,
-        axum::body::to_bytes(body, src.max_body),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
+    let body =
+        match tokio::time::timeout(app.boot.body_timeout, read_body(body, src.max_body)).await {
+            Ok(Read::Whole(b)) => b,
+            Ok(Read::TooLarge) => {
                 count(&name, "rejected", "too_large");
                 return status(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
             }
-            return status(StatusCode::BAD_REQUEST, "could not read body");
-        }
-        Err(_) => {
-            count(&name, "rejected", "slow_body");
-            return status(StatusCode::REQUEST_TIMEOUT, "body not received in time");
-        }
-    };
+            Ok(Read::Failed) => return status(StatusCode::BAD_REQUEST, "could not read body"),
+            Err(_) => {
+                count(&name, "rejected", "slow_body");
+                return status(StatusCode::REQUEST_TIMEOUT, "body not received in time");
+            }
+        };
     if let Some(ping) = &src.def.ping {
         if is_ping(&headers, &body, &ping.form_field, &src.signature_headers) {
             tracing::info!(source = %name, "acknowledged the unsigned webhook creation ping; nothing stored");

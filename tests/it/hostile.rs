@@ -124,6 +124,29 @@ async fn oversized_bodies_and_headers_are_refused_and_nothing_is_stored() {
     chunked.extend_from_slice(b"0\r\n\r\n");
     let answer = raw(&d, &head, &chunked, 8192).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    // Within the limit, in many chunks arriving apart: joined byte-exact (the signature
+    // verifies) and stored.
+    let fits = shop("chunked-fits", padded(20 * 1024));
+    let mut head = format!("POST /hooks/shop HTTP/1.1\r\nHost: {}\r\n", addr(&d));
+    for (k, v) in &fits.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    let mut chunked = Vec::new();
+    for piece in fits.body.chunks(3000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw(&d, &head, &chunked, 1000).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let fits_id = answer
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
 
     // One huge header (100 KiB > 64 KiB): 431 where hyper can still answer, else closed.
     let huge = format!(
@@ -146,7 +169,7 @@ async fn oversized_bodies_and_headers_are_refused_and_nothing_is_stored() {
 
     // The daemon serves the other source, and only that event was stored.
     let ok = still_serving(&d, "after-oversized").await;
-    assert_eq!(stored(&d).await, vec![ok]);
+    assert_eq!(stored(&d).await, vec![ok, fits_id], "newest first");
 }
 
 /// What one slow connection sends: a prefix at once, then one byte every 100 ms forever.

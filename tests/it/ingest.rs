@@ -282,6 +282,28 @@ async fn answers_404_413_and_the_woocommerce_ping_without_storing() {
     assert!(chunked_upload(&d.base, "/hooks/shop", 200 * 1024)
         .await
         .starts_with("HTTP/1.1 413"));
+    // A client that writes its whole body before reading the answer (Python's urllib) gets
+    // the 413 too, not a reset connection.
+    let answer = tokio::task::spawn_blocking({
+        let addr = d.base.trim_start_matches("http://").to_string();
+        move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let body = vec![b'x'; 3 << 20];
+            let head = format!(
+                "POST /hooks/shop HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).unwrap();
+            s.write_all(&body).expect("the whole body is taken");
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            answer
+        }
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     // WooCommerce's creation ping: unsigned form body, answered 200, not stored.
     let (body, headers) =
         perkflow::sign::read_fixture(&repo("fixtures/woocommerce/webhook-ping.form")).unwrap();
