@@ -418,6 +418,11 @@ fn ledger_result(
     a: &crate::ledger::Applied,
     found: Option<bool>,
 ) -> Flow {
+    // A duplicate is a key another event applied first. This event's own entry (its run
+    // again: after a crash, a deferred lookup, a replay) is not: the deliveries that follow
+    // keep their job keys, so nothing is sent twice, and guarding them with
+    // `not loyalty.duplicate` must not drop them.
+    let ours = a.entry.source == format!("{}:{}", st.source, st.event_id);
     let mut result = json!({
         "member": a.entry.member,
         "points": a.entry.points,
@@ -426,7 +431,7 @@ fn ledger_result(
         "pending": a.entry.pending_after,
         "held": a.entry.pending,
         "tier": a.entry.tier_after,
-        "duplicate": a.duplicate,
+        "duplicate": a.duplicate && !ours,
     });
     if let Some(f) = found {
         result["found"] = json!(f);
@@ -1051,6 +1056,54 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(r.deliveries.is_empty());
+    }
+
+    /// A ledger that remembers keys (the entry of a key's first operation answers again).
+    #[derive(Default)]
+    struct Remembering(
+        std::cell::RefCell<std::collections::HashMap<String, crate::ledger::Applied>>,
+    );
+
+    impl Effects for Remembering {
+        fn fetch(&self, _: &LookupCall) -> Result<Json, LookupError> {
+            Err(LookupError::Retry("unavailable".into()))
+        }
+        fn ledger(&self, op: &crate::ledger::Op) -> Result<crate::ledger::Applied, LookupError> {
+            let mut seen = self.0.borrow_mut();
+            if let Some(first) = seen.get(&op.idempotency_key) {
+                return Ok(crate::ledger::Applied {
+                    duplicate: true,
+                    ..first.clone()
+                });
+            }
+            let a = dry_ledger(op)?;
+            seen.insert(op.idempotency_key.clone(), a.clone());
+            Ok(a)
+        }
+    }
+
+    /// `loyalty.duplicate` is a key another event applied: the same event's run again
+    /// (after a crash, a deferred lookup, a replay) still delivers (with the same job keys).
+    #[test]
+    fn the_same_events_run_again_is_not_a_duplicate_another_events_is() {
+        let e = Engine::new();
+        let p = pipeline(
+            "  - loyalty.accrue: { member: a@example.com, points: 5, key: \"order-1\" }\n  - deliver: { to: sms.send_sms, when: \"not loyalty.duplicate\", with: { to: \"+15555550123\", body: hi } }\n",
+        );
+        let ledger = Remembering::default();
+        let first = input("1", Json::Null);
+        for _ in 0..2 {
+            let r = run(&p, &e, &first, &ledger);
+            assert_eq!(r.vars["loyalty"]["duplicate"], false);
+            assert_eq!(r.deliveries.len(), 1);
+        }
+        let other = EventInput {
+            event_id: "e2".into(),
+            ..input("1", Json::Null)
+        };
+        let r = run(&p, &e, &other, &ledger);
+        assert_eq!(r.vars["loyalty"]["duplicate"], true);
         assert!(r.deliveries.is_empty());
     }
 

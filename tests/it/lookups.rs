@@ -181,3 +181,71 @@ async fn lookups_go_through_the_sinks_rate_limit() {
         .filter(|r| r.vendor == "quickbooks")
         .all(|r| r.status == 200));
 }
+
+/// Square sends a payment's COMPLETED state twice (payment.updated, payment.created): the
+/// Square Loyalty accrual and the SMS happen once. The first event's run is deferred by a
+/// failing lookup after its ledger accrual; tried again, it still delivers both.
+#[tokio::test]
+async fn a_square_payment_earns_once_however_many_events_and_retries() {
+    let (sb, url, _stop) = sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+    std::fs::copy(
+        repo("pipelines/square-payment-points.yaml"),
+        dir.path().join("pipelines/square.yaml"),
+    )
+    .unwrap();
+    let config = format!(
+        "admin_token: {TOKEN}\nsources:\n  square: {{ connector: square, secret: k, url: \"https://hooks.example.com/hooks/square\" }}\nsinks:\n  sms: {{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, auth_token: dev-twilio-token, from: \"+15550100\", base_url: \"{url}/twilio\" }}\n  loyalty: {{ connector: square_loyalty, access_token: dev-square-token, location_id: LH2T8V5N1QZRA, base_url: \"{url}/square\" }}\n"
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let event = |event_id: &str, ty: &str| {
+        let body = std::fs::read_to_string(repo("fixtures/square/payment-updated.json"))
+            .unwrap()
+            .replacen("6a1c2f9e-3b8d-4f57-a0e4-7c2d9b5e1f38", event_id, 1)
+            .replacen(
+                "\"type\":\"payment.updated\"",
+                &format!("\"type\":\"{ty}\""),
+                1,
+            );
+        sign_body(
+            "square",
+            body.into_bytes(),
+            vec![("Content-Type".into(), "application/json".into())],
+            &keys(&["k"]),
+            "https://hooks.example.com/hooks/square",
+            0,
+        )
+    };
+    // The customer read fails for now: the run is deferred after the ledger accrual.
+    let r = c
+        .post(format!("{url}/_sandbox/faults"))
+        .json(&serde_json::json!({"vendor": "square", "status": [503]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let first = stored_id(
+        &c,
+        &d.url("/hooks/square"),
+        &event("ev-updated", "payment.updated"),
+    )
+    .await;
+    let jobs = settled_jobs(&c, &d, &first, 2, Duration::from_secs(60)).await;
+    assert!(jobs.iter().all(|j| j["state"] == "delivered"), "{jobs:#?}");
+    // The same payment again, as another event: no second accrual, no second SMS.
+    let second = stored_id(
+        &c,
+        &d.url("/hooks/square"),
+        &event("ev-created", "payment.created"),
+    )
+    .await;
+    let ev = processed(&c, &d, TOKEN, &second, Duration::from_secs(30)).await;
+    assert_eq!(ev["jobs"], serde_json::json!([]), "{ev:#}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = sb.received();
+    let count = |path: &str| got.iter().filter(|r| r.path.ends_with(path)).count();
+    assert_eq!(count("/accumulate"), 1, "{got:#?}");
+    assert_eq!(count("/Messages.json"), 1, "{got:#?}");
+}
