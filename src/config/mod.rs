@@ -1139,6 +1139,11 @@ perkflow.yaml:5:5: sinks.sms.auth_tokn: unknown parameter `auth_tokn` for sink c
 perkflow.yaml:6:11: sinks.sms.rate: `fast` is not a rate: use requests per second (`10`) or `N/s`, `N/min`, `N/10s`\n\
 perkflow.yaml:7:19: sinks.x.connector: unknown sink connector `twilio` (did you mean `twilio_sms`?); known: quickbooks, giftcard, twilio_sms, sendgrid, klaviyo, slack, zendesk, bookings, hubspot, square_loyalty, webhook\n"
         );
+        // Square requires a location on accumulate and redeem.
+        assert_eq!(
+            errors("sinks:\n  l: { connector: square_loyalty, access_token: t }\n"),
+            "perkflow.yaml:2:6: sinks.l: sink connector `square_loyalty` needs `location_id:`\n"
+        );
         assert_eq!(parse_rate("100/10s"), Some(10.0));
         assert_eq!(parse_rate("600/min"), Some(10.0));
         assert_eq!(parse_rate("0"), None);

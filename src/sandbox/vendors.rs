@@ -607,6 +607,18 @@ fn square(sb: &Sandbox, req: &Req) -> Answer {
             "This request could not be authorized.",
         );
     }
+    // Accumulate and redeem require a location (the Loyalty API's request schemas).
+    let no_location = |b: &Value| {
+        let given = b["location_id"].as_str().is_some_and(|l| !l.is_empty());
+        (!given).then(|| {
+            err(
+                400,
+                "INVALID_REQUEST_ERROR",
+                "MISSING_REQUIRED_PARAMETER",
+                "location_id is required",
+            )
+        })
+    };
     if req.header("square-version").is_none() {
         return err(
             400,
@@ -709,6 +721,17 @@ fn square(sb: &Sandbox, req: &Req) -> Answer {
                 "accumulate_points.points or order_id is required",
             );
         }
+        if points.is_some_and(|p| p < 1) {
+            return err(
+                400,
+                "INVALID_REQUEST_ERROR",
+                "INVALID_VALUE",
+                "accumulate_points.points must be at least 1",
+            );
+        }
+        if let Some(missing) = no_location(&b) {
+            return missing;
+        }
         (
             json!({"events": [{"id": format!("lev-{id}"), "type": "ACCUMULATE_POINTS", "loyalty_account_id": acct, "accumulate_points": b["accumulate_points"]}]}),
             format!("{} points accumulated on {acct}", points.unwrap_or(0)),
@@ -732,6 +755,9 @@ fn square(sb: &Sandbox, req: &Req) -> Answer {
         .strip_prefix("/v2/loyalty/rewards/")
         .and_then(|r| r.strip_suffix("/redeem"))
     {
+        if let Some(missing) = no_location(&b) {
+            return missing;
+        }
         (
             json!({"event": {"id": format!("lev-{id}"), "type": "REDEEM_REWARD", "redeem_reward": {"reward_id": rid}}}),
             format!("reward {rid} redeemed"),
