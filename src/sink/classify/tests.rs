@@ -526,3 +526,65 @@ fn retry_after_accepts_an_http_date_and_failures_say_whether_the_request_may_hav
         }
     ));
 }
+
+/// Slack's transient `ok:false` codes where the post may have gone out (sink-apis.md §5b)
+/// are retried only as uncertain (never resent blindly); a rate limit is safe to resend.
+#[test]
+fn slack_codes_that_may_have_posted_are_uncertain() {
+    let mut diags = Diagnostics::default();
+    let reg = Registry::load(&[], &mut diags);
+    let sink = reg.get("slack").unwrap().sink.as_ref().unwrap();
+    let act = &sink.actions["post_message"];
+    let uncertain = |code: &str| {
+        let body = format!(r#"{{"ok":false,"error":"{code}"}}"#);
+        match classify(
+            &sink.classify,
+            act,
+            &Answer {
+                status: 200,
+                headers: &HeaderMap::new(),
+                body: body.as_bytes(),
+            },
+            NOW,
+        ) {
+            Outcome::Retry { uncertain, .. } => uncertain,
+            other => panic!("{code}: {other:?}"),
+        }
+    };
+    for code in [
+        "internal_error",
+        "fatal_error",
+        "service_unavailable",
+        "request_timeout",
+    ] {
+        assert!(uncertain(code), "{code}");
+    }
+    assert!(!uncertain("ratelimited"));
+}
+
+/// The bookings API has no idempotency key: a server error may come after the booking was
+/// made, so it is uncertain (the delivery engine dead-letters it rather than resend).
+#[test]
+fn a_bookings_server_error_is_uncertain() {
+    let mut diags = Diagnostics::default();
+    let reg = Registry::load(&[], &mut diags);
+    let sink = reg.get("bookings").unwrap().sink.as_ref().unwrap();
+    let act = &sink.actions["create_booking"];
+    assert!(!act.idempotent);
+    for (status, expect_uncertain) in [(500, true), (502, true), (504, true), (429, false)] {
+        let got = classify(
+            &sink.classify,
+            act,
+            &Answer {
+                status,
+                headers: &HeaderMap::new(),
+                body: br#"{"message":"oops"}"#,
+            },
+            NOW,
+        );
+        match got {
+            Outcome::Retry { uncertain, .. } => assert_eq!(uncertain, expect_uncertain, "{status}"),
+            other => panic!("{status}: {other:?}"),
+        }
+    }
+}
