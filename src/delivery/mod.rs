@@ -199,16 +199,20 @@ pub fn settle(job: &Job, sent: &Sent, policy: &Policy, now_ms: u64, unit: f64) -
             uncertain,
         } => {
             j.uncertain |= *uncertain;
-            // A 429 says "not now", nothing about the job: it costs no attempt.
-            if sent.status == Some(429) {
+            // A 429 says "not now", nothing about the job: it costs no attempt. Nor does a
+            // wait the vendor asks of the whole sink (a quota used up, an account out of
+            // funds): the job is not what fails, so it neither dies of attempts nor of age
+            // meanwhile (the sink is paused and the alarm is up until someone acts).
+            let held = sink_wide_wait(sent).is_some();
+            if sent.status == Some(429) || held {
                 j.attempts = j.attempts.saturating_sub(1);
             }
             let age = Duration::from_millis(now_ms.saturating_sub(j.created_at_ms));
-            if j.attempts >= policy.max_attempts {
+            if !held && j.attempts >= policy.max_attempts {
                 j.state = JobState::Dead;
                 j.reason = Some(format!("gave up after {} attempts: {reason}", j.attempts));
                 j.finished_at_ms = Some(now_ms);
-            } else if age >= policy.max_age {
+            } else if !held && age >= policy.max_age {
                 j.state = JobState::Dead;
                 j.reason = Some(format!(
                     "older than max_age ({}): {reason}",

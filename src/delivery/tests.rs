@@ -119,6 +119,38 @@ fn max_attempts_and_max_age_dead_letter_with_the_reason() {
     assert!(old.reason.unwrap().starts_with("older than max_age (1h)"));
 }
 
+/// A wait the vendor asks of the whole sink (the gift-card API's 422 insufficient funds, a
+/// daily quota) is not the job's failure: no attempt is spent and age does not kill it; the
+/// job waits as long as the vendor says.
+#[test]
+fn a_sink_wide_wait_spends_no_attempt_and_no_age() {
+    let funds = Outcome::Retry {
+        after: Some(Duration::from_secs(1800)),
+        reason: "insufficient funds in the prefunded account".into(),
+        uncertain: false,
+    };
+    let mut j = job();
+    j.attempts = 3;
+    let long_after = 1_000 + 7 * 24 * 3_600_000;
+    let waits = settle(&j, &sent(funds, Some(422)), &policy(), long_after, 0.5);
+    assert_eq!(waits.state, JobState::Pending, "{:?}", waits.reason);
+    assert_eq!(waits.attempts, 2, "the attempt is given back");
+    assert_eq!(
+        waits.next_at_ms,
+        long_after + 120_000,
+        "the vendor's wait, clamped"
+    );
+    // A short 503 is the job's own failure: it still counts.
+    let d = settle(
+        &j,
+        &sent(retry(Some(5), false), Some(503)),
+        &policy(),
+        10_000,
+        0.5,
+    );
+    assert_eq!(d.state, JobState::Dead);
+}
+
 #[test]
 fn a_permanent_error_goes_straight_to_dead_letters_and_uncertainty_sticks_until_delivered() {
     let d = settle(

@@ -190,7 +190,8 @@ async fn insufficient_funds_pauses_the_sink_raises_the_alarm_and_keeps_the_order
         let ev = api(&c, &d, "GET", &format!("/api/events/{id}"), None)
             .await
             .json();
-        if ev["jobs"][0]["state"] == "pending" && ev["jobs"][0]["attempts"] == 1 {
+        let tried = ev["jobs"][0]["log"].as_array().map_or(0, Vec::len);
+        if ev["jobs"][0]["state"] == "pending" && tried == 1 {
             break ev;
         }
         assert!(std::time::Instant::now() < deadline, "{ev:#}\n{}", d.log());
@@ -212,6 +213,9 @@ async fn insufficient_funds_pauses_the_sink_raises_the_alarm_and_keeps_the_order
         why.contains("insufficient funds in the prefunded account: fund it"),
         "{why}"
     );
+    // Not the order's failure: no attempt is spent (it cannot run out of attempts, or age,
+    // while the account is unfunded).
+    assert_eq!(ev["jobs"][0]["attempts"], 0, "{ev:#}");
     let wait =
         ev["jobs"][0]["next_at_ms"].as_u64().unwrap() - crate::helpers::now_unix() as u64 * 1000;
     assert!(wait > 25 * 60 * 1000, "retried slowly (30 min): {wait} ms");
