@@ -312,7 +312,9 @@ fn b64encode(v: Value) -> String {
 }
 
 /// A map with every value as a string (HubSpot properties): numbers as decimals, booleans
-/// as `true`/`false`, none as "" (which clears the property).
+/// as `true`/`false`. A none is left out: HubSpot clears a property given "", and a field the
+/// event lacks (a customer without a last name) must not erase what the CRM knows. Write
+/// `""` to clear one on purpose.
 fn stringify_values(v: Value) -> Result<Value, Error> {
     if v.kind() != ValueKind::Map {
         return Err(bad(format!("`{v}` is not a map")));
@@ -321,7 +323,7 @@ fn stringify_values(v: Value) -> Result<Value, Error> {
     for key in v.try_iter()? {
         let item = v.get_item(&key)?;
         let text = match item.kind() {
-            ValueKind::None | ValueKind::Undefined => String::new(),
+            ValueKind::None | ValueKind::Undefined => continue,
             ValueKind::String => item.as_str().unwrap_or_default().to_string(),
             ValueKind::Bool => item.is_true().to_string(),
             ValueKind::Map | ValueKind::Seq => {
@@ -457,6 +459,17 @@ mod tests {
         let e = Engine::new();
         let f = e.field(src)?;
         e.eval(&f, &ctx)
+    }
+
+    #[test]
+    fn stringify_values_makes_strings_and_leaves_out_nones() {
+        let got = eval(
+            "{{ p | stringify_values }}",
+            json!({"p": {"a": null, "b": 1, "c": true, "d": "", "e": 2.5}}),
+        )
+        .unwrap();
+        assert_eq!(got, json!({"b": "1", "c": "true", "d": "", "e": "2.5"}));
+        assert!(eval("{{ p | stringify_values }}", json!({"p": {"x": [1]}})).is_err());
     }
 
     #[test]
