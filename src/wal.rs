@@ -279,6 +279,9 @@ struct Writer {
     dir: PathBuf,
     seq: u64,
     file: File,
+    /// The next file, created (and its directory entry synced) off this thread ahead of
+    /// time: a rotation then costs no file creation and no directory sync while appends wait.
+    spare: Option<mpsc::Receiver<std::io::Result<File>>>,
     /// Bytes of the current file known to hold whole records.
     good_len: u64,
     /// Bytes of the current file known to be synced.
@@ -345,14 +348,31 @@ impl Writer {
 
     fn rotate(&mut self) -> Result<u64, String> {
         let sealed = self.seq;
-        let f = open_new(&self.dir, self.seq + 1)
-            .map_err(|e| format!("cannot start a new log file: {e}"))?;
+        let prepared = self.spare.take().and_then(|rx| rx.recv().ok()?.ok());
+        let f = match prepared {
+            Some(f) => f,
+            None => open_new(&self.dir, self.seq + 1)
+                .map_err(|e| format!("cannot start a new log file: {e}"))?,
+        };
         self.file = f;
         self.seq += 1;
         self.good_len = 0;
         self.synced_len = 0;
         self.news(News::Sealed { seq: sealed });
         Ok(sealed)
+    }
+
+    /// Starts creating the file after the current one once this one is half full (an empty
+    /// file left by a crash is removed when the store opens).
+    fn prepare_next(&mut self) {
+        let (tx, rx) = mpsc::channel();
+        let (dir, seq) = (self.dir.clone(), self.seq + 1);
+        let started = std::thread::Builder::new()
+            .name("perkflow-wal-next".into())
+            .spawn(move || {
+                let _ = tx.send(open_new(&dir, seq));
+            });
+        self.spare = started.is_ok().then_some(rx);
     }
 }
 
@@ -361,6 +381,7 @@ fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: 
         dir,
         seq,
         file,
+        spare: None,
         good_len: 0,
         synced_len: 0,
         options,
@@ -478,6 +499,9 @@ fn writer(dir: PathBuf, seq: u64, file: File, rx: mpsc::Receiver<Msg>, options: 
         reply_all(&mut synced_waiters, &result);
         for r in rotations.drain(..) {
             let _ = r.send(w.rotate());
+        }
+        if w.spare.is_none() && w.good_len >= w.options.segment_bytes / 2 {
+            w.prepare_next();
         }
         // Sealed only once everything in it is synced (its index must not name records a
         // power loss could take).
@@ -600,6 +624,36 @@ mod tests {
         wal.append(bytes::Bytes::new()).await.unwrap().unwrap();
     }
 
+    /// The next file is created while the current one fills (off the writer thread), and
+    /// the rotation takes it.
+    #[tokio::test]
+    async fn the_next_file_is_prepared_before_it_is_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            segment_bytes: 1000,
+            ..Options::default()
+        };
+        let wal = Wal::start(dir.path(), 1, options).unwrap();
+        let record = |n: usize| bytes::Bytes::from(vec![b'r'; n]);
+        wal.append(record(300)).await.unwrap().unwrap();
+        assert!(!path(dir.path(), 2).exists(), "not before half the segment");
+        wal.append(record(300)).await.unwrap().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !path(dir.path(), 2).exists() {
+            assert!(Instant::now() < deadline, "the next file was not prepared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        wal.append(record(500)).await.unwrap().unwrap();
+        wal.append(bytes::Bytes::from_static(b"next"))
+            .await
+            .unwrap()
+            .unwrap();
+        let f = files(dir.path()).unwrap();
+        assert_eq!(f.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(read_records(&f[0].1).unwrap().len(), 3);
+        assert_eq!(read_records(&f[1].1).unwrap(), [b"next".to_vec()]);
+    }
+
     /// A failed write (here: a full device) never leaves later records behind a torn one:
     /// the writer moves on to a new file when it cannot cut the old one back.
     #[test]
@@ -612,6 +666,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             seq: 4,
             file: full,
+            spare: None,
             good_len: 0,
             synced_len: 0,
             options: Options::default(),

@@ -1044,7 +1044,7 @@ sources:
         assert_eq!(lines.len(), 4, "{out}");
         assert_eq!(
             lines[0],
-            "perkflow.yaml:1:9: listen: `nowhere` is not an address like 127.0.0.1:8080"
+            "perkflow.yaml:1:9: listen: `nowhere` is not an address like 127.0.0.1:8080 (0.0.0.0:8080 for every interface, localhost:8080 for this machine only)"
         );
         assert!(
             lines[1].starts_with("perkflow.yaml:2:1: durabilty: unknown field `durabilty`")
@@ -1083,7 +1083,7 @@ sources:
         let out = errors("listen: nowhere\n");
         assert_eq!(
             out,
-            "perkflow.yaml:1:9: listen: `nowhere` is not an address like 127.0.0.1:8080\n"
+            "perkflow.yaml:1:9: listen: `nowhere` is not an address like 127.0.0.1:8080 (0.0.0.0:8080 for every interface, localhost:8080 for this machine only)\n"
         );
         let out = errors("sources:\n  s:\n    connector: shopify\n    secret: ${BAD-NAME}\n");
         assert!(
