@@ -441,6 +441,9 @@ fn default_track_give_up() -> DurationSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CatalogDef {
+    /// The list (`/v1/Products`), or one item when it names it (a template,
+    /// `/v1/Products/{{ with.product }}`: a 404 then means the catalog lacks it). Each
+    /// rendered URL is read at most once per `ttl`.
     pub path: String,
     #[serde(default)]
     pub query: IndexMap<String, String>,

@@ -1,5 +1,5 @@
 //! The gift-card rewards API (eGifter B2B v1): `POST /v1/Tokens` (headers Email +
-//! AccessToken) -> bearer token; `GET /v1/Products`; `POST /v1/Orders` with `PONumber` as
+//! AccessToken) -> bearer token; `GET /v1/Products` (paged) and `GET /v1/Products/{id}`; `POST /v1/Orders` with `PONumber` as
 //! idempotency key (409 + the first order's Id on a repeat), 422 when the prefunded balance
 //! is short; orders go Pending -> Completed and call `WebhookSettings.FulfillmentComplete`;
 //! `GET /v1/Orders[/{id}]`.
@@ -71,7 +71,18 @@ pub(crate) async fn handle(sb: &Sandbox, req: &Req) -> Answer {
         return err(401, "Missing or invalid token");
     }
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/v1/Products") => Answer::json(200, catalog(), "catalog read"),
+        ("GET", "/v1/Products") => products(req),
+        ("GET", p) if p.starts_with("/v1/Products/") => {
+            let id = &p["/v1/Products/".len()..];
+            let all = catalog();
+            match all
+                .as_array()
+                .and_then(|l| l.iter().find(|x| x["Id"] == id))
+            {
+                Some(product) => Answer::json(200, product.clone(), format!("product {id} read")),
+                None => err(404, "Product not found"),
+            }
+        }
         ("GET", "/v1/Orders") => {
             let orders = sb.giftcard.lock().expect("sandbox lock");
             let mut list: Vec<Value> = orders.by_id.values().cloned().collect();
@@ -90,6 +101,21 @@ pub(crate) async fn handle(sb: &Sandbox, req: &Req) -> Answer {
         ("POST", "/v1/Orders") => order(sb, req),
         _ => err(404, "Not found"),
     }
+}
+
+/// The product list, paged as the vendor pages it (`pageIndex` from 0, `pageSize`).
+fn products(req: &Req) -> Answer {
+    let all = catalog();
+    let list = all.as_array().cloned().unwrap_or_default();
+    let number = |k: &str, default: usize| {
+        req.query
+            .get(k)
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    let (index, size) = (number("pageIndex", 0), number("pageSize", 10).clamp(1, 100));
+    let page: Vec<Value> = list.into_iter().skip(index * size).take(size).collect();
+    Answer::json(200, Value::Array(page), "catalog page read")
 }
 
 fn order(sb: &Sandbox, req: &Req) -> Answer {

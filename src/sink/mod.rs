@@ -658,6 +658,10 @@ impl SinkClient {
             }
             other => CatalogError::Unavailable(other.to_string()),
         })?;
+        // A catalog read per item (`/v1/Products/{id}`) answers 404 for an item it lacks.
+        if status == 404 && cat.path.contains("{{") {
+            return Ok(Arc::new(Json::Null));
+        }
         if !(200..300).contains(&status) {
             return Err(CatalogError::Unavailable(format!("HTTP {status}")));
         }
@@ -683,14 +687,19 @@ impl SinkClient {
         };
         let wanted = render(&cat.find)?;
         let wanted_text = scalar_text(&wanted);
-        let items = catalog
-            .pointer(&cat.items)
-            .and_then(Json::as_array)
-            .ok_or_else(|| CatalogError::Unavailable("the catalog answer has no list".into()))?;
-        let Some(item) = items
-            .iter()
-            .find(|i| i.get(&cat.key).map(scalar_text) == Some(wanted_text.clone()))
-        else {
+        let matches = |i: &&Json| i.get(&cat.key).map(scalar_text) == Some(wanted_text.clone());
+        // A list of items, or (read per item) the item itself, or nothing (404).
+        let found = match catalog.pointer(&cat.items) {
+            Some(Json::Array(items)) => items.iter().find(matches),
+            Some(item @ Json::Object(_)) => Some(item).filter(matches),
+            Some(Json::Null) => None,
+            _ => {
+                return Err(CatalogError::Unavailable(
+                    "the catalog answer has no list and no item".into(),
+                ))
+            }
+        };
+        let Some(item) = found else {
             return Err(CatalogError::Refused(format!(
                 "`{wanted_text}` is not in the vendor's catalog; nothing was sent"
             )));

@@ -123,7 +123,7 @@ const MIX: [Chaos; 20] = [
 const RATE_LIMIT_EVERY: usize = 97;
 
 /// The mix of the gift-card reads (reconciliation lookups GET /v1/Orders, the catalog GET
-/// /v1/Products, order status GET /v1/Orders/{id}), by their own arrival order: 25 %
+/// /v1/Products/CVS, order status GET /v1/Orders/{id}), by their own arrival order: 25 %
 /// failures (503, reset, slow, 503 with Retry-After), never two in a row. A read carries no key, so the
 /// per-key cap cannot bound how often one job's reads fail; and an uncertain job needs its
 /// lookup and then its resend to get through, which under the full mix fails ~70 % of the
@@ -405,7 +405,7 @@ fn gift_script(state: Arc<Mutex<Gift>>) -> impl Fn(&[Seen]) -> Reply + Send + Sy
                 )
             }
             ("GET", path)
-                if path == "/v1/Products"
+                if path == "/v1/Products/CVS"
                     || path == "/v1/Orders"
                     || path.starts_with("/v1/Orders/") =>
             {
@@ -425,14 +425,14 @@ fn gift_script(state: Arc<Mutex<Gift>>) -> impl Fn(&[Seen]) -> Reply + Send + Sy
                 if let Some(r) = refusal(c) {
                     return r;
                 }
-                if path == "/v1/Products" {
-                    // The catalog every order is checked against before it is sent.
+                if path == "/v1/Products/CVS" {
+                    // The product every order is checked against before it is sent.
                     st.catalog_reads += 1;
                     return paced(
                         c,
                         Reply::new(
                             200,
-                            json!([{"Id": "CVS", "Name": "CVS Pharmacy", "Denominations": [5, 10, 20, 25, 50], "DenominationType": "Fixed", "AvailableDeliveryTypes": ["DigitalDelivery", "Links"], "Type": "Digital", "CurrencyCode": "USD"}]).to_string(),
+                            json!({"Id": "CVS", "Name": "CVS Pharmacy", "Denominations": [5, 10, 20, 25, 50], "DenominationType": "Fixed", "AvailableDeliveryTypes": ["DigitalDelivery", "Links"], "Type": "Digital", "CurrencyCode": "USD"}).to_string(),
                         ),
                     );
                 }

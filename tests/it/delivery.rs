@@ -282,7 +282,7 @@ async fn an_unknown_outcome_is_reconciled_by_po_number_before_any_resend() {
             }
             ("POST", "/v1/Tokens") => Reply::new(401, ""),
             (_, _) if last.header("authorization") != "Bearer tok-1" => Reply::new(401, ""),
-            ("GET", "/v1/Products") => Reply::new(200, json!([{"Id": "CVS", "Denominations": [5, 10, 20], "AvailableDeliveryTypes": ["DigitalDelivery", "Links"]}]).to_string()),
+            ("GET", "/v1/Products/CVS") => Reply::new(200, json!({"Id": "CVS", "Denominations": [5, 10, 20], "AvailableDeliveryTypes": ["DigitalDelivery", "Links"]}).to_string()),
             // The first order is placed, but the answer comes after the client gave up.
             ("POST", "/v1/Orders") if orders().len() == 1 => {
                 Reply::new(201, r#"{"Id":"ord-77","Status":"Pending"}"#)

@@ -77,9 +77,9 @@ async fn orders_reuse_the_token_refresh_it_on_401_and_treat_a_repeated_po_number
         "one token, then one refresh"
     );
     assert_eq!(
-        count("GET", "/v1/Products", 200),
+        count("GET", "/v1/Products/CVS", 200),
         1,
-        "the catalog is read once"
+        "the product is read once (cached)"
     );
     assert_eq!(count("POST", "/v1/Orders", 201), 2, "two orders placed");
     assert_eq!(count("POST", "/v1/Orders", 409), 1);
