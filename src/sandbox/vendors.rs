@@ -352,9 +352,27 @@ fn zendesk(sb: &Sandbox, req: &Req) -> Answer {
     if !authed {
         return err(401, "Couldn't authenticate you", "");
     }
-    if req.method != "POST"
-        || !(req.path == "/api/v2/tickets" || req.path == "/api/v2/tickets.json")
-    {
+    let tickets_path = req.path == "/api/v2/tickets" || req.path == "/api/v2/tickets.json";
+    if req.method == "GET" && tickets_path {
+        // List Tickets, by `external_id` when given (it need not be unique).
+        let wanted = req.query.get("external_id");
+        let all = sb.idempotency.lock().expect("sandbox lock");
+        let mut tickets: Vec<Value> = all
+            .iter()
+            .filter(|(k, _)| k.starts_with("zendesk-ticket:"))
+            .map(|(_, t)| t["ticket"].clone())
+            .filter(|t| wanted.is_none_or(|w| t["external_id"] == w.as_str()))
+            .collect();
+        tickets.sort_by_key(|t| t["id"].as_u64());
+        let n = tickets.len();
+        return Answer::json(
+            200,
+            json!({"tickets": tickets, "count": n, "next_page": null, "previous_page": null}),
+            format!("{n} tickets listed"),
+        )
+        .read();
+    }
+    if req.method != "POST" || !tickets_path {
         return err(404, "InvalidEndpoint", "Not found");
     }
     if req.content_type() != "application/json" {
@@ -401,6 +419,7 @@ fn zendesk(sb: &Sandbox, req: &Req) -> Answer {
     if let Some(k) = key {
         seen.insert(k, ticket.clone());
     }
+    seen.insert(format!("zendesk-ticket:{id}"), ticket.clone());
     Answer::json(
         201,
         ticket,

@@ -338,6 +338,57 @@ async fn an_unknown_outcome_is_reconciled_by_po_number_before_any_resend() {
     );
 }
 
+/// Zendesk: a ticket create whose answer is lost is looked up by its external_id (the job
+/// key) before any resend (how long Zendesk keeps an Idempotency-Key is not documented).
+#[tokio::test]
+async fn a_lost_zendesk_answer_is_reconciled_by_external_id() {
+    let fake = FakeVendor::start(|seen: &[Seen]| {
+        let last = seen.last().unwrap();
+        let created = || {
+            seen.iter()
+                .find(|s| s.method == "POST")
+                .map(|s| s.json()["ticket"]["external_id"].clone())
+                .unwrap()
+        };
+        match (last.method.as_str(), last.path.as_str()) {
+            // The ticket is made, but the answer comes after the client gave up.
+            ("POST", "/api/v2/tickets") => {
+                Reply::new(201, json!({"ticket": {"id": 35436}}).to_string())
+                    .after(Duration::from_secs(3))
+            }
+            ("GET", "/api/v2/tickets") if last.query.contains("external_id=") => Reply::new(
+                200,
+                json!({"tickets": [{"id": 35436, "external_id": created()}], "count": 1})
+                    .to_string(),
+            ),
+            _ => Reply::new(404, ""),
+        }
+    })
+    .await;
+    let (dir, config) = project(
+        &format!("  desk: {{ connector: zendesk, subdomain: acme, email: a@example.com, api_token: t, timeout: 1s, base_url: \"{}\" }}\n", fake.base),
+        "{ to: desk.create_ticket, with: { subject: \"order {{ event.name }}\", comment: paid } }",
+    );
+    let d = Daemon::start_in(dir.path(), &config).unwrap();
+    let c = client();
+    let id = ingest(&c, &d, 5).await;
+    let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(30)).await;
+    assert_eq!(jobs[0]["state"], "delivered", "{:#}", jobs[0]);
+    assert_eq!(jobs[0]["vendor_id"], "35436");
+    assert_eq!(jobs[0]["log"][1]["reconciled"], true, "{:#}", jobs[0]);
+    let seen = fake.seen();
+    assert_eq!(
+        seen.iter().filter(|s| s.method == "POST").count(),
+        1,
+        "one ticket"
+    );
+    let lookup = seen.iter().find(|s| s.method == "GET").unwrap();
+    assert_eq!(
+        lookup.query,
+        format!("external_id={}", jobs[0]["key"].as_str().unwrap())
+    );
+}
+
 /// A non-idempotent create (Twilio) whose outcome is unknown is not resent: it is
 /// dead-lettered with the reason, for a human to check.
 #[tokio::test]
