@@ -34,6 +34,8 @@ use tokio::sync::broadcast;
 pub struct Credentials {
     pub twilio_sid: String,
     pub twilio_token: String,
+    pub twilio_api_key_sid: String,
+    pub twilio_api_key_secret: String,
     pub sendgrid_key: String,
     pub klaviyo_key: String,
     pub slack_bot_token: String,
@@ -52,6 +54,8 @@ impl Default for Credentials {
         Credentials {
             twilio_sid: "AC00000000000000000000000000000000".into(),
             twilio_token: "dev-twilio-token".into(),
+            twilio_api_key_sid: "SK00000000000000000000000000000000".into(),
+            twilio_api_key_secret: "dev-twilio-api-key-secret".into(),
             sendgrid_key: "SG.dev-key".into(),
             klaviyo_key: "pk_dev_klaviyo".into(),
             slack_bot_token: "xoxb-dev-slack".into(),

@@ -46,8 +46,12 @@ fn twilio(sb: &Sandbox, req: &Req) -> Answer {
     if req.method != "POST" || req.path != path {
         return err(404, 20404, "The requested resource was not found");
     }
+    // The Account SID and Auth Token, or an API key SID and its secret (the account still
+    // in the path).
+    let c = &sb.creds;
     match req.basic() {
-        Some((u, p)) if &u == sid && p == sb.creds.twilio_token => {}
+        Some((u, p)) if &u == sid && p == c.twilio_token => {}
+        Some((u, p)) if u == c.twilio_api_key_sid && p == c.twilio_api_key_secret => {}
         _ => return err(401, 20003, "Authenticate"),
     }
     if req.content_type() != "application/x-www-form-urlencoded" {
@@ -229,11 +233,20 @@ fn klaviyo(sb: &Sandbox, req: &Req) -> Answer {
                     "metric, profile and properties are required",
                 );
             }
-            let who = profile["email"]
+            let Some(who) = profile["email"]
                 .as_str()
                 .or(profile["phone_number"].as_str())
                 .or(profile["external_id"].as_str())
-                .unwrap_or("?");
+                .or(a["profile"]["data"]["id"].as_str())
+                .filter(|w| !w.is_empty())
+            else {
+                // Klaviyo needs one identifier of the profile.
+                return err(
+                    400,
+                    "invalid",
+                    "the profile needs an id, email, phone_number or external_id",
+                );
+            };
             if let Some(u) = a["unique_id"].as_str() {
                 let key = format!("klaviyo:{who}:{metric}:{u}");
                 let mut seen = sb.idempotency.lock().expect("sandbox lock");

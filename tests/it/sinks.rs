@@ -268,3 +268,34 @@ async fn an_injected_connection_reset_drops_one_request_quietly() {
         .unwrap();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Twilio with an API key (SK… SID and secret as the Basic credentials, the account still
+/// in the path), and Klaviyo refusing an event whose profile has no identifier.
+#[tokio::test]
+async fn twilio_api_keys_work_and_klaviyo_needs_a_profile_identifier() {
+    let (_sb, url, _stop) = sandbox().await;
+    let key = "{ connector: twilio_sms, account_sid: AC00000000000000000000000000000000, api_key_sid: SK00000000000000000000000000000000, auth_token: dev-twilio-api-key-secret, from: \"+15550100\", base_url: \"{{sandbox}}/twilio\" }";
+    let sms = "{ to: s.send_sms, with: { to: \"+14155550134\", body: \"hi\" } }";
+    let j = one(key, sms, &url, 1).await;
+    assert_eq!(j["state"], "delivered", "{j:#}");
+    let wrong = key.replace("dev-twilio-api-key-secret", "wrong");
+    let j = one(&wrong, sms, &url, 2).await;
+    assert_eq!(j["state"], "dead", "{j:#}");
+    let klaviyo =
+        "{ connector: klaviyo, api_key: pk_dev_klaviyo, base_url: \"{{sandbox}}/klaviyo\" }";
+    let j = one(
+        klaviyo,
+        "{ to: s.track_event, with: { metric: Points Earned } }",
+        &url,
+        3,
+    )
+    .await;
+    assert_eq!(j["state"], "dead", "{j:#}");
+    assert!(
+        j["reason"]
+            .as_str()
+            .unwrap()
+            .contains("needs an id, email, phone_number or external_id"),
+        "{j:#}"
+    );
+}
