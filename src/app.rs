@@ -440,6 +440,8 @@ pub struct Prepared {
     cfg: Config,
     state: AppState,
     store: Store,
+    /// The pipeline worker starts once this resolves (`hold_worker`); at once without.
+    worker_gate: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Resolves secrets, builds verifiers and opens the store: every start-up failure happens
@@ -496,12 +498,26 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
         s.config_path = cfg.file.clone();
         s.boot = Arc::new(Boot::of(&cfg));
     });
-    Ok(Prepared { cfg, state, store })
+    Ok(Prepared {
+        cfg,
+        state,
+        store,
+        worker_gate: None,
+    })
 }
 
 impl Prepared {
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Keeps the pipeline worker from starting until the returned sender is used or
+    /// dropped: webhooks are stored meanwhile (the demo stores its samples first, so that
+    /// what they cause is the same on every run).
+    pub fn hold_worker(&mut self) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.worker_gate = Some(rx);
+        tx
     }
 
     /// Serves on `listener` until `shutdown` is cancelled: stops accepting, finishes
@@ -517,14 +533,28 @@ impl Prepared {
         let worker_stop = CancellationToken::new();
         let worker = {
             let state = self.state.clone();
-            tokio::spawn(crate::worker::run_worker(
+            let gate = self.worker_gate;
+            let (store, wake, jobs_ready, lanes, stop) = (
                 self.store.clone(),
-                move || state.runtime(),
                 self.state.wake.clone(),
                 self.state.jobs_ready.clone(),
                 self.state.lanes.clone(),
                 worker_stop.clone(),
-            ))
+            );
+            tokio::spawn(async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                crate::worker::run_worker(
+                    store,
+                    move || state.runtime(),
+                    wake,
+                    jobs_ready,
+                    lanes,
+                    stop,
+                )
+                .await
+            })
         };
         let delivery_stop = CancellationToken::new();
         let delivery = {

@@ -96,7 +96,10 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
     let sources: Vec<_> = cfg.sources.values().cloned().collect();
     let public_url = cfg.public_url.clone();
     let pipelines = cfg.pipelines.len();
-    let prepared = crate::app::prepare(cfg)?;
+    let mut prepared = crate::app::prepare(cfg)?;
+    // Every sample is stored before the pipelines run on any: the refund then always
+    // finds the order's points, and the gift card they would trigger, still unsent.
+    let start_worker = prepared.hold_worker();
     let listener = tokio::net::TcpListener::bind(prepared.config().listen)
         .await
         .with_context(|| format!("cannot listen on {}", prepared.config().listen))?;
@@ -176,6 +179,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<(
         };
         println!("  {:<12} {:<48} -> {answer}", src.name, rel);
     }
+    let _ = start_worker.send(());
     println!();
     println!("what the vendors received (as it arrives):");
     let quiet = Duration::from_secs(4);
