@@ -248,6 +248,27 @@ fn meta_json(raw: &[u8]) -> Result<(&[u8], usize), StoreError> {
 }
 
 /// A record's metadata, and where its payload starts.
+/// The few metadata fields read without decoding a whole record (borrowed where they can
+/// be; the rest is skipped, not copied): who sent it, and whether anyone listens.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow)]
+    source: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    vendor_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    purged_at_ms: Option<u64>,
+}
+
+impl<'a> Peek<'a> {
+    fn of(raw: &'a [u8]) -> Result<Peek<'a>, StoreError> {
+        serde_json::from_slice(meta_json(raw)?.0)
+            .map_err(|_| StoreError::Corrupt("event record".into()))
+    }
+}
+
 fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
     let (meta_bytes, at) = meta_json(raw)?;
     let meta: EventMeta = serde_json::from_slice(meta_bytes)
@@ -559,18 +580,7 @@ impl Store {
         let Some(raw) = self.record_bytes(n)? else {
             return Ok(None);
         };
-        /// The fields that say whether anyone listens (the rest is skipped, not copied).
-        #[derive(Deserialize)]
-        struct Peek<'a> {
-            #[serde(borrow)]
-            source: std::borrow::Cow<'a, str>,
-            #[serde(borrow)]
-            event_type: std::borrow::Cow<'a, str>,
-            #[serde(default)]
-            purged_at_ms: Option<u64>,
-        }
-        let peek: Peek = serde_json::from_slice(meta_json(&raw)?.0)
-            .map_err(|_| StoreError::Corrupt("event record".into()))?;
+        let peek = Peek::of(&raw)?;
         if peek.purged_at_ms.is_some() || !wanted(&peek.source, &peek.event_type) {
             return Ok(None);
         }
@@ -583,15 +593,7 @@ impl Store {
         let Some(raw) = self.record_bytes(n)? else {
             return Ok(None);
         };
-        #[derive(Deserialize)]
-        struct Peek<'a> {
-            #[serde(borrow)]
-            source: std::borrow::Cow<'a, str>,
-            #[serde(borrow)]
-            vendor_id: std::borrow::Cow<'a, str>,
-        }
-        let peek: Peek = serde_json::from_slice(meta_json(&raw)?.0)
-            .map_err(|_| StoreError::Corrupt("event record".into()))?;
+        let peek = Peek::of(&raw)?;
         Ok(Some(dedup_key(&peek.source, &peek.vendor_id)))
     }
 

@@ -100,6 +100,24 @@ async fn raw(d: &Daemon, head: &str, body: &[u8], chunk: usize) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `req` to `/hooks/shop` with `Transfer-Encoding: chunked`, in `chunk`-byte chunks: the
+/// head and the encoded body.
+fn chunked_request(d: &Daemon, req: &Signed, chunk: usize) -> (String, Vec<u8>) {
+    let mut head = format!("POST /hooks/shop HTTP/1.1\r\nHost: {}\r\n", addr(d));
+    for (k, v) in &req.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    let mut body = Vec::new();
+    for piece in req.body.chunks(chunk) {
+        body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        body.extend_from_slice(piece);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    (head, body)
+}
+
 #[tokio::test]
 async fn oversized_bodies_and_headers_are_refused_and_nothing_is_stored() {
     let d = Daemon::start(&config("max_body: 64KiB\n"));
@@ -110,35 +128,13 @@ async fn oversized_bodies_and_headers_are_refused_and_nothing_is_stored() {
     let a = post(&c, &url, &big).await;
     assert_eq!(a.status, 413, "{}", a.body);
     // The same without a Content-Length (chunked): cut off while reading, 413.
-    let mut head = format!("POST /hooks/shop HTTP/1.1\r\nHost: {}\r\n", addr(&d));
-    for (k, v) in &big.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
-    let mut chunked = Vec::new();
-    for piece in big.body.chunks(8192) {
-        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        chunked.extend_from_slice(piece);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (head, chunked) = chunked_request(&d, &big, 8192);
     let answer = raw(&d, &head, &chunked, 8192).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     // Within the limit, in many chunks arriving apart: joined byte-exact (the signature
     // verifies) and stored.
     let fits = shop("chunked-fits", padded(20 * 1024));
-    let mut head = format!("POST /hooks/shop HTTP/1.1\r\nHost: {}\r\n", addr(&d));
-    for (k, v) in &fits.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
-    let mut chunked = Vec::new();
-    for piece in fits.body.chunks(3000) {
-        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        chunked.extend_from_slice(piece);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (head, chunked) = chunked_request(&d, &fits, 3000);
     let answer = raw(&d, &head, &chunked, 1000).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     let fits_id = answer
