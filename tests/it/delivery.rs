@@ -417,12 +417,14 @@ async fn a_non_idempotent_create_with_an_unknown_outcome_is_not_resent() {
     assert_eq!(fake.seen().len(), 1, "sent once, never blindly again");
 }
 
-/// kill -9 while a request is out: after the restart the job's outcome is unknown, so an
-/// idempotent action is resent with the same key (and a non-idempotent one would not be).
+/// kill -9 while a request is out: after the restart the job's outcome is unknown, so the
+/// ticket is looked up by its external_id and, not found, the idempotent create is resent
+/// with the same key (a non-idempotent one would not be).
 #[tokio::test]
 async fn a_restart_mid_request_resends_an_idempotent_action_with_the_same_key() {
     let fake = FakeVendor::start(|seen: &[Seen]| match seen.len() {
         1 => Reply::new(201, r#"{"ticket":{"id":1}}"#).after(Duration::from_secs(30)),
+        _ if seen.last().unwrap().method == "GET" => Reply::new(200, r#"{"tickets":[],"count":0}"#),
         _ => Reply::new(201, r#"{"ticket":{"id":1}}"#).header("x-idempotency-lookup", "hit"),
     })
     .await;
@@ -442,12 +444,13 @@ async fn a_restart_mid_request_resends_an_idempotent_action_with_the_same_key() 
     let jobs = settled_jobs(&c, &d, &id, 1, Duration::from_secs(30)).await;
     assert_eq!(jobs[0]["state"], "delivered");
     let seen = fake.seen();
-    assert_eq!(seen.len(), 2);
+    let methods: Vec<&str> = seen.iter().map(|s| s.method.as_str()).collect();
+    assert_eq!(methods, ["POST", "GET", "POST"], "looked up, then resent");
     assert_eq!(
         seen[0].header("idempotency-key"),
-        seen[1].header("idempotency-key")
+        seen[2].header("idempotency-key")
     );
-    assert_eq!(seen[1].header("authorization"), "Bearer zd-oauth");
+    assert_eq!(seen[2].header("authorization"), "Bearer zd-oauth");
     // The lease of an idempotent action is not forced to disk before sending (a resend is
     // harmless), so the restarted daemon may count the resend as the first attempt.
     assert!(jobs[0]["attempts"].as_u64().unwrap() >= 1, "{:#}", jobs[0]);
