@@ -525,6 +525,7 @@ mod tests {
             ("shopify", "orders/edited"),
             ("shopify", "products/update"),
             ("paypal", "CUSTOMER.DISPUTE.CREATED"),
+            ("paypal", "VAULT.PAYMENT-TOKEN.CREATED"),
             ("square", "invoice.payment_made"),
             ("woocommerce", "action.woocommerce_payment_complete"),
             ("woocommerce", "product.deleted"),
