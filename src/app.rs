@@ -401,8 +401,9 @@ impl AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/hooks/{source}", post(crate::ingest::hook))
+    // Webhooks read their own bodies (the source's limit, the memory budget, the body
+    // timeout); every other route gets its body through `bounded_body`.
+    let others = Router::new()
         .route("/healthz", get(crate::ops::health::healthz))
         .route("/readyz", get(crate::ops::health::readyz))
         .route("/metrics", get(crate::ops::health::metrics))
@@ -410,8 +411,59 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ops::page::routes())
         .merge(crate::ops::members::routes())
         .merge(crate::ops::reports::routes())
+        .layer(axum::middleware::from_fn(bounded_body));
+    Router::new()
+        .route("/hooks/{source}", post(crate::ingest::hook))
+        .merge(others)
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The largest body of a request to the admin and member APIs or the status page's forms.
+pub const OTHER_BODY: usize = 64 << 10;
+/// How long such a body may take to arrive.
+pub const OTHER_BODY_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the body of a request other than a webhook before anything else handles it: at
+/// most `OTHER_BODY` bytes within `OTHER_BODY_TIME` (413, 408), so that nobody, with or
+/// without credentials, can make the daemon hold a huge body or keep a connection open with
+/// a trickle of one.
+async fn bounded_body(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > OTHER_BODY as u64) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "body too large\n").into_response();
+    }
+    let bytes =
+        match tokio::time::timeout(OTHER_BODY_TIME, axum::body::to_bytes(body, OTHER_BODY)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                return if too_large {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "body too large\n").into_response()
+                } else {
+                    (StatusCode::BAD_REQUEST, "could not read the body\n").into_response()
+                };
+            }
+            Err(_) => {
+                return (StatusCode::REQUEST_TIMEOUT, "body not received in time\n").into_response()
+            }
+        };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// Installs the Prometheus recorder once per process; later calls reuse it.

@@ -337,6 +337,9 @@ impl Entry {
     }
 }
 
+/// The largest number of points one operation may move (an adjustment either way).
+pub const MAX_POINTS: i64 = 1_000_000_000_000;
+
 /// The internal source the ledger's events come from (`on: { source: loyalty, … }`).
 pub const SOURCE: &str = "loyalty";
 pub const THRESHOLD_CROSSED: &str = "loyalty.threshold_crossed";
@@ -468,6 +471,11 @@ impl Store {
                 "an idempotency key is 1 to 256 characters".into(),
             ));
         }
+        if op.points.unsigned_abs() > MAX_POINTS as u64 {
+            return Err(LedgerError::Invalid(format!(
+                "points are at most {MAX_POINTS} in one operation"
+            )));
+        }
         let delta = match op.kind {
             // A release's points are what is still held, read in the transaction.
             Kind::Release => 0,
@@ -575,7 +583,7 @@ impl Store {
                 match (op.kind, &hold) {
                     (Kind::Accrue, _) if op.hold_until_ms.is_some() => {
                         let until = op.hold_until_ms.unwrap_or(now);
-                        m.pending += delta;
+                        m.pending = m.pending.saturating_add(delta);
                         m.last_earned_at_ms = Some(now);
                         pending = true;
                         release_at_ms = Some(until);
@@ -633,7 +641,9 @@ impl Store {
                         m.lifetime = (m.lifetime - p).max(0);
                     }
                     _ => {
-                        let balance = m.balance + delta;
+                        // Bounded points make an overflow need millions of the largest
+                        // operations; it saturates rather than wraps.
+                        let balance = m.balance.saturating_add(delta);
                         if balance < 0 {
                             return Err(ConflictableTransactionError::Abort(
                                 LedgerError::Insufficient {
@@ -644,7 +654,7 @@ impl Store {
                         }
                         m.balance = balance;
                         if op.kind == Kind::Accrue {
-                            m.lifetime += delta;
+                            m.lifetime = m.lifetime.saturating_add(delta);
                             m.last_earned_at_ms = Some(now);
                         }
                     }

@@ -61,8 +61,13 @@ pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
     if cfg.durability != boot.durability || cfg.flush_interval != boot.flush_interval {
         need_restart.push("durability");
     }
-    if cfg.admin_token != boot.admin_token {
+    // Compared by value: a `${file:…}` token or key rewritten in its file is a change too.
+    let (admin_changed, keys_changed) = credentials_changed(app, &cfg);
+    if admin_changed {
         need_restart.push("admin_token");
+    }
+    if keys_changed {
+        need_restart.push("api_keys");
     }
     if cfg.retention != boot.retention {
         need_restart.push("retention");
@@ -93,6 +98,35 @@ pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
         tracing::warn!(%trigger, sources = summary.sources, sinks = summary.sinks, pipelines = summary.pipelines, restart_for = ?summary.need_restart, "configuration reloaded; some changes take effect only after a restart");
     }
     Ok(summary)
+}
+
+/// Whether the admin token and the member API keys of `cfg` differ from the running ones
+/// (they take effect at the next start; a value that does not resolve counts as changed).
+fn credentials_changed(app: &AppState, cfg: &crate::config::Config) -> (bool, bool) {
+    let token = match &cfg.admin_token {
+        None => Ok(None),
+        Some(t) => t
+            .resolve(&cfg.base_dir)
+            .map(|s| Some(s).filter(|s| !s.expose().is_empty())),
+    };
+    let running = match &app.admin {
+        crate::ops::admin::AdminAccess::Token(t) => Some(t.clone()),
+        crate::ops::admin::AdminAccess::Disabled => None,
+    };
+    let admin_changed = token.map_or(true, |t| t != running);
+    let keys: Option<Vec<crate::ops::members::ApiKey>> = cfg
+        .api_keys
+        .iter()
+        .map(|(name, k)| {
+            Some(crate::ops::members::ApiKey {
+                name: name.clone(),
+                key: k.key.resolve(&cfg.base_dir).ok()?,
+                scopes: k.scopes.clone(),
+            })
+        })
+        .collect();
+    let keys_changed = keys.as_deref() != Some(app.api_keys.as_slice());
+    (admin_changed, keys_changed)
 }
 
 /// The files and directories whose changes trigger a reload.

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// An app allowed to call the member API.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiKey {
     pub name: String,
     pub key: Secret,
@@ -138,6 +138,14 @@ struct Change {
 }
 
 async fn apply(app: AppState, id: String, caller: String, kind: Kind, c: Change) -> Response {
+    // The caller's own key, before the caller's prefix is added.
+    if c.idempotency_key.trim().is_empty() || c.idempotency_key.len() > 200 {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"error": "idempotency_key is 1 to 200 characters"})),
+        )
+            .into_response();
+    }
     let op = Op::new(
         id,
         kind,

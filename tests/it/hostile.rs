@@ -646,3 +646,77 @@ async fn a_full_disk_gets_503_and_never_a_2xx_for_an_unstored_event() {
     }
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+/// Bodies of the other routes (the status page's login, the admin and member APIs) are
+/// bounded too, before any credential is checked: a huge one is refused at once, and one
+/// that trickles in is cut off (the connection does not stay held).
+#[tokio::test]
+async fn other_routes_bound_their_bodies_in_size_and_time() {
+    let d = Daemon::start(&config(""));
+    let c = client();
+    let huge = send(
+        c.post(d.url("/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={}", "a".repeat(1 << 20))),
+    )
+    .await;
+    assert_eq!(huge.status, 413, "{}", huge.body);
+    // Chunked, no Content-Length: cut off while reading.
+    let head = format!(
+        "POST /login HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        addr(&d)
+    );
+    let mut chunked = Vec::new();
+    for _ in 0..40 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 4096).as_bytes());
+        chunked.extend_from_slice(&[b'a'; 4096]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    let answer = raw(&d, &head, &chunked, 4096).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    // A trickle to the member API, with no key at all: 408 within the body time.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr(&d)).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /api/members/m1/redeem HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 16000\r\n\r\n{{",
+            addr(&d)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if s.write_all(b" ").await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 512];
+            match tokio::time::timeout(Duration::from_millis(10), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => {
+                    out.extend_from_slice(&buf[..n]);
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "still held after {:?}", started.elapsed());
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // Normal requests still work.
+    let ok = send(c.get(d.url("/api/events")).bearer_auth(ADMIN)).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}

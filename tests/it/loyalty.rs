@@ -189,6 +189,38 @@ async fn points_accrue_once_and_concurrent_redeems_never_overspend() {
     )
     .await;
     assert_eq!(a.status, 400, "{}", a.body);
+    // An empty idempotency key, and more points than one operation may move.
+    for (body, why) in [
+        (
+            json!({"points": 1, "idempotency_key": ""}),
+            "idempotency_key is 1 to 200",
+        ),
+        (
+            json!({"points": 1, "idempotency_key": "k".repeat(201)}),
+            "idempotency_key is 1 to 200",
+        ),
+    ] {
+        let a = send(
+            c.post(d.url("/api/members/ada@example.com/redeem"))
+                .bearer_auth(CHECKOUT_KEY)
+                .json(&body),
+        )
+        .await;
+        assert_eq!(a.status, 422, "{}", a.body);
+        assert!(a.body.contains(why), "{}", a.body);
+    }
+    let a = send(
+        c.post(d.url("/api/members/ada@example.com/adjust"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"points": i64::MAX, "idempotency_key": "huge"})),
+    )
+    .await;
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert!(
+        a.body.contains("points are at most 1000000000000"),
+        "{}",
+        a.body
+    );
     assert_eq!(member(READ_KEY).await.json()["entries"], 253);
     assert_eq!(
         send(c.get(d.url("/api/members/nobody")).bearer_auth(READ_KEY))

@@ -128,6 +128,29 @@ async fn changes_are_checked_before_they_replace_the_running_config() {
         "{}",
         a.body
     );
+    // A new admin token and a new API key take effect at the next start: the reload says
+    // so (the running token still works meanwhile).
+    let cfg_path = dir.path().join("perkflow.yaml");
+    let running = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "{}api_keys:\n  pos: {{ key: a-new-key-0123456789, scopes: [members:read] }}\n",
+            running.replace(TOKEN, "a-new-admin-token")
+        ),
+    )
+    .unwrap();
+    let a = api(&c, &d, "POST", "/api/reload", None).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        a.json()["summary"]["need_restart"],
+        serde_json::json!(["admin_token", "api_keys"]),
+        "{}",
+        a.body
+    );
+    std::fs::write(&cfg_path, running).unwrap();
+    let a = api(&c, &d, "POST", "/api/reload", None).await;
+    assert_eq!(a.json()["summary"]["need_restart"], serde_json::json!([]));
     assert!(connectors(&c, &d).await["config_error"].is_null());
 
     // A credential rotated in its file (not watched): SIGHUP re-reads it. Until then the
