@@ -337,6 +337,10 @@ impl Entry {
     }
 }
 
+/// Bounds of a member's profile attributes (their count, and keys plus values in bytes).
+pub const MAX_ATTRIBUTES: usize = 100;
+pub const MAX_ATTRIBUTE_BYTES: usize = 16 << 10;
+
 /// The largest number of points one operation may move (an adjustment either way).
 pub const MAX_POINTS: i64 = 1_000_000_000_000;
 
@@ -793,6 +797,14 @@ impl Store {
             }
             for (k, v) in &profile.attributes {
                 p.attributes.insert(k.clone(), v.clone());
+            }
+            // Merged, never replaced: bounded, so that no caller can grow a member (rewritten
+            // whole on every ledger write) without limit.
+            let size: usize = p.attributes.iter().map(|(k, v)| k.len() + v.to_string().len()).sum();
+            if p.attributes.len() > MAX_ATTRIBUTES || size > MAX_ATTRIBUTE_BYTES {
+                return Err(abort(LedgerError::Invalid(format!(
+                    "a member has at most {MAX_ATTRIBUTES} attributes of {MAX_ATTRIBUTE_BYTES} bytes in all"
+                ))));
             }
             let new = alias_keys(&m.profile);
             for a in old.iter().filter(|a| !new.contains(a)) {
@@ -1703,6 +1715,37 @@ mod tests {
                 Err(LedgerError::Invalid(_))
             ));
         }
+    }
+
+    /// Attributes are merged, never replaced: their count and size are bounded.
+    #[test]
+    fn a_members_attributes_are_bounded() {
+        let (_d, s) = store();
+        let batch = |from: usize| Profile {
+            attributes: (from..from + 50)
+                .map(|i| (format!("a{i}"), serde_json::json!("v")))
+                .collect(),
+            ..Default::default()
+        };
+        s.set_profile("m-9", batch(0)).unwrap();
+        s.set_profile("m-9", batch(50)).unwrap();
+        assert!(matches!(
+            s.set_profile("m-9", batch(100)),
+            Err(LedgerError::Invalid(m)) if m.contains("at most 100 attributes")
+        ));
+        // Nothing of the refused update was kept; updating existing ones still works.
+        assert_eq!(
+            s.member("m-9").unwrap().unwrap().profile.attributes.len(),
+            100
+        );
+        s.set_profile("m-9", batch(0)).unwrap();
+        let big = Profile {
+            attributes: [("big".to_string(), serde_json::json!("x".repeat(20_000)))]
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        assert!(s.set_profile("m-10", big).is_err());
     }
 
     #[test]
