@@ -93,14 +93,43 @@ fn render(status: StatusCode, name: &str, ctx: minijinja::Value) -> Response {
     }
 }
 
-/// The session cookie's value for the configured token.
-fn session_value(admin: &AdminAccess) -> Option<String> {
+/// How long a sign-in lasts.
+const SESSION_SECS: u64 = 12 * 3600;
+
+/// The MAC of a session ending at `until` (Unix seconds), keyed with the configured token.
+fn session_mac(admin: &AdminAccess, until: u64) -> Option<String> {
     let AdminAccess::Token(t) = admin else {
         return None;
     };
     let mut mac = Hmac::<Sha256>::new_from_slice(t.expose().as_bytes()).ok()?;
-    mac.update(b"perkflow status page session v1");
+    mac.update(b"perkflow status page session v2:");
+    mac.update(until.to_string().as_bytes());
     Some(hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A session cookie's value, `<until>.<mac>`, for a sign-in at `now` (Unix seconds): it
+/// ends after `SESSION_SECS`, or as soon as the token changes.
+fn session_value(admin: &AdminAccess, now: u64) -> Option<String> {
+    let until = now + SESSION_SECS;
+    Some(format!("{until}.{}", session_mac(admin, until)?))
+}
+
+/// Whether a session cookie's value is one `session_value` made and has not ended.
+fn session_valid(admin: &AdminAccess, got: &str, now: u64) -> bool {
+    let Some((until, mac)) = got.split_once('.') else {
+        return false;
+    };
+    let Ok(until) = until.parse::<u64>() else {
+        return false;
+    };
+    if until <= now || until > now + SESSION_SECS {
+        return false;
+    }
+    session_mac(admin, until).is_some_and(|want| bool::from(want.as_bytes().ct_eq(mac.as_bytes())))
+}
+
+fn unix_now() -> u64 {
+    crate::delivery::now_ms() / 1000
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -122,10 +151,7 @@ fn signed_in(app: &AppState, headers: &HeaderMap) -> bool {
     if app.admin.allows(auth).is_ok() {
         return true;
     }
-    match (session_value(&app.admin), cookie(headers, COOKIE)) {
-        (Some(want), Some(got)) => bool::from(want.as_bytes().ct_eq(got.as_bytes())),
-        _ => false,
-    }
+    cookie(headers, COOKIE).is_some_and(|got| session_valid(&app.admin, &got, unix_now()))
 }
 
 fn login_page(app: &AppState, error: Option<&str>) -> Response {
@@ -188,12 +214,12 @@ async fn login(
         tracing::warn!("status page: sign-in with a wrong token");
         return login_page(&app, Some("Wrong token."));
     }
-    let value = session_value(&app.admin).unwrap_or_default();
+    let value = session_value(&app.admin, unix_now()).unwrap_or_default();
     (
         [(
             header::SET_COOKIE,
             format!(
-                "{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/{}",
+                "{COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECS}{}",
                 secure(&headers)
             ),
         )],
@@ -352,13 +378,26 @@ mod tests {
     use crate::config::secrets::Secret;
 
     #[test]
-    fn sessions_are_an_hmac_of_the_token_and_end_when_it_changes() {
-        let a = session_value(&AdminAccess::decide(Some(Secret::new("t1")))).unwrap();
-        let b = session_value(&AdminAccess::decide(Some(Secret::new("t2")))).unwrap();
+    fn sessions_are_an_hmac_of_the_token_and_end_when_it_changes_or_in_12_hours() {
+        let (t1, t2) = (
+            AdminAccess::decide(Some(Secret::new("t1"))),
+            AdminAccess::decide(Some(Secret::new("t2"))),
+        );
+        let now = 1_800_000_000;
+        let a = session_value(&t1, now).unwrap();
+        let b = session_value(&t2, now).unwrap();
         assert_ne!(a, b);
         assert!(!a.contains("t1"));
-        assert_eq!(a.len(), 64);
-        assert!(session_value(&AdminAccess::Disabled).is_none());
+        assert!(session_valid(&t1, &a, now));
+        assert!(session_valid(&t1, &a, now + SESSION_SECS - 1));
+        assert!(!session_valid(&t1, &a, now + SESSION_SECS), "ended");
+        assert!(!session_valid(&t2, &a, now), "another token");
+        // The end cannot be moved: the MAC covers it.
+        let (_, mac) = a.split_once('.').unwrap();
+        let later = format!("{}.{mac}", now + SESSION_SECS + 100);
+        assert!(!session_valid(&t1, &later, now + SESSION_SECS + 1));
+        assert!(!session_valid(&t1, "garbage", now));
+        assert!(session_value(&AdminAccess::Disabled, now).is_none());
     }
 
     #[test]
