@@ -211,7 +211,19 @@ async fn login(
     }
     let bearer = format!("Bearer {}", f.token);
     if app.admin.allows(Some(&bearer)).is_err() {
-        tracing::warn!("status page: sign-in with a wrong token");
+        // Logged at a bounded rate (a stranger must not be able to fill the log); counted
+        // always.
+        static LOGGED: std::sync::LazyLock<governor::DefaultDirectRateLimiter> =
+            std::sync::LazyLock::new(|| {
+                governor::RateLimiter::direct(
+                    governor::Quota::per_minute(std::num::NonZeroU32::new(10).expect("10"))
+                        .allow_burst(std::num::NonZeroU32::new(10).expect("10")),
+                )
+            });
+        metrics::counter!("perkflow_status_page_failed_sign_ins_total").increment(1);
+        if LOGGED.check().is_ok() {
+            tracing::warn!("status page: sign-in with a wrong token");
+        }
         return login_page(&app, Some("Wrong token."));
     }
     let value = session_value(&app.admin, unix_now()).unwrap_or_default();
