@@ -719,4 +719,21 @@ async fn other_routes_bound_their_bodies_in_size_and_time() {
     // Normal requests still work.
     let ok = send(c.get(d.url("/api/events")).bearer_auth(ADMIN)).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
+    // Wrong sign-ins: each refused and counted, but the log takes at most 10 a minute.
+    for _ in 0..30 {
+        let a = send(
+            c.post(d.url("/login"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("token=guess"),
+        )
+        .await;
+        assert_eq!(a.status, 401);
+    }
+    let logged = d.log().matches("sign-in with a wrong token").count();
+    assert!((1..=10).contains(&logged), "{logged} lines");
+    let m = get(&c, &d.url("/metrics")).await.body;
+    assert!(
+        m.contains("perkflow_status_page_failed_sign_ins_total 30"),
+        "{m}"
+    );
 }
