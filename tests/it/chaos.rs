@@ -214,6 +214,23 @@ struct Desk {
 }
 
 impl Desk {
+    /// What request `n` for job `key` meets (counted), or the refusal it gets.
+    fn decide(&mut self, n: usize, key: &str) -> Result<Chaos, Reply> {
+        let c = chaos(
+            n,
+            Some(self.failures.get(key).copied().unwrap_or(0)),
+            self.calm,
+        );
+        self.tally(c);
+        if is_failure(c) {
+            *self.failures.entry(key.to_string()).or_default() += 1;
+        }
+        match refusal(c) {
+            Some(r) => Err(r),
+            None => Ok(c),
+        }
+    }
+
     fn tally(&mut self, c: Chaos) {
         if self.calm {
             self.calm_answers += 1;
@@ -239,24 +256,21 @@ fn desk_script(state: Arc<Mutex<Desk>>) -> impl Fn(&[Seen]) -> Reply + Send + Sy
         let n = seen.len() - 1;
         let req = &seen[n];
         let mut st = state.lock().unwrap();
+        if req.header("authorization") != "Bearer zd-oauth" {
+            st.unexpected
+                .push(format!("auth {:?}", req.header("authorization")));
+            return Reply::new(401, "");
+        }
         if req.method == "GET" && req.path == "/api/v2/tickets" {
             let Some(key) = external_id(req) else {
                 st.unexpected
                     .push(format!("GET {}?{}", req.path, req.query));
                 return Reply::new(400, "");
             };
-            let c = chaos(
-                n,
-                Some(st.failures.get(&key).copied().unwrap_or(0)),
-                st.calm,
-            );
-            st.tally(c);
-            if is_failure(c) {
-                *st.failures.entry(key.clone()).or_default() += 1;
-            }
-            if let Some(r) = refusal(c) {
-                return r;
-            }
+            let c = match st.decide(n, &key) {
+                Ok(c) => c,
+                Err(refused) => return refused,
+            };
             st.lookups += 1;
             let tickets: Vec<serde_json::Value> = st
                 .tickets
@@ -275,29 +289,16 @@ fn desk_script(state: Arc<Mutex<Desk>>) -> impl Fn(&[Seen]) -> Reply + Send + Sy
             st.unexpected.push(format!("{} {}", req.method, req.path));
             return Reply::new(404, "");
         }
-        if req.header("authorization") != "Bearer zd-oauth" {
-            st.unexpected
-                .push(format!("auth {:?}", req.header("authorization")));
-            return Reply::new(401, "");
-        }
         let key = req.header("idempotency-key").to_string();
         let body = req.json();
         if !key.starts_with("pf-") || body["ticket"]["external_id"] != key.as_str() {
             st.unexpected.push(format!("key {key:?} body {}", req.body));
             return Reply::new(400, r#"{"error":"RecordInvalid"}"#);
         }
-        let c = chaos(
-            n,
-            Some(st.failures.get(&key).copied().unwrap_or(0)),
-            st.calm,
-        );
-        st.tally(c);
-        if is_failure(c) {
-            *st.failures.entry(key.clone()).or_default() += 1;
-        }
-        if let Some(r) = refusal(c) {
-            return r;
-        }
+        let c = match st.decide(n, &key) {
+            Ok(c) => c,
+            Err(refused) => return refused,
+        };
         let (id, hit) = match st.tickets.get(&key) {
             Some(id) => (*id, true),
             None => {
