@@ -276,7 +276,6 @@ pub struct Boot {
     pub data_dir: std::path::PathBuf,
     pub durability: crate::config::Durability,
     pub flush_interval: std::time::Duration,
-    pub admin_token: Option<crate::config::secrets::Interpolated>,
     pub retention: Option<std::time::Duration>,
     pub dedup_window: Option<std::time::Duration>,
     pub header_timeout: std::time::Duration,
@@ -292,7 +291,6 @@ impl Boot {
             data_dir: cfg.data_dir.clone(),
             durability: cfg.durability,
             flush_interval: cfg.flush_interval,
-            admin_token: cfg.admin_token.clone(),
             retention: cfg.retention,
             dedup_window: cfg.dedup_window,
             header_timeout: cfg.header_timeout,
@@ -357,7 +355,6 @@ impl AppState {
                 data_dir: Default::default(),
                 durability: Default::default(),
                 flush_interval: Default::default(),
-                admin_token: None,
                 retention: None,
                 dedup_window: None,
                 header_timeout: crate::http::HEADER_TIMEOUT,
@@ -398,6 +395,36 @@ impl AppState {
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.read().expect("runtime lock").clone()
     }
+}
+
+/// Who may call the admin API, from the config's `admin_token` (resolved).
+pub fn admin_access(cfg: &Config) -> Result<AdminAccess, String> {
+    let token = match &cfg.admin_token {
+        Some(t) => Some(t.resolve(&cfg.base_dir)?),
+        None => None,
+    };
+    Ok(AdminAccess::decide(token))
+}
+
+/// The member API keys of the config, resolved; else the path of the first bad one and why.
+pub fn api_keys(cfg: &Config) -> Result<Vec<crate::ops::members::ApiKey>, (String, String)> {
+    let mut out = Vec::new();
+    for (name, k) in &cfg.api_keys {
+        let path = format!("api_keys.{name}.key");
+        let key = k
+            .key
+            .resolve(&cfg.base_dir)
+            .map_err(|m| (path.clone(), m))?;
+        if key.expose().len() < 16 {
+            return Err((path, "an API key is at least 16 characters".into()));
+        }
+        out.push(crate::ops::members::ApiKey {
+            name: name.clone(),
+            key,
+            scopes: k.scopes.clone(),
+        });
+    }
+    Ok(out)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -503,13 +530,8 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
         build_runtime(&cfg).map_err(|d| anyhow::anyhow!("invalid configuration:\n{d}"))?;
     let store = Store::open(&cfg.data_dir, cfg.durability, cfg.flush_interval)
         .map_err(|e| anyhow::anyhow!("cannot open the store in {}: {e}", cfg.data_dir.display()))?;
-    let token = match &cfg.admin_token {
-        Some(t) => Some(t.resolve(&cfg.base_dir).map_err(|m| {
-            anyhow::anyhow!("invalid configuration:\n{}", cfg.diag("admin_token", m))
-        })?),
-        None => None,
-    };
-    let admin = AdminAccess::decide(token);
+    let admin = admin_access(&cfg)
+        .map_err(|m| anyhow::anyhow!("invalid configuration:\n{}", cfg.diag("admin_token", m)))?;
     if matches!(admin, AdminAccess::Disabled) {
         // Reachable from other hosts with no admin token: the admin API and status page would
         // be off, and an operator could not see or replay anything. Refuse rather than run
@@ -522,29 +544,8 @@ pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
         }
         tracing::info!("no admin_token configured: the admin API (/api) answers 403");
     }
-    let mut api_keys = Vec::new();
-    for (name, k) in &cfg.api_keys {
-        let key = k.key.resolve(&cfg.base_dir).map_err(|m| {
-            anyhow::anyhow!(
-                "invalid configuration:\n{}",
-                cfg.diag(&format!("api_keys.{name}.key"), m)
-            )
-        })?;
-        if key.expose().len() < 16 {
-            anyhow::bail!(
-                "invalid configuration:\n{}",
-                cfg.diag(
-                    &format!("api_keys.{name}.key"),
-                    "an API key is at least 16 characters"
-                )
-            );
-        }
-        api_keys.push(crate::ops::members::ApiKey {
-            name: name.clone(),
-            key,
-            scopes: k.scopes.clone(),
-        });
-    }
+    let api_keys = api_keys(&cfg)
+        .map_err(|(path, m)| anyhow::anyhow!("invalid configuration:\n{}", cfg.diag(&path, m)))?;
     let state = AppState::with(runtime, store.clone(), metrics_handle(), admin, |s| {
         s.api_keys = Arc::new(api_keys);
         s.config_path = cfg.file.clone();

@@ -103,29 +103,8 @@ pub async fn reload(app: &AppState, trigger: &str) -> Result<Reloaded, String> {
 /// Whether the admin token and the member API keys of `cfg` differ from the running ones
 /// (they take effect at the next start; a value that does not resolve counts as changed).
 fn credentials_changed(app: &AppState, cfg: &crate::config::Config) -> (bool, bool) {
-    let token = match &cfg.admin_token {
-        None => Ok(None),
-        Some(t) => t
-            .resolve(&cfg.base_dir)
-            .map(|s| Some(s).filter(|s| !s.expose().is_empty())),
-    };
-    let running = match &app.admin {
-        crate::ops::admin::AdminAccess::Token(t) => Some(t.clone()),
-        crate::ops::admin::AdminAccess::Disabled => None,
-    };
-    let admin_changed = token.map_or(true, |t| t != running);
-    let keys: Option<Vec<crate::ops::members::ApiKey>> = cfg
-        .api_keys
-        .iter()
-        .map(|(name, k)| {
-            Some(crate::ops::members::ApiKey {
-                name: name.clone(),
-                key: k.key.resolve(&cfg.base_dir).ok()?,
-                scopes: k.scopes.clone(),
-            })
-        })
-        .collect();
-    let keys_changed = keys.as_deref() != Some(app.api_keys.as_slice());
+    let admin_changed = crate::app::admin_access(cfg).map_or(true, |a| a != app.admin);
+    let keys_changed = crate::app::api_keys(cfg).map_or(true, |k| *k != *app.api_keys);
     (admin_changed, keys_changed)
 }
 

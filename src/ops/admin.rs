@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Who may call the admin API.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub enum AdminAccess {
     /// `Authorization: Bearer <token>` required.
     Token(Secret),
